@@ -1,0 +1,33 @@
+# dorat: two commands on a fresh machine, `make demo` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.dorat-installed
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test lint data install clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch first (a bare `torch` requirement would pull a multi-GB CUDA build), then the project.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH)
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+data: $(STAMP)
+	PY=$(PY) bash scripts/ensure-data.sh fashion-mnist
+
+demo: data
+	$(PY) -m dorat train --config fmnist-demo --out runs/demo --overwrite
+
+test: data
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from dorat.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""Checkpoints without pickle: one safetensors file holds tensors, JSON metadata holds the rest.
+
+A training state (model, optimizer, scheduler, method state such as DONE's log u_t, epoch) is a
+nested structure of dicts, lists, numbers, strings and tensors. ``pack`` splits it into a flat
+``{name: tensor}`` dict and a JSON skeleton with placeholders; both go into one safetensors file
+written atomically (temporary file in the same directory, fsync, ``os.replace``), so a crash
+mid-write leaves the previous checkpoint intact. Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dorat.errors import CheckpointError
+
+FORMAT = "dorat-checkpoint-1"
+
+
+def pack(obj: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:
+    if isinstance(obj, torch.Tensor):
+        name = f"{path}"
+        tensors[name] = obj.detach().cpu().contiguous()
+        return {"__tensor__": name}
+    if isinstance(obj, dict):
+        return {"__dict__": [[pack(k, tensors, f"{path}.k{i}"), pack(v, tensors, f"{path}.{i}")]
+                             for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        items = [pack(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        if isinstance(obj, float) and obj != obj:
+            return {"__float__": "nan"}
+        if isinstance(obj, float) and obj in (float("inf"), float("-inf")):
+            return {"__float__": "inf" if obj > 0 else "-inf"}
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
+
+
+def unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [unpack(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {unpack(k, tensors): unpack(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(unpack(v, tensors) for v in obj["__tuple__"])
+        if "__float__" in obj:
+            return float(obj["__float__"])
+        raise ValueError("unknown node in checkpoint skeleton")
+    return obj
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):  # noqa: ANN201
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):
+            dfd = os.open(path.parent, os.O_RDONLY)
+            os.fsync(dfd)
+            os.close(dfd)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_state(path: Path, state: dict[str, Any], meta: dict[str, str] | None = None) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = pack(state, tensors)
+    metadata = {"format": FORMAT, "state": json.dumps(skeleton), **(meta or {})}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_state(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; train first or check the RUN_DIR")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors checkpoint ({str(e).splitlines()[0]}); "
+            "it may be truncated or not a dorat file; delete it to start over"
+        ) from None
+    if meta.get("format") != FORMAT or "state" not in meta:
+        raise CheckpointError(f"{path} is a safetensors file but not a dorat checkpoint")
+    try:
+        state = unpack(json.loads(meta["state"]), tensors)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} has a damaged state skeleton ({e})") from None
+    return state, meta
+
+
+def save_weights(path: Path, model: torch.nn.Module, meta: dict[str, str] | None = None) -> None:
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata=meta or {})
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> dict[str, str]:
+    """Load model weights from safetensors into ``model``; a mismatch is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no model weights at {path}; train first (`dorat train --out ...`)")
+    try:
+        sd = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+    load_state_dict_checked(model, sd, str(path))
+    return meta
+
+
+def load_state_dict_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], src: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or shapes:
+        detail = (f"missing {missing[:3]}" if missing else
+                  f"unexpected {unexpected[:3]}" if unexpected else
+                  f"shape of {shapes[0]} is {tuple(sd[shapes[0]].shape)}, "
+                  f"model needs {tuple(own[shapes[0]].shape)}")
+        raise CheckpointError(
+            f"{src} does not fit this model ({detail}); it was trained with another model or "
+            "dataset: use the RUN_DIR's own config"
+        )
+    model.load_state_dict(sd)

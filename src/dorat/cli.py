@@ -1,0 +1,183 @@
+"""Command line: ``dorat train | eval | data``.
+
+User errors (bad config value, missing data, wrong checkpoint) print one line
+``dorat: error: ...`` and exit with code 2, leaving nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from dorat import config as cfglib
+from dorat.errors import DoratError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        print(f"dorat: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from dorat.data import dataset_names
+    from dorat.models import model_names
+    from dorat.objectives import method_names
+
+    p = sub.add_parser("train", help="train a model", description=(
+        "Train a robust classifier. Methods: " + ", ".join(method_names()) +
+        ". Datasets: " + ", ".join(dataset_names()) + ". Models: " + ", ".join(model_names()) +
+        ". Presets for --config: " + ", ".join(cfglib.preset_names()) + "."))
+    p.add_argument("--method", help="training method preset")
+    p.add_argument("--dataset", help="dataset name or npz:PATH")
+    p.add_argument("--model", help="model architecture")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--out", help="RUN_DIR for config, log, checkpoints and metrics")
+    p.add_argument("--config", help="preset name or YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set attack.eps=0.1 (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--data-dir", help="directory holding the dataset files")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--list-keys", action="store_true", help="print every config key and exit")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a trained run", description=(
+        "Evaluate RUN_DIR/model.safetensors under attacks; prints the summary and writes JSON."))
+    p.add_argument("run_dir")
+    p.add_argument("--attacks", help="comma-separated: pgd,cw (default: the run's eval.attacks)")
+    p.add_argument("--n", type=int, help="stratified test subset size (default: the run's)")
+    p.add_argument("--eps", type=float, help="threat radius (default: the run's)")
+    p.add_argument("--steps", type=int, help="attack iterations")
+    p.add_argument("--restarts", type=int, help="random restarts per attack")
+    p.add_argument("--out", help="metrics JSON file (default RUN_DIR/eval.json)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument("--data-dir")
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="fetch or check datasets")
+    dsub = p.add_subparsers(dest="data_cmd", required=True, parser_class=_Parser)
+    for name, desc in [("fetch", "make NAME available (find it or download with checksums)"),
+                       ("check", "say where NAME is, or fail if it is not on this machine")]:
+        q = dsub.add_parser(name, help=desc, description=desc)
+        q.add_argument("name")
+        q.add_argument("--data-dir")
+    dsub.add_parser("list", help="list the datasets dorat can read")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dorat", description=(
+        "dorat: doubly robust instance-reweighted adversarial training (DONE), baselines, and "
+        "a worst-class-aware robustness evaluator."))
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_data(sub)
+    return p
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from dorat.evaluate import summary_lines
+    from dorat.train import train
+
+    if a.list_keys:
+        for key in cfglib.all_keys():
+            print(f"{key} = {cfglib.get_key(cfglib.defaults(), key)!r}")
+        return 0
+    if not a.out:
+        raise DoratError("--out RUN_DIR is required (where config, log, checkpoint and metrics go)")
+    flags: dict[str, Any] = {"method": a.method, "dataset": a.dataset, "model": a.model,
+                             "epochs": a.epochs, "seed": a.seed, "device": a.device,
+                             "data.dir": a.data_dir}
+    cfg = cfglib.resolve(a.config, flags, a.set)
+    if a.resume and (a.config or a.set or any(v is not None for k, v in flags.items()
+                                                if k not in ("device", "data.dir"))):
+        print("dorat: note: --resume continues with the run's saved config.yaml; "
+              "other options are ignored", file=sys.stderr)
+    metrics = train(cfg, a.out, resume=a.resume, overwrite=a.overwrite)
+    if metrics is not None:
+        print("\n".join(summary_lines(metrics)))
+        print(f"results in {a.out}/metrics.json")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from dorat.checkpoint import load_weights, write_text_atomic
+    from dorat.evaluate import evaluate, settings_from_config, summary_lines
+    from dorat.train import prepare
+
+    run_dir = Path(a.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise DoratError(f"{run_dir} is not a dorat run (no config.yaml); pass a train --out dir")
+    data, source = cfglib.load_yaml(str(run_dir / "config.yaml"))
+    cfg = cfglib.from_dict(data, source)
+    flags = {"device": a.device, "data.dir": a.data_dir, "eval.attacks": a.attacks,
+             "eval.n": a.n, "eval.eps": a.eps, "eval.steps": a.steps,
+             "eval.restarts": a.restarts}
+    for k, v in flags.items():
+        if v is not None:
+            cfglib.set_key(cfg, k, v)
+    run = prepare(cfg)
+    load_weights(run_dir / "model.safetensors", run.model)
+    out = Path(a.out) if a.out else run_dir / "eval.json"
+    settings = settings_from_config(cfg)
+    metrics, _ = evaluate(run.model, run.data.x_test, run.data.y_test, run.data.classes,
+                          cfg["eval"]["attacks"], settings, cfg["eval"]["n"], run.device,
+                          progress=sys.stderr.isatty())
+    if out.parent and not out.parent.exists():
+        raise DoratError(f"cannot write {out}: directory {out.parent} does not exist")
+    write_text_atomic(out, json.dumps(metrics, indent=2))
+    print("\n".join(summary_lines(metrics)))
+    print(f"results in {out}")
+    return 0
+
+
+def cmd_data(a: argparse.Namespace) -> int:
+    from dorat.data import SPECS, dataset_names, locate
+    from dorat.data.fetch import find_or_fetch, get_spec
+
+    if a.data_cmd == "list":
+        for name in dataset_names():
+            where = locate(name, None) if name in SPECS else None
+            print(f"{name:<14} {where or '-'}")
+        return 0
+    if a.data_cmd == "check":
+        get_spec(a.name)
+        root = locate(a.name, a.data_dir)
+        if root is None:
+            raise DoratError(f"dataset '{a.name}' is not on this machine; run `dorat data fetch {a.name}`")
+        print(f"{a.name}: {root}")
+        return 0
+    root = find_or_fetch(a.name, a.data_dir)
+    from dorat.data import load_dataset
+
+    ds = load_dataset(a.name, a.data_dir, allow_download=False)
+    print(f"{a.name}: {root} ({len(ds.y_train)} train, {len(ds.y_test)} test, "
+          f"{ds.num_classes} classes, images {tuple(ds.shape)})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}[a.cmd](a)
+    except DoratError as e:
+        print(f"dorat: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("dorat: interrupted; continue a training run with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,292 @@
+"""Run configuration: a nested dict with a fixed schema.
+
+A run is fully described by its resolved config (saved as RUN_DIR/config.yaml). Layers, later
+wins: built-in defaults < preset YAML (``--config``) < CLI flags < ``--set key=value``.
+Every key is known in advance, so a typo is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dorat.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One config leaf: default value, kind and an optional check returning an error or None."""
+
+    default: Any
+    kind: str  # int | float | bool | str | list[float] | list[str] | any
+    check: Callable[[Any], str | None] | None = None
+    optional: bool = False  # None allowed
+    help: str = ""
+
+
+def _pos(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _nonneg(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _unit(v: Any) -> str | None:
+    return None if 0 <= v <= 1 else "must be in [0, 1]"
+
+
+def _choice(*names: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in names else f"must be one of {', '.join(names)}"
+
+    return check
+
+
+def _beta(v: Any) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+SCHEMA: dict[str, Any] = {
+    "method": Opt("at", "str", help="training method preset (see `dorat train --help`)"),
+    "dataset": Opt("fashion-mnist", "str"),
+    "model": Opt("small-cnn", "str"),
+    "seed": Opt(0, "int", _nonneg),
+    "device": Opt("auto", "str", _choice("auto", "cpu", "cuda", "mps")),
+    "epochs": Opt(10, "int", _pos),
+    "batch_size": Opt(128, "int", _pos),
+    "data": {
+        "dir": Opt(None, "str", optional=True, help="dataset directory (else $DORAT_DATA, ...)"),
+        "train_subset": Opt(None, "int", _pos, optional=True, help="use N training examples"),
+        "imbalance_ratio": Opt(1.0, "float", lambda v: None if v >= 1 else "must be >= 1"),
+        "val_size": Opt(0, "int", _nonneg, help="held-out validation examples from train"),
+        "augment": Opt("auto", "str", _choice("auto", "none", "crop-flip", "crop")),
+        "download": Opt(True, "bool"),
+    },
+    "optim": {
+        "lr": Opt(0.1, "float", _pos),
+        "momentum": Opt(0.9, "float", _unit),
+        "nesterov": Opt(False, "bool"),
+        "weight_decay": Opt(5e-4, "float", _nonneg),
+        "schedule": Opt("piecewise", "str", _choice("piecewise", "cosine", "onecycle", "constant")),
+        "milestones": Opt([0.5, 0.75], "list[float]", help="piecewise: fractions of training"),
+        "gamma": Opt(0.1, "float", _pos),
+        "grad_clip": Opt(None, "float", _pos, optional=True),
+    },
+    "attack": {  # the training attack (lower level)
+        "norm": Opt("linf", "str", _choice("linf", "l2")),
+        "eps": Opt(0.1, "float", lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"),
+        "alpha": Opt(0.01, "float", _pos, help="step size"),
+        "steps": Opt(10, "int", _pos),
+        "random_start": Opt(True, "bool"),
+        "loss": Opt("ce", "str", _choice("ce", "margin")),
+        "bn_mode": Opt("eval", "str", _choice("eval", "train")),
+    },
+    "eval": {
+        "attacks": Opt(["pgd"], "list[str]"),
+        "n": Opt(None, "int", _pos, optional=True, help="stratified test subset size"),
+        "eps": Opt(None, "float", _unit, optional=True, help="default: attack.eps"),
+        "norm": Opt(None, "str", _choice("linf", "l2"), optional=True),
+        "steps": Opt(20, "int", _pos),
+        "alpha": Opt(None, "float", _pos, optional=True, help="default: eps/4"),
+        "restarts": Opt(1, "int", _pos),
+        "batch_size": Opt(500, "int", _pos),
+        "seed": Opt(0, "int", _nonneg),
+    },
+    "log": {
+        "progress": Opt("auto", "str", _choice("auto", "on", "off")),
+    },
+}
+
+
+def defaults() -> dict[str, Any]:
+    def build(node: Any) -> Any:
+        if isinstance(node, Opt):
+            return copy.deepcopy(node.default)
+        return {k: build(v) for k, v in node.items()}
+
+    return build(SCHEMA)
+
+
+def _leaf_keys(node: dict[str, Any], prefix: str = "") -> Iterable[str]:
+    for k, v in node.items():
+        if isinstance(v, Opt):
+            yield prefix + k
+        else:
+            yield from _leaf_keys(v, prefix + k + ".")
+
+
+def all_keys() -> list[str]:
+    return list(_leaf_keys(SCHEMA))
+
+
+def _lookup_opt(key: str) -> Opt:
+    node: Any = SCHEMA
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            close = difflib.get_close_matches(key, all_keys(), n=3)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{key}'.{hint} "
+                "Run `dorat train --list-keys` to see every key."
+            )
+        node = node[part]
+    if not isinstance(node, Opt):
+        raise ConfigError(f"config key '{key}' is a section; set one of its keys, e.g. '{key}.…'")
+    return node
+
+
+def _coerce(key: str, opt: Opt, value: Any) -> Any:
+    if value is None:
+        if opt.optional:
+            return None
+        raise ConfigError(f"config key '{key}' cannot be empty (null); give a {opt.kind} value")
+    try:
+        if opt.kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            out: Any = int(value)
+        elif opt.kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError
+        elif opt.kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            out = value
+        elif opt.kind == "str":
+            if not isinstance(value, str):
+                raise ValueError
+            out = value
+        elif opt.kind == "list[float]":
+            if isinstance(value, (int, float)):
+                value = [value]
+            out = [float(v) for v in value]
+        elif opt.kind == "list[str]":
+            if isinstance(value, str):
+                value = [s for s in value.split(",") if s]
+            out = [str(v) for v in value]
+        else:
+            out = value
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config key '{key}' must be {opt.kind}, got {value!r}; fix it with --set {key}=VALUE"
+        ) from None
+    if opt.check is not None:
+        problem = opt.check(out)
+        if problem:
+            raise ConfigError(f"config key '{key}' {problem}, got {value!r}")
+    return out
+
+
+def set_key(cfg: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key after checking that it exists and the value is valid."""
+    opt = _lookup_opt(key)
+    parts = key.split(".")
+    node = cfg
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = _coerce(key, opt, value)
+
+
+def get_key(cfg: dict[str, Any], key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, prefix + str(k) + ".")
+        else:
+            yield prefix + str(k), v
+
+
+def merge(cfg: dict[str, Any], updates: dict[str, Any], source: str) -> None:
+    """Merge a nested dict of updates (e.g. a YAML file), validating every leaf."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys, got {type(updates).__name__}")
+    for key, value in _flatten(updates):
+        try:
+            set_key(cfg, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """Parse one ``key=value`` (value in YAML syntax: 0.1, true, [0.5, 0.75], null)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got '{item}' (e.g. --set attack.eps=0.1)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def preset_names() -> list[str]:
+    files = resources.files("dorat").joinpath("configs")
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
+    """Read a preset by name (``fmnist-demo``) or a YAML file by path."""
+    path = Path(name_or_path)
+    if path.is_file():
+        text, source = path.read_text(), str(path)
+    else:
+        res = resources.files("dorat").joinpath("configs", f"{name_or_path}.yaml")
+        if not res.is_file():
+            raise ConfigError(
+                f"config '{name_or_path}' is neither a file nor a preset; "
+                f"presets: {', '.join(preset_names())}"
+            )
+        text, source = res.read_text(), f"preset {name_or_path}"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return data, source
+
+
+def resolve(
+    config: str | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> dict[str, Any]:
+    """Build a validated config from defaults, a preset, CLI flags and --set items."""
+    cfg = defaults()
+    if config:
+        data, source = load_yaml(config)
+        merge(cfg, data, source)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_key(cfg, key, value)
+    for item in sets or []:
+        key, value = parse_set(item)
+        set_key(cfg, key, value)
+    return cfg
+
+
+def from_dict(data: dict[str, Any], source: str) -> dict[str, Any]:
+    cfg = defaults()
+    merge(cfg, data, source)
+    return cfg
+
+
+def dump(cfg: dict[str, Any]) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

@@ -1,0 +1,78 @@
+"""Datasets in memory: uint8 image tensors (N×C×H×W), int64 labels and class names.
+
+``load_dataset("fashion-mnist")`` finds the files (``--data-dir``, ``$DORAT_DATA``,
+``~/.cache/dorat``, Debian's ``/usr/share/datasets``), else downloads them with a checksum.
+``load_dataset("npz:PATH")`` reads a user's own arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dorat.data.fetch import download, find_or_fetch, get_spec, locate
+from dorat.data.registry import SPECS
+from dorat.errors import DataError
+
+__all__ = ["Dataset", "load_dataset", "dataset_names", "locate", "download", "SPECS"]
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: torch.Tensor  # uint8 N×C×H×W
+    y_train: torch.Tensor  # int64 N
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: list[str]
+    augment: str = "none"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+
+def dataset_names() -> list[str]:
+    return list(SPECS) + ["npz:PATH"]
+
+
+def _validate(name: str, x: np.ndarray, y: np.ndarray, split: str, n_classes: int) -> None:
+    if len(x) == 0:
+        raise DataError(f"dataset '{name}' has an empty {split} split; it needs at least one example")
+    if y.min() < 0 or y.max() >= n_classes:
+        raise DataError(
+            f"dataset '{name}' has {split} labels in [{y.min()}, {y.max()}] but {n_classes} classes; "
+            "labels must be 0..C-1"
+        )
+
+
+def load_dataset(name: str, data_dir: str | None = None, allow_download: bool = True) -> Dataset:
+    """Load a dataset by name into CPU memory (uint8), validating shapes and labels."""
+    if name.startswith("npz:"):
+        from dorat.data.readers import read_npz
+
+        x, y, xt, yt, classes = read_npz(Path(name[4:]).expanduser())
+        augment = "none"
+    else:
+        spec = get_spec(name)
+        root = find_or_fetch(name, data_dir, allow_download)
+        x, y, xt, yt, classes = spec.read(root)
+        augment = spec.augment
+    _validate(name, x, y, "train", len(classes))
+    _validate(name, xt, yt, "test", len(classes))
+    return Dataset(
+        name=name,
+        x_train=torch.from_numpy(np.ascontiguousarray(x)),
+        y_train=torch.from_numpy(y.astype(np.int64)),
+        x_test=torch.from_numpy(np.ascontiguousarray(xt)),
+        y_test=torch.from_numpy(yt.astype(np.int64)),
+        classes=list(classes),
+        augment=augment,
+    )

@@ -1,0 +1,137 @@
+"""Finding a dataset on disk, and downloading it with a checksum where a network exists."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from dorat.data.registry import SPECS, Spec, is_complete
+from dorat.errors import DataError
+
+DEBIAN_ROOT = Path("/usr/share/datasets")
+
+
+def candidate_dirs(name: str, data_dir: str | None = None) -> list[Path]:
+    """Lookup order: --data-dir, $DORAT_DATA, ~/.cache/dorat, Debian's /usr/share/datasets."""
+    out: list[Path] = []
+    if data_dir:
+        out += [Path(data_dir) / name, Path(data_dir)]
+    if os.environ.get("DORAT_DATA"):
+        out.append(Path(os.environ["DORAT_DATA"]) / name)
+    out.append(Path.home() / ".cache" / "dorat" / name)
+    out.append(DEBIAN_ROOT / name)
+    return out
+
+
+def get_spec(name: str) -> Spec:
+    if name not in SPECS:
+        raise DataError(
+            f"unknown dataset '{name}'; choose one of {', '.join(SPECS)} or npz:PATH for your own data"
+        )
+    return SPECS[name]
+
+
+def locate(name: str, data_dir: str | None = None) -> Path | None:
+    spec = get_spec(name)
+    for root in candidate_dirs(name, data_dir):
+        if root.is_dir() and is_complete(spec, root):
+            return root
+    return None
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _safe_extract(archive: Path, dest: Path) -> None:
+    dest_resolved = dest.resolve()
+
+    def inside(member: str) -> bool:
+        target = (dest / member).resolve()
+        return target == dest_resolved or dest_resolved in target.parents
+
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            bad = [m for m in z.namelist() if not inside(m)]
+            if bad:
+                raise DataError(f"{archive} has entries outside the target folder: {bad[:3]}")
+            z.extractall(dest)
+        return
+    with tarfile.open(archive) as t:
+        members = t.getmembers()
+        bad = [m.name for m in members if not inside(m.name) or m.issym() or m.islnk() or m.isdev()]
+        if bad:
+            raise DataError(f"{archive} has unsafe entries (links or paths outside): {bad[:3]}")
+        t.extractall(dest, members=members)
+
+
+def _offline_message(spec: Spec, target: Path, why: str) -> str:
+    urls = " ".join(d.url for d in spec.downloads)
+    apt = (
+        f"install Debian's package (`apt-get install {spec.debian_package}`), or "
+        if spec.debian_package else ""
+    )
+    return (
+        f"dataset '{spec.name}' is not on this machine and could not be downloaded ({why}). "
+        f"To fix: {apt}download {urls} and put the files in {target} "
+        "(or pass --data-dir / set DORAT_DATA)"
+    )
+
+
+def download(name: str, data_dir: str | None = None, timeout: float = 30.0) -> Path:
+    """Download (and unpack) a dataset, checking each file's MD5. Returns its directory."""
+    spec = get_spec(name)
+    target = Path(data_dir) / name if data_dir else (
+        Path(os.environ["DORAT_DATA"]) / name if os.environ.get("DORAT_DATA")
+        else Path.home() / ".cache" / "dorat" / name
+    )
+    if not spec.downloads:
+        raise DataError(f"dataset '{name}' has no download source; put its files in {target}")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create {target} ({e.strerror}); pass a writable --data-dir") from None
+    with tempfile.TemporaryDirectory(dir=target) as tmp:
+        for d in spec.downloads:
+            fname = d.url.rsplit("/", 1)[-1]
+            part = Path(tmp) / fname
+            try:
+                with urllib.request.urlopen(d.url, timeout=timeout) as r, open(part, "wb") as f:
+                    shutil.copyfileobj(r, f)
+            except (urllib.error.URLError, OSError, TimeoutError) as e:
+                raise DataError(_offline_message(spec, target, str(getattr(e, "reason", e)))) from None
+            got = _md5(part)
+            if got != d.md5:
+                raise DataError(
+                    f"{d.url} downloaded with MD5 {got}, expected {d.md5} (corrupted or changed "
+                    "upstream); try again, or put verified files in " + str(target)
+                )
+            if d.extract:
+                _safe_extract(part, target)
+            else:
+                os.replace(part, target / fname)
+    if not is_complete(spec, target):
+        raise DataError(f"download of '{name}' finished but {target} is still incomplete")
+    return target
+
+
+def find_or_fetch(name: str, data_dir: str | None = None, allow_download: bool = True) -> Path:
+    root = locate(name, data_dir)
+    if root is not None:
+        return root
+    spec = get_spec(name)
+    target = candidate_dirs(name, data_dir)[0]
+    if not allow_download:
+        raise DataError(_offline_message(spec, target, "downloads are disabled"))
+    return download(name, data_dir)

@@ -1,0 +1,187 @@
+"""Evaluation: attacks → per-example correctness table → metrics (METHODS.md §3).
+
+Every metric comes from one table: for each test example and each attack, was the model still
+correct. ``worst`` is the element-wise AND over all attacks run (an example counts as robust
+only if it survives every attack).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from dorat.attacks import mode, pgd
+from dorat.data.loader import balanced_counts, stratified_indices
+from dorat.errors import ConfigError
+
+ATTACKS = ("pgd", "cw")
+
+
+@dataclass
+class EvalSettings:
+    eps: float
+    norm: str = "linf"
+    steps: int = 20
+    alpha: float | None = None  # default eps/4
+    restarts: int = 1
+    batch_size: int = 500
+    seed: int = 0
+
+    @property
+    def step_size(self) -> float:
+        return self.eps / 4 if self.alpha is None else self.alpha
+
+
+def stratified_subset(y: torch.Tensor, n: int | None, num_classes: int, seed: int) -> torch.Tensor:
+    """Indices of a seeded, class-stratified subset of size n (all indices if n is None)."""
+    if n is None or n >= len(y):
+        return torch.arange(len(y))
+    return stratified_indices(y.cpu(), balanced_counts(y.cpu(), n, num_classes), seed, salt=7)
+
+
+def _attack_batch(model: nn.Module, attack: str, x: torch.Tensor, y: torch.Tensor,
+                  s: EvalSettings, g: torch.Generator) -> torch.Tensor:
+    """Per-example correctness under one attack (worst over restarts)."""
+    loss = {"pgd": "ce", "cw": "margin"}[attack]
+    correct = torch.ones(len(y), dtype=torch.bool, device=y.device)
+    for _ in range(s.restarts):
+        idx = correct.nonzero().squeeze(1)  # only examples not yet broken
+        if len(idx) == 0:
+            break
+        r = pgd(model, x[idx], y[idx], s.eps, s.step_size, s.steps, norm=s.norm, loss=loss,
+                generator=g, train_mode=False, final_eval=True)
+        correct[idx] = r.correct  # type: ignore[assignment]
+    return correct
+
+
+def run_attacks(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attacks: Sequence[str],
+    settings: EvalSettings,
+    device: torch.device,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The per-example table: {"clean": bool[n], attack: bool[n], ..., "worst": bool[n]}."""
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise ConfigError(f"unknown attack(s) {', '.join(unknown)}; available: {', '.join(ATTACKS)}")
+    if settings.eps < 0:
+        raise ConfigError(f"evaluation eps must be >= 0, got {settings.eps}")
+    g = torch.Generator(device=device)
+    g.manual_seed(settings.seed)
+    table = {k: torch.zeros(len(y), dtype=torch.bool) for k in ["clean", *attacks]}
+    bs = settings.batch_size
+    n_batches = math.ceil(len(y) / bs)
+    bar = tqdm(total=n_batches * (1 + len(attacks)), desc="eval", disable=not progress,
+               leave=False, unit="batch")
+    with mode(model, False):
+        for b in range(n_batches):
+            xb = x[b * bs:(b + 1) * bs].to(device).float().div_(255)
+            yb = y[b * bs:(b + 1) * bs].to(device)
+            with torch.no_grad():
+                table["clean"][b * bs:b * bs + len(yb)] = (model(xb).argmax(1) == yb).cpu()
+            bar.update()
+            for a in attacks:
+                table[a][b * bs:b * bs + len(yb)] = _attack_batch(model, a, xb, yb, settings, g).cpu()
+                bar.update()
+    bar.close()
+    if attacks:
+        worst = table["clean"].clone()
+        for a in attacks:
+            worst &= table[a]
+        table["worst"] = worst
+    return table
+
+
+def tail_mean(per_class: Sequence[float], frac: float = 0.3) -> float:
+    """Mean over the ⌈frac·C⌉ classes with the lowest accuracy (RA-Tail-30 for frac = 0.3)."""
+    vals = sorted(v for v in per_class if not math.isnan(v))
+    k = max(1, math.ceil(frac * len(per_class)))
+    return sum(vals[:k]) / len(vals[:k])
+
+
+def metrics_from_table(table: dict[str, torch.Tensor], y: torch.Tensor,
+                       classes: Sequence[str]) -> dict[str, Any]:
+    """SA, RA per attack, per-class accuracy, worst class and RA-Tail-30 from the table."""
+    y = y.cpu()
+    counts = torch.bincount(y, minlength=len(classes)).double()
+
+    def per_class(correct: torch.Tensor) -> list[float]:
+        hits = torch.bincount(y, weights=correct.double(), minlength=len(classes))
+        return [float(h / c) if c > 0 else float("nan") for h, c in zip(hits, counts)]
+
+    robust = [k for k in table if k != "clean"]
+    pc = {k: per_class(v) for k, v in table.items()}
+    present = [i for i in range(len(classes)) if counts[i] > 0]
+    return {
+        "sa": float(table["clean"].double().mean()),
+        "ra": {k: float(table[k].double().mean()) for k in robust},
+        "per_class": pc,
+        "worst_class": {k: min(pc[k][i] for i in present) for k in ["clean", *robust]},
+        "tail30": {k: tail_mean([pc[k][i] for i in present]) for k in ["clean", *robust]},
+        "classes": list(classes),
+        "n": int(len(y)),
+    }
+
+
+def evaluate(
+    model: nn.Module,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    classes: Sequence[str],
+    attacks: Sequence[str] = ("pgd",),
+    settings: EvalSettings | None = None,
+    n: int | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Evaluate ``model`` on (a stratified subset of) the test set; returns (metrics, table)."""
+    settings = settings or EvalSettings(eps=0.1)
+    device = torch.device(device)
+    idx = stratified_subset(y_test, n, len(classes), settings.seed)
+    x, y = x_test[idx], y_test[idx]
+    table = run_attacks(model, x, y, attacks, settings, device, progress)
+    metrics = metrics_from_table(table, y, classes)
+    metrics["settings"] = {
+        "eps": settings.eps, "norm": settings.norm, "steps": settings.steps,
+        "alpha": settings.step_size, "restarts": settings.restarts, "seed": settings.seed,
+        "attacks": list(attacks),
+    }
+    return metrics, table
+
+
+def settings_from_config(cfg: dict[str, Any]) -> EvalSettings:
+    e = cfg["eval"]
+    return EvalSettings(
+        eps=cfg["attack"]["eps"] if e["eps"] is None else e["eps"],
+        norm=e["norm"] or cfg["attack"]["norm"],
+        steps=e["steps"], alpha=e["alpha"], restarts=e["restarts"],
+        batch_size=e["batch_size"], seed=e["seed"],
+    )
+
+
+def summary_lines(m: dict[str, Any]) -> list[str]:
+    """Human-readable summary: SA, RA per attack, worst class (with its name) and RA-Tail-30."""
+    lines = [f"clean accuracy (SA)   {100 * m['sa']:6.2f}%   on {m['n']} test examples"]
+    for k, v in m["ra"].items():
+        pc = m["per_class"][k]
+        worst_i = min(range(len(pc)), key=lambda i: (math.isnan(pc[i]), pc[i]))
+        lines.append(
+            f"RA-{k.upper():<6}             {100 * v:6.2f}%   worst class {100 * m['worst_class'][k]:6.2f}%"
+            f" ({m['classes'][worst_i]}), RA-Tail-30 {100 * m['tail30'][k]:6.2f}%"
+        )
+    key = "worst" if "worst" in m["per_class"] else next(iter(m["ra"]), "clean")
+    pcs = m["per_class"][key]
+    lines.append(f"per-class accuracy ({key}):")
+    for name, v in zip(m["classes"], pcs):
+        bar = "#" * int(round(0 if math.isnan(v) else 30 * v))
+        lines.append(f"  {name:>14} {100 * v:6.2f}% {bar}")
+    return lines

@@ -1,0 +1,318 @@
+"""The training loop: schedule, checkpoint/resume, per-epoch logging, final evaluation.
+
+RUN_DIR layout:
+    config.yaml             the full resolved config (a run is fully described by it)
+    log.jsonl               one JSON line per finished epoch
+    checkpoint.safetensors  model + optimizer + scheduler + method state, written atomically
+    model.safetensors       final weights
+    metrics.json            final evaluation (SA, RA, per-class, worst class, RA-Tail-30)
+
+Determinism: data order, augmentation and attack noise of epoch e are pure functions of
+(seed, e), and the checkpoint holds all other state, so a run resumed after epoch e ends with
+the same weights as an uninterrupted one (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from dorat import config as cfglib
+from dorat.checkpoint import (
+    load_state,
+    load_state_dict_checked,
+    save_state,
+    save_weights,
+    write_text_atomic,
+)
+from dorat.data import Dataset, load_dataset
+from dorat.data.loader import Batches, Split, make_splits, resolve_augment
+from dorat.errors import CheckpointError, ConfigError, DoratError
+from dorat.evaluate import evaluate, settings_from_config
+from dorat.models import build_model
+from dorat.objectives import Method, StepContext, build_method
+
+RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.safetensors", "model.safetensors",
+             "metrics.json")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+def lr_lambda(schedule: str, total_steps: int, milestones: list[float], gamma: float
+              ) -> Callable[[int], float]:
+    """Multiplier of the base lr at global step t (stepped once per batch)."""
+    T = max(1, total_steps)
+    if schedule == "constant":
+        return lambda t: 1.0
+    if schedule == "piecewise":
+        marks = sorted(int(round(m * T)) for m in milestones)
+        return lambda t: gamma ** sum(t >= m for m in marks)
+    if schedule == "cosine":
+        return lambda t: 0.5 * (1 + math.cos(math.pi * min(t, T) / T))
+    if schedule == "onecycle":  # linear warm-up to the peak at 40% of training, then down to 0
+        peak = 0.4 * T
+        return lambda t: t / peak if t < peak else max(0.0, (T - t) / (T - peak))
+    raise ConfigError(f"unknown schedule '{schedule}'")
+
+
+@dataclass
+class Run:
+    """Everything a training run needs, built and validated before anything is written."""
+
+    cfg: dict[str, Any]
+    data: Dataset
+    train: Split
+    val: Split | None
+    model: nn.Module
+    method: Method
+    device: torch.device
+
+
+def prepare(cfg: dict[str, Any]) -> Run:
+    """Validate the config, load data, build model and method. Writes nothing."""
+    device = resolve_device(cfg["device"])
+    method = build_method(cfg)  # unknown method fails before data is read
+    data = load_dataset(cfg["dataset"], cfg["data"]["dir"], cfg["data"]["download"])
+    train, val = make_splits(
+        data.x_train, data.y_train, data.num_classes, cfg["seed"],
+        val_size=cfg["data"]["val_size"], train_subset=cfg["data"]["train_subset"],
+        imbalance_ratio=cfg["data"]["imbalance_ratio"],
+    )
+    torch.manual_seed(cfg["seed"])
+    c, h, w = data.shape
+    try:
+        model = build_model(cfg["model"], c, h, data.num_classes)
+    except ValueError as e:
+        raise ConfigError(f"model '{cfg['model']}' does not fit dataset '{data.name}': {e}") from None
+    return Run(cfg, data, train, val, model.to(device), method, device)
+
+
+class _Stats:
+    """Per-epoch sums kept on the device (no host sync per step)."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        z = lambda: torch.zeros((), device=device, dtype=torch.float64)  # noqa: E731
+        self.loss, self.correct_adv, self.correct_clean, self.n = z(), z(), z(), 0
+        self.ess, self.w_max, self.batches = z(), z(), 0
+        self.w_class = torch.zeros(num_classes, device=device, dtype=torch.float64)
+        self.n_class = torch.zeros(num_classes, device=device, dtype=torch.float64)
+
+    def add(self, loss: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
+            logits_adv: torch.Tensor | None, clean_correct: torch.Tensor) -> None:
+        b = len(y)
+        self.loss += loss.double().sum()
+        if logits_adv is not None:
+            self.correct_adv += (logits_adv.argmax(1) == y).double().sum()
+        self.correct_clean += clean_correct.double().sum()
+        self.n += b
+        wd = w.double() * b  # in units of the uniform weight 1/|B|
+        self.ess += wd.sum() ** 2 / (wd.pow(2).sum() * b).clamp_min(1e-300)
+        self.w_max = torch.maximum(self.w_max, wd.max())
+        self.w_class.index_add_(0, y, wd)
+        self.n_class.index_add_(0, y, torch.ones_like(wd))
+        self.batches += 1
+
+    def summary(self) -> dict[str, Any]:
+        n = max(self.n, 1)
+        wc = (self.w_class / self.n_class.clamp_min(1)).tolist()
+        return {
+            "loss": float(self.loss) / n,
+            "train_acc_clean": float(self.correct_clean) / n,
+            "train_acc_adv": float(self.correct_adv) / n,
+            "ess": float(self.ess) / max(self.batches, 1),
+            "w_max": float(self.w_max),
+            "w_class_mean": [round(v, 5) for v in wc],
+        }
+
+
+def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory; choose another path")
+    if resume:
+        if not (out / "checkpoint.safetensors").exists():
+            raise CheckpointError(
+                f"nothing to resume in {out} (no checkpoint.safetensors); drop --resume to start"
+            )
+        return
+    present = [f for f in RUN_FILES if (out / f).exists()]
+    if present and not overwrite:
+        what = "a finished run" if "metrics.json" in present else "an unfinished run"
+        raise ConfigError(
+            f"{out} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
+            "or choose another --out"
+        )
+
+
+def _ensure_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output directory {out} ({e.strerror}); choose another --out"
+                          ) from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"output directory {out} is not writable; choose another --out")
+
+
+def train(
+    cfg: dict[str, Any],
+    out: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after_epoch: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any] | None:
+    """Train (or resume) a run in ``out``; returns final metrics (None if stopped early)."""
+    out = Path(out)
+    log = log or (lambda s: print(s, file=sys.stderr))
+    _check_run_dir(out, resume, overwrite)
+    if resume:
+        saved = cfglib.load_yaml(str(out / "config.yaml"))[0]
+        device_override = cfg["device"]
+        cfg = cfglib.from_dict(saved, f"{out}/config.yaml")
+        cfg["device"] = device_override
+    run = prepare(cfg)
+    state = None
+    if resume:
+        state, _ = load_state(out / "checkpoint.safetensors")
+    _ensure_writable(out)
+    if overwrite and not resume:
+        for f in RUN_FILES:
+            (out / f).unlink(missing_ok=True)
+    if not resume:
+        write_text_atomic(out / "config.yaml", cfglib.dump(cfg))
+    return _fit(run, out, state, stop_after_epoch, log)
+
+
+def _fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int | None,
+         log: Callable[[str], None]) -> dict[str, Any] | None:
+    cfg, model, method, device = run.cfg, run.model, run.method, run.device
+    o = cfg["optim"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"],
+                                nesterov=o["nesterov"] and o["momentum"] > 0,
+                                weight_decay=o["weight_decay"])
+    augment = resolve_augment(cfg["data"]["augment"], run.data.augment)
+    batches = Batches(run.train.to(device), cfg["batch_size"], shuffle=True, seed=cfg["seed"],
+                      augment=augment)
+    steps_per_epoch = len(batches)
+    epochs = cfg["epochs"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(o["schedule"], epochs * steps_per_epoch, o["milestones"], o["gamma"]))
+    start_epoch = 0
+    if state is not None:
+        try:
+            load_state_dict_checked(model, state["model"], str(out / "checkpoint.safetensors"))
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            method.weighting.load_state_dict(state["method"])
+            start_epoch = int(state["epoch"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint in {out} does not fit this run ({e})") from None
+        log(f"resuming {out} after epoch {start_epoch}/{epochs}")
+        _truncate_log(out / "log.jsonl", start_epoch)
+    progress = cfg["log"]["progress"] == "on" or (
+        cfg["log"]["progress"] == "auto" and sys.stderr.isatty())
+    log(f"training {cfg['method']} ({method.describe()}) on {run.data.name} "
+        f"[{len(run.train)} train examples] with {cfg['model']} on {device}")
+    for epoch in range(start_epoch, epochs):
+        method.weighting.start_epoch(epoch)
+        stats = _Stats(run.data.num_classes, device)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(cfg["seed"] * 1_000_003 + 20 * 7919 + epoch)
+        model.train()
+        t0 = time.perf_counter()
+        bar = tqdm(batches.epoch(epoch), total=steps_per_epoch, disable=not progress,
+                   desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
+        for i, (x, y) in enumerate(bar):
+            ctx = StepContext(epoch, epochs, epoch * steps_per_epoch + i, gen)
+            res = method.step(model, x, y, ctx)
+            optimizer.zero_grad(set_to_none=True)
+            res.objective.backward()
+            if o["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                was = model.training
+                model.eval()
+                clean_correct = model(x).argmax(1) == y
+                model.train(was)
+                stats.add(res.loss, res.weights, y, res.logits_adv, clean_correct)
+        bar.close()
+        summary = stats.summary()
+        if not math.isfinite(summary["loss"]):
+            raise DoratError(
+                f"training diverged at epoch {epoch + 1} (loss is {summary['loss']}); the last good "
+                f"checkpoint in {out} is kept: lower optim.lr or check the data, then --resume"
+            )
+        seconds = time.perf_counter() - t0
+        record = {
+            "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **summary,
+            "seconds": round(seconds, 3), "examples_per_s": round(stats.n / max(seconds, 1e-9), 1),
+            **method.weighting.epoch_log(),
+        }
+        # Log line first, then the checkpoint: after a crash between the two, resume drops the
+        # line of the epoch the checkpoint does not hold.
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        save_state(out / "checkpoint.safetensors", {
+            "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "method": method.weighting.state_dict(),
+        }, meta={"method": cfg["method"], "model": cfg["model"], "dataset": cfg["dataset"]})
+        log(f"epoch {epoch + 1}/{epochs}: loss {summary['loss']:.4f}  "
+            f"train clean {100 * summary['train_acc_clean']:.1f}%  "
+            f"adv {100 * summary['train_acc_adv']:.1f}%  lr {record['lr']:.4g}  "
+            f"{seconds:.1f}s ({record['examples_per_s']:.0f} ex/s)")
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs:
+            return None
+    save_weights(out / "model.safetensors", model,
+                 meta={"model": cfg["model"], "dataset": cfg["dataset"], "method": cfg["method"]})
+    return final_evaluation(run, out, progress, log)
+
+
+def _truncate_log(path: Path, epochs_done: int) -> None:
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= epochs_done:
+                keep.append(line)
+        except (ValueError, KeyError):
+            break  # a torn last line from a crash
+    write_text_atomic(path, "".join(k + "\n" for k in keep))
+
+
+def final_evaluation(run: Run, out: Path, progress: bool, log: Callable[[str], None]
+                     ) -> dict[str, Any]:
+    cfg = run.cfg
+    settings = settings_from_config(cfg)
+    log(f"evaluating: {', '.join(cfg['eval']['attacks'])} at eps={settings.eps} "
+        f"({settings.steps} steps, {settings.restarts} restart(s))")
+    t0 = time.perf_counter()
+    metrics, _ = evaluate(run.model, run.data.x_test, run.data.y_test, run.data.classes,
+                          cfg["eval"]["attacks"], settings, cfg["eval"]["n"], run.device, progress)
+    metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
+    metrics["method"] = cfg["method"]
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
