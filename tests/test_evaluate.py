@@ -1,0 +1,109 @@
+"""Metrics from the per-example table; evaluation sanity on a trained model of real data."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import needs_fmnist
+from dorat import config as C
+from dorat.evaluate import EvalSettings, evaluate, metrics_from_table, stratified_subset, tail_mean
+from dorat.train import prepare, train
+
+
+def test_metrics_from_table_by_hand() -> None:
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3])
+    clean = torch.tensor([1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool)
+    pgd = torch.tensor([1, 0, 0, 0, 1, 1, 0, 1], dtype=torch.bool)
+    cw = torch.tensor([1, 1, 0, 0, 1, 0, 0, 1], dtype=torch.bool)
+    table = {"clean": clean, "pgd": pgd, "cw": cw, "worst": clean & pgd & cw}
+    m = metrics_from_table(table, y, ["a", "b", "c", "d"])
+    assert m["sa"] == 7 / 8 and m["ra"]["pgd"] == 4 / 8 and m["ra"]["worst"] == 3 / 8
+    assert m["per_class"]["pgd"] == [0.5, 0.0, 2 / 3, 1.0]
+    assert m["per_class"]["worst"] == [0.5, 0.0, 1 / 3, 1.0]
+    assert m["worst_class"]["pgd"] == 0.0
+    # ceil(0.3 * 4) = 2 lowest classes
+    assert m["tail30"]["pgd"] == pytest.approx((0.0 + 0.5) / 2)
+    assert m["tail30"]["worst"] == pytest.approx((0.0 + 1 / 3) / 2)
+    assert m["n"] == 8 and m["classes"] == ["a", "b", "c", "d"]
+
+
+def test_tail_mean_counts_ceil_30_percent() -> None:
+    assert tail_mean([0.9, 0.1, 0.5, 0.3, 0.8, 0.7, 0.2, 0.6, 0.4, 1.0]) == pytest.approx(0.2)
+    assert tail_mean([0.5, 0.2, 0.9]) == pytest.approx(0.2)  # ceil(0.9) = 1 class
+
+
+def test_stratified_subset_counts() -> None:
+    y = torch.arange(10).repeat_interleave(50)
+    idx = stratified_subset(y, 100, 10, seed=0)
+    assert torch.bincount(y[idx], minlength=10).tolist() == [10] * 10
+    assert torch.equal(idx, stratified_subset(y, 100, 10, seed=0))
+    assert not torch.equal(idx, stratified_subset(y, 100, 10, seed=1))
+
+
+@pytest.fixture(scope="module")
+def trained_fmnist(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """A small-cnn adversarially trained for a short while on real Fashion-MNIST."""
+    out = tmp_path_factory.mktemp("fm") / "run"
+    cfg = C.resolve("fmnist-demo", {}, ["epochs=2", "data.train_subset=6000", "eval.n=500",
+                                        "attack.steps=3", "attack.alpha=0.04"])
+    untrained = prepare(cfg)
+    settings = EvalSettings(eps=0.1, steps=10, batch_size=500)
+    m0, _ = evaluate(untrained.model, untrained.data.x_test, untrained.data.y_test,
+                     untrained.data.classes, ["pgd"], settings, n=500)
+    metrics = train(cfg, out, log=lambda s: None)
+    run = prepare(C.from_dict(C.load_yaml(str(out / "config.yaml"))[0], "saved"))
+    from dorat.checkpoint import load_weights
+
+    load_weights(out / "model.safetensors", run.model)
+    return run, metrics, m0, out
+
+
+@needs_fmnist
+def test_short_training_on_real_fmnist_beats_untrained(trained_fmnist) -> None:  # noqa: ANN001
+    run, metrics, m0, out = trained_fmnist
+    assert metrics["ra"]["pgd"] > m0["ra"]["pgd"] + 0.3, (metrics["ra"], m0["ra"])
+    assert metrics["sa"] > 0.6
+    assert set(metrics) >= {"sa", "ra", "per_class", "worst_class", "tail30", "classes", "n"}
+    assert len(metrics["per_class"]["pgd"]) == 10 and metrics["n"] == 500
+    assert metrics["worst_class"]["pgd"] <= metrics["tail30"]["pgd"] <= metrics["ra"]["pgd"]
+    log = [line for line in (out / "log.jsonl").read_text().splitlines() if line]
+    assert len(log) == 2
+
+
+@needs_fmnist
+def test_robust_accuracy_falls_with_eps_and_equals_clean_at_zero(trained_fmnist) -> None:  # noqa: ANN001
+    run, *_ = trained_fmnist
+    ras = []
+    for eps in [0.0, 0.05, 0.1, 0.2, 0.4]:
+        m, table = evaluate(run.model, run.data.x_test, run.data.y_test, run.data.classes, ["pgd"],
+                            EvalSettings(eps=eps, steps=10, seed=0), n=300)
+        if eps == 0:
+            assert m["ra"]["pgd"] == m["sa"]
+            assert torch.equal(table["pgd"], table["clean"])
+        ras.append(m["ra"]["pgd"])
+    assert all(a >= b for a, b in zip(ras, ras[1:])), ras
+    assert ras[-1] < 0.05, ras  # eps = 0.4 on [0, 1] images breaks nearly everything
+
+
+@needs_fmnist
+def test_cw_and_worst_case_table(trained_fmnist) -> None:  # noqa: ANN001
+    run, *_ = trained_fmnist
+    m, t = evaluate(run.model, run.data.x_test, run.data.y_test, run.data.classes, ["pgd", "cw"],
+                    EvalSettings(eps=0.1, steps=10), n=200)
+    assert torch.equal(t["worst"], t["clean"] & t["pgd"] & t["cw"])
+    assert m["ra"]["worst"] <= min(m["ra"]["pgd"], m["ra"]["cw"])
+    assert not math.isnan(m["tail30"]["cw"])
+
+
+def test_restarts_never_raise_accuracy(tmp_path: Path, synthetic_npz: Path) -> None:
+    cfg = C.resolve(None, {"dataset": f"npz:{synthetic_npz}"}, ["epochs=1"])
+    run = prepare(cfg)
+    one, _ = evaluate(run.model, run.data.x_test, run.data.y_test, run.data.classes, ["pgd"],
+                      EvalSettings(eps=0.05, steps=3, restarts=1))
+    three, _ = evaluate(run.model, run.data.x_test, run.data.y_test, run.data.classes, ["pgd"],
+                        EvalSettings(eps=0.05, steps=3, restarts=3))
+    assert three["ra"]["pgd"] <= one["ra"]["pgd"]

@@ -1,0 +1,94 @@
+"""Training loop: resume equals an uninterrupted run; schedules; checkpoints without pickle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dorat import config as C
+from dorat.checkpoint import load_state, pack, save_state, unpack
+from dorat.errors import CheckpointError, ConfigError
+from dorat.train import lr_lambda, train
+
+
+def _cfg(npz: Path, *sets: str) -> dict:
+    return C.resolve(None, {"dataset": f"npz:{npz}", "epochs": 3, "batch_size": 64},
+                     ["attack.steps=2", "attack.alpha=0.05", "eval.n=40", "eval.steps=2",
+                      "optim.lr=0.02", *sets])
+
+
+def test_resume_after_epoch_1_equals_uninterrupted(tmp_path: Path, synthetic_npz: Path) -> None:
+    cfg = _cfg(synthetic_npz, "data.augment=crop-flip")
+    full = train(cfg, tmp_path / "full", log=lambda s: None)
+    assert train(cfg, tmp_path / "part", stop_after_epoch=1, log=lambda s: None) is None
+    assert not (tmp_path / "part" / "model.safetensors").exists()
+    resumed = train(cfg, tmp_path / "part", resume=True, log=lambda s: None)
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    b = load_file(tmp_path / "part" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert full == {**resumed, "eval_seconds": full["eval_seconds"]}
+    log_full = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    log_part = [json.loads(line) for line in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log_part] == [1, 2, 3]
+    assert [r["loss"] for r in log_full] == [r["loss"] for r in log_part]
+
+
+def test_log_lines_and_run_dir_contents(tmp_path: Path, synthetic_npz: Path) -> None:
+    train(_cfg(synthetic_npz, "epochs=2"), tmp_path / "r", log=lambda s: None)
+    files = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert files == ["checkpoint.safetensors", "config.yaml", "log.jsonl", "metrics.json",
+                     "model.safetensors"]
+    rec = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[-1])
+    for key in ("epoch", "loss", "train_acc_clean", "train_acc_adv", "lr", "seconds",
+                "examples_per_s", "ess", "w_max", "w_class_mean"):
+        assert key in rec
+    assert rec["ess"] == pytest.approx(1.0) and rec["w_max"] == pytest.approx(1.0)
+    saved = C.load_yaml(str(tmp_path / "r" / "config.yaml"))[0]
+    assert saved["epochs"] == 2 and saved["attack"]["steps"] == 2
+    # the model learned the toy task
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert m["sa"] > 0.9
+
+
+def test_finished_run_dir_is_refused_without_overwrite(tmp_path: Path, synthetic_npz: Path) -> None:
+    cfg = _cfg(synthetic_npz, "epochs=1")
+    train(cfg, tmp_path / "r", log=lambda s: None)
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        train(cfg, tmp_path / "r", log=lambda s: None)
+    train(cfg, tmp_path / "r", overwrite=True, log=lambda s: None)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(cfg, tmp_path / "empty", resume=True, log=lambda s: None)
+
+
+@pytest.mark.parametrize("schedule", ["piecewise", "cosine", "onecycle", "constant"])
+def test_lr_schedules(schedule: str) -> None:
+    f = lr_lambda(schedule, 100, [0.5, 0.75], 0.1)
+    values = [f(t) for t in range(101)]
+    assert all(0 <= v <= 1 + 1e-12 for v in values)
+    if schedule == "piecewise":
+        assert values[49] == 1 and values[50] == pytest.approx(0.1) and values[75] == pytest.approx(0.01)
+    if schedule == "cosine":
+        assert values[0] == 1 and values[50] == pytest.approx(0.5) and values[100] == pytest.approx(0)
+    if schedule == "onecycle":
+        assert values[0] == 0 and values[40] == pytest.approx(1) and values[100] == pytest.approx(0)
+
+
+def test_checkpoint_roundtrip_without_pickle(tmp_path: Path) -> None:
+    state = {"epoch": 3, "w": torch.randn(3, 2), "nested": {0: {"buf": torch.arange(4)}, "lr": 0.1},
+             "groups": [{"params": [0, 1], "nesterov": False}], "t": (1, 2.5), "none": None,
+             "inf": float("inf")}
+    save_state(tmp_path / "c.safetensors", state)
+    back, meta = load_state(tmp_path / "c.safetensors")
+    assert back["epoch"] == 3 and torch.equal(back["w"], state["w"])
+    assert torch.equal(back["nested"][0]["buf"], torch.arange(4)) and 0 in back["nested"]
+    assert back["groups"] == state["groups"] and back["t"] == (1, 2.5) and back["inf"] == float("inf")
+    tensors: dict = {}
+    assert unpack(pack(state["groups"], tensors), tensors) == state["groups"]
+    (tmp_path / "bad.safetensors").write_bytes((tmp_path / "c.safetensors").read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_state(tmp_path / "bad.safetensors")
+    assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
