@@ -104,6 +104,22 @@ SCHEMA: dict[str, Any] = {
     "log": {
         "progress": Opt("auto", "str", _choice("auto", "on", "off")),
     },
+    "done": {  # DONE: KL-DRO instance weights (METHODS.md §1)
+        "r": Opt(1.0, "float", _pos, help="KL temperature: large = uniform (PGD-AT), small = worst case"),
+        "beta": Opt(0.2, "float", _beta, help="running-average rate of the normaliser u_t"),
+        "warmup_epochs": Opt(0, "int", _nonneg, help="plain AT epochs before reweighting"),
+        "level": Opt("instance", "str", _choice("instance", "class", "mixed")),
+        "target_ess": Opt(None, "float", lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+                          optional=True, help="adapt r between epochs to this ESS/|B|"),
+        "lower": Opt("pgd", "str", _choice("pgd", "barrier-gd", "barrier-adam")),
+        "hypergrad": Opt("none", "str", _choice("none", "diag", "cg")),
+        "cg_iters": Opt(5, "int", _pos),
+        "cg_damping": Opt(1.0, "float", _nonneg),
+        "barrier_c": Opt(1e-4, "float", _pos, help="log-barrier weight c"),
+        "barrier_lambda": Opt(0.0, "float", _nonneg, help="quadratic regulariser lambda"),
+        "barrier_steps": Opt(None, "int", _pos, optional=True, help="default: attack.steps"),
+        "barrier_lr": Opt(None, "float", _pos, optional=True, help="default: attack.alpha"),
+    },
 }
 
 
@@ -269,17 +285,36 @@ def resolve(
     sets: list[str] | None = None,
 ) -> dict[str, Any]:
     """Build a validated config from defaults, a preset, CLI flags and --set items."""
-    cfg = defaults()
+    layers: list[tuple[dict[str, Any], str]] = []
     if config:
         data, source = load_yaml(config)
-        merge(cfg, data, source)
-    for key, value in (flags or {}).items():
-        if value is not None:
-            set_key(cfg, key, value)
+        layers.append((data, source))
+    layers.append(({k: v for k, v in (flags or {}).items() if v is not None}, "command line"))
+    sets_dict: dict[str, Any] = {}
     for item in sets or []:
         key, value = parse_set(item)
-        set_key(cfg, key, value)
-    return cfg
+        sets_dict[key] = value
+    layers.append((sets_dict, "--set"))
+
+    def build(method_layer: dict[str, Any]) -> dict[str, Any]:
+        cfg = defaults()
+        for key, value in method_layer.items():
+            set_key(cfg, key, value)
+        for data, source in layers:
+            if source == "command line" or source == "--set":
+                for key, value in data.items():
+                    set_key(cfg, key, value)
+            else:
+                merge(cfg, data, source)
+        return cfg
+
+    # A method preset sets its own defaults (e.g. done-cid: barrier lower level + CG), which the
+    # YAML, the flags and --set can still override.
+    cfg = build({})
+    from dorat.objectives.methods import preset_overrides
+
+    overrides = preset_overrides(cfg["method"])
+    return build(overrides) if overrides else cfg
 
 
 def from_dict(data: dict[str, Any], source: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from dorat.data.loader import Batches, Split, make_splits, resolve_augment
 from dorat.errors import CheckpointError, ConfigError, DoratError
 from dorat.evaluate import evaluate, settings_from_config
 from dorat.models import build_model
-from dorat.objectives import Method, StepContext, build_method
+from dorat.objectives import Method, StepContext, build_method, check_method
 
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.safetensors", "model.safetensors",
              "metrics.json")
@@ -92,13 +92,15 @@ class Run:
 def prepare(cfg: dict[str, Any]) -> Run:
     """Validate the config, load data, build model and method. Writes nothing."""
     device = resolve_device(cfg["device"])
-    method = build_method(cfg)  # unknown method fails before data is read
+    check_method(cfg)  # an unknown method fails before data is read
     data = load_dataset(cfg["dataset"], cfg["data"]["dir"], cfg["data"]["download"])
     train, val = make_splits(
         data.x_train, data.y_train, data.num_classes, cfg["seed"],
         val_size=cfg["data"]["val_size"], train_subset=cfg["data"]["train_subset"],
         imbalance_ratio=cfg["data"]["imbalance_ratio"],
     )
+    method = build_method(cfg, {"num_classes": data.num_classes,
+                                "class_counts": train.class_counts(data.num_classes)})
     torch.manual_seed(cfg["seed"])
     c, h, w = data.shape
     try:
@@ -106,6 +108,22 @@ def prepare(cfg: dict[str, Any]) -> Run:
     except ValueError as e:
         raise ConfigError(f"model '{cfg['model']}' does not fit dataset '{data.name}': {e}") from None
     return Run(cfg, data, train, val, model.to(device), method, device)
+
+
+def load_run(run_dir: str | Path, device: str = "auto") -> Run:
+    """A finished run ready for analysis: its config, data, and the trained model weights."""
+    from dorat.checkpoint import load_weights
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise DoratError(f"{run_dir} is not a dorat run (no config.yaml); pass a train --out dir")
+    data, source = cfglib.load_yaml(str(run_dir / "config.yaml"))
+    cfg = cfglib.from_dict(data, source)
+    cfg["device"] = device
+    run = prepare(cfg)
+    load_weights(run_dir / "model.safetensors", run.model)
+    run.model.eval()
+    return run
 
 
 class _Stats:

@@ -34,10 +34,13 @@ class SmallCNN(nn.Module):
         )
         # He initialisation: with PyTorch's default init this BatchNorm-free network sits on a
         # loss plateau at chance level for the first epochs of adversarial training.
+        # The output layer starts small, so initial losses are near log C for every example (no
+        # large first steps, which can kill ReLUs when a reweighting puts weight on the worst).
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 nn.init.zeros_(m.bias)
+        nn.init.normal_(self.classifier[-1].weight, std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

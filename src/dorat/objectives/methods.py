@@ -1,7 +1,10 @@
-"""Method presets: names mapped to compositions of attack × per-example loss × weighting.
+"""Method presets: names mapped to compositions of attack × per-example loss × weighting
+(+ hypergradient mode).
 
 A method is built from the run config; adding a method is adding a preset here (and any new
-part it needs), not a new training loop.
+part it needs), not a new training loop. ``PRESET_OVERRIDES`` are the config values a preset
+implies (e.g. ``done-cid`` = barrier lower level + CG hypergradient); the user's YAML, flags and
+``--set`` still override them.
 """
 
 from __future__ import annotations
@@ -12,10 +15,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from dorat.attacks.barrier import Barrier
 from dorat.errors import ConfigError
 from dorat.objectives.base import Attack, Loss, StepContext, Weighting
-from dorat.objectives.parts import CELoss, NoAttack, PGDAttack
+from dorat.objectives.done import KLDROWeighting
+from dorat.objectives.hypergrad import bn_free, eval_mode_term, implicit_term
+from dorat.objectives.parts import BarrierAttack, CELoss, NoAttack, PGDAttack
 
 
 @dataclass
@@ -27,26 +34,57 @@ class StepOutput:
     y: torch.Tensor
 
 
-class Method:
-    """attack × loss × weighting; ``step`` computes the objective of one mini-batch."""
+@dataclass
+class Hypergrad:
+    """Implicit-differentiation correction through the barrier lower level (METHODS.md §1.3)."""
 
-    def __init__(self, name: str, attack: Attack, loss: Loss, weighting: Weighting) -> None:
+    kind: str  # diag | cg
+    barrier: Barrier
+    cg_iters: int = 5
+    damping: float = 1.0
+
+
+def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+class Method:
+    """attack × loss × weighting (+ hypergradient); ``step`` computes one batch's objective."""
+
+    def __init__(self, name: str, attack: Attack, loss: Loss, weighting: Weighting,
+                 hypergrad: Hypergrad | None = None) -> None:
         self.name = name
         self.attack = attack
         self.loss = loss
         self.weighting = weighting
+        self.hypergrad = hypergrad
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              ctx: StepContext) -> StepOutput:
         info = self.attack(model, x, y, ctx)
-        out = self.loss(model, x, info.x_adv, y, ctx)
+        hg = self.hypergrad
+        shared = hg is not None and bn_free(model)
+        if shared:  # train and eval mode agree: reuse the training forward for the correction
+            delta = (info.x_adv - x).detach().requires_grad_(True)
+            out = self.loss(model, x, x + delta, y, ctx)
+        else:
+            out = self.loss(model, x, info.x_adv, y, ctx)
         w = self.weighting.weights(out, y, info, ctx).detach()
         objective = (w * out.loss).sum()
+        if hg is not None:
+            if shared:
+                objective = objective + implicit_term(out.loss, delta, info.x_adv, hg.barrier,
+                                                      hg.kind, w, hg.cg_iters, hg.damping)
+            else:
+                objective = objective + eval_mode_term(model, x, info.x_adv, _ce, y, hg.barrier,
+                                                       hg.kind, w, hg.cg_iters, hg.damping)
         return StepOutput(objective, out.loss.detach(), w, out.logits_adv, y)
 
     def describe(self) -> dict[str, str]:
-        return {"attack": self.attack.name, "loss": self.loss.name,
-                "weighting": self.weighting.name}
+        d = {"attack": self.attack.name, "loss": self.loss.name, "weighting": self.weighting.name}
+        if self.hypergrad is not None:
+            d["hypergrad"] = self.hypergrad.kind
+        return d
 
 
 def _pgd_from(cfg: dict[str, Any]) -> PGDAttack:
@@ -55,20 +93,63 @@ def _pgd_from(cfg: dict[str, Any]) -> PGDAttack:
                      a["bn_mode"] == "train")
 
 
-PRESETS: dict[str, tuple[str, Callable[[dict[str, Any]], Method]]] = {
+def _barrier_from(cfg: dict[str, Any]) -> Barrier:
+    d = cfg["done"]
+    if cfg["attack"]["norm"] != "linf":
+        raise ConfigError("the barrier lower level and hypergradients are for attack.norm=linf")
+    if cfg["attack"]["eps"] <= 0:
+        raise ConfigError("the barrier lower level needs attack.eps > 0")
+    return Barrier(cfg["attack"]["eps"], d["barrier_c"], d["barrier_lambda"])
+
+
+def _done(cfg: dict[str, Any], info: dict[str, Any]) -> Method:
+    d, a = cfg["done"], cfg["attack"]
+    if d["lower"] == "pgd":
+        attack: Attack = _pgd_from(cfg)
+    else:
+        attack = BarrierAttack(
+            _barrier_from(cfg), d["barrier_steps"] or a["steps"], d["barrier_lr"] or a["alpha"],
+            "gd" if d["lower"] == "barrier-gd" else "adam", a["bn_mode"] == "train")
+    weighting = KLDROWeighting(
+        d["r"], d["beta"], d["warmup_epochs"], d["level"], info.get("num_classes", 10),
+        info.get("class_counts"), d["target_ess"])
+    hyper = None
+    if d["hypergrad"] != "none":
+        hyper = Hypergrad(d["hypergrad"], _barrier_from(cfg), d["cg_iters"], d["cg_damping"])
+    return Method(cfg["method"], attack, CELoss(), weighting, hyper)
+
+
+PRESETS: dict[str, tuple[str, Callable[[dict[str, Any], dict[str, Any]], Method]]] = {
     "standard": ("clean training (no attack): CE, uniform weights",
-                 lambda cfg: Method("standard", NoAttack(), CELoss(), Weighting())),
+                 lambda cfg, info: Method("standard", NoAttack(), CELoss(), Weighting())),
     "at": ("PGD-AT (Madry et al. 2018): PGD × CE × uniform",
-           lambda cfg: Method("at", _pgd_from(cfg), CELoss(), Weighting())),
+           lambda cfg, info: Method("at", _pgd_from(cfg), CELoss(), Weighting())),
+    "done": ("DONE: PGD × CE × KL-DRO instance weights (first-order hypergradient)", _done),
+    "done-cid": ("DONE with the paper's CID algorithm: barrier-GD lower level × CE × KL-DRO, "
+                 "CG implicit hypergradient", _done),
+    "done-class": ("DONE over classes: PGD × CE × class-level KL-DRO weights", _done),
 }
+
+PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
+    "done-cid": {"done.lower": "barrier-gd", "done.hypergrad": "cg"},
+    "done-class": {"done.level": "class"},
+}
+
+
+def preset_overrides(name: str) -> dict[str, Any]:
+    return PRESET_OVERRIDES.get(name, {})
 
 
 def method_names() -> list[str]:
     return list(PRESETS)
 
 
-def build_method(cfg: dict[str, Any]) -> Method:
-    name = cfg["method"]
-    if name not in PRESETS:
-        raise ConfigError(f"unknown method '{name}'; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name][1](cfg)
+def check_method(cfg: dict[str, Any]) -> None:
+    if cfg["method"] not in PRESETS:
+        raise ConfigError(f"unknown method '{cfg['method']}'; choose one of {', '.join(PRESETS)}")
+
+
+def build_method(cfg: dict[str, Any], info: dict[str, Any] | None = None) -> Method:
+    """Build the method of ``cfg``; ``info`` carries data facts (num_classes, class_counts)."""
+    check_method(cfg)
+    return PRESETS[cfg["method"]][1](cfg, info or {})

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dorat.attacks import AttackResult, pgd
+from dorat.attacks.barrier import Barrier, barrier_attack
 from dorat.objectives.base import LossOutput, StepContext
 
 
@@ -30,6 +31,26 @@ class PGDAttack:
         return pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm, loss=self.loss,
                    rand_init=self.random_start, generator=ctx.generator,
                    train_mode=self.bn_train, final_eval=False)
+
+
+@dataclass
+class BarrierAttack:
+    """Training-time log-barrier lower level solved by GD or Adam (METHODS.md §1.2)."""
+
+    barrier: Barrier
+    steps: int
+    lr: float
+    optimizer: str = "gd"
+    bn_train: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"barrier-{self.optimizer}"
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 ctx: StepContext) -> AttackResult:
+        return barrier_attack(model, x, y, self.barrier, self.steps, self.lr, self.optimizer,
+                              generator=ctx.generator, train_mode=self.bn_train)
 
 
 class NoAttack:

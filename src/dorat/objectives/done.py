@@ -1,0 +1,209 @@
+"""DONE's KL-DRO weighting with the running compositional normaliser (METHODS.md §1.1).
+
+Instance level: the KL-regularised max over weights has the closed form w* = softmax(ℓ/r), and
+the problem becomes min_θ r·log g(θ), g(θ) = (1/n) Σ_i exp(ℓ_i/r). A mini-batch cannot
+normalise over all n examples, so a running estimate u_t of g is kept (in the log domain):
+
+    log u_t = logaddexp(log(1−β) + log u_{t−1}, log β + logsumexp(ℓ_B/r) − log|B|)
+    ŵ_i     = exp(ℓ_i/r − log u_t) / |B|          (detached; they need not sum to 1)
+
+ŵ_i ≤ 1/β always (u_t contains the current batch with weight β), so the weights stay
+finite for any loss values. Under torch.distributed the batch term is reduced over all ranks,
+so every rank holds the same u_t.
+
+Class level (``level=class``, beyond the paper): the same KL-DRO over classes with the training
+class prior p_c, F(θ) = r·log Σ_c p_c exp(L_c(θ)/r), L_c the mean loss of class c. The inner
+vector L is tracked by a per-class running average L̄_c (the running normaliser per class), and
+example i gets ŵ_i = π_{y_i} / n_{y_i,B} with π = softmax(log p + L̄/r): with r → ∞, π = p and
+the weights are uniform. ``level=mixed`` nests both: classes weighted by π, and inside each
+class the instances by exp(ℓ_i/r − log u_{y_i}) with a per-class running normaliser u_c.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dorat.attacks import AttackResult
+from dorat.objectives.base import LossOutput, StepContext, Weighting
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_logmeanexp(z: torch.Tensor) -> torch.Tensor:
+    """log((1/N) Σ exp(z)) over the global batch (all ranks), in float64."""
+    z = z.double()
+    if not _distributed():
+        return torch.logsumexp(z, 0) - math.log(len(z))
+    m = z.max().clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    s = torch.stack([torch.exp(z - m).sum(), torch.tensor(float(len(z)), dtype=z.dtype,
+                                                          device=z.device)])
+    dist.all_reduce(s, op=dist.ReduceOp.SUM)
+    return m + torch.log(s[0]) - torch.log(s[1])
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def update_log_u(log_u: torch.Tensor | None, batch_log_mean: torch.Tensor,
+                 beta: float) -> torch.Tensor:
+    """Log-domain running average: u_t = (1−β) u_{t−1} + β · batch mean (u_0 = first batch)."""
+    if log_u is None or beta >= 1:
+        return batch_log_mean
+    return torch.logaddexp(math.log1p(-beta) + log_u, math.log(beta) + batch_log_mean)
+
+
+class KLDROWeighting(Weighting):
+    name = "kl-dro"
+
+    def __init__(self, r: float, beta: float, warmup_epochs: int = 0, level: str = "instance",
+                 num_classes: int = 10, class_prior: list[float] | None = None,
+                 target_ess: float | None = None) -> None:
+        if r <= 0:
+            raise ValueError("r must be > 0")
+        if not 0 < beta <= 1:
+            raise ValueError("beta must be in (0, 1]")
+        self.r = float(r)
+        self.beta = float(beta)
+        self.warmup_epochs = warmup_epochs
+        self.level = level
+        self.num_classes = num_classes
+        prior = torch.tensor(class_prior or [1.0] * num_classes, dtype=torch.float64)
+        self.log_prior = torch.log(prior / prior.sum())
+        self.target_ess = target_ess
+        self.log_u: torch.Tensor | None = None  # instance level (float64 scalar)
+        self.class_loss: torch.Tensor | None = None  # class level: running L̄_c (float64 [C])
+        self.class_seen: torch.Tensor | None = None
+        self.class_log_u: torch.Tensor | None = None  # mixed level: per-class log u_c
+        self.active = warmup_epochs == 0
+        self._ess_sum = 0.0
+        self._ess_n = 0
+        self._ess_acc: torch.Tensor | None = None
+
+    # -- the weights -------------------------------------------------------------------------
+    def weights(self, out: LossOutput, y: torch.Tensor, info: AttackResult | None,
+                ctx: StepContext) -> torch.Tensor:
+        loss = out.loss.detach()
+        n = len(loss)
+        self._to(loss.device)
+        if self.level == "instance":
+            z = loss.double() / self.r
+            self.log_u = update_log_u(self.log_u, global_logmeanexp(z), self.beta)
+            w = torch.exp(z - self.log_u) / n
+        else:
+            w = self._class_weights(loss, y)
+        w = w.to(loss.dtype)
+        self._track_ess(w)
+        if not self.active:  # warm-up: plain AT, while the normaliser keeps tracking
+            return torch.full_like(w, 1.0 / n)
+        return w
+
+    def _class_weights(self, loss: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        C, dev = self.num_classes, loss.device
+        if self.class_loss is None:
+            self.class_loss = torch.zeros(C, dtype=torch.float64, device=dev)
+            self.class_seen = torch.zeros(C, dtype=torch.bool, device=dev)
+        ld = loss.double()
+        counts = _all_reduce_sum(torch.bincount(y, minlength=C).double())  # global batch
+        sums = _all_reduce_sum(torch.zeros(C, dtype=torch.float64, device=dev).index_add_(0, y, ld))
+        present = counts > 0
+        # running per-class loss L̄_c (initialised with the first batch that holds class c)
+        rate = torch.where(self.class_seen, self.beta, 1.0).to(torch.float64)
+        batch_mean = sums / counts.clamp_min(1)
+        self.class_loss = torch.where(present, (1 - rate) * self.class_loss + rate * batch_mean,
+                                      self.class_loss)
+        self.class_seen = self.class_seen | present
+        # classes not seen yet count with the mean of the seen ones
+        fill = self.class_loss[self.class_seen].mean()
+        L = torch.where(self.class_seen, self.class_loss, fill)
+        pi = torch.softmax(self.log_prior.to(dev) + L / self.r, 0)
+        # ŵ_i = π_c / n_c over the global batch, expressed per local example (DDP averages ranks)
+        w_class = pi / counts.clamp_min(1) * (counts.sum() / len(y))
+        if self.level == "class":
+            return w_class[y]
+        return w_class[y] * self._within_class(ld, y, present)
+
+    def _within_class(self, ld: torch.Tensor, y: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """mixed level: exp(ℓ_i/r − log u_{y_i}), u_c a per-class running mean of exp(ℓ/r)."""
+        C, dev = self.num_classes, ld.device
+        if self.class_log_u is None:
+            self.class_log_u = torch.full((C,), float("nan"), dtype=torch.float64, device=dev)
+        z = ld / self.r
+        m = torch.full((C,), float("-inf"), dtype=torch.float64, device=dev)
+        m = m.scatter_reduce(0, y, z, reduce="amax")
+        if _distributed():
+            dist.all_reduce(m, op=dist.ReduceOp.MAX)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        s = torch.zeros(C, dtype=torch.float64, device=dev).index_add_(0, y, torch.exp(z - m[y]))
+        s = _all_reduce_sum(s)
+        n = _all_reduce_sum(torch.bincount(y, minlength=C).double())
+        batch = m + torch.log(s.clamp_min(1e-300)) - torch.log(n.clamp_min(1))
+        old = self.class_log_u
+        upd = torch.logaddexp(math.log1p(-self.beta) + old, math.log(self.beta) + batch) \
+            if self.beta < 1 else batch
+        upd = torch.where(torch.isnan(old), batch, upd)
+        self.class_log_u = torch.where(present, upd, old)
+        return torch.exp(z - self.class_log_u[y])
+
+    def _to(self, dev: torch.device) -> None:
+        """State restored from a checkpoint lives on the CPU: move it to the loss's device."""
+        for k in ("log_u", "class_loss", "class_seen", "class_log_u"):
+            t = getattr(self, k)
+            if t is not None and t.device != dev:
+                setattr(self, k, t.to(dev))
+
+    def _track_ess(self, w: torch.Tensor) -> None:
+        wd = w.double()
+        ess = wd.sum() ** 2 / (wd.pow(2).sum() * len(w)).clamp_min(1e-300)
+        self._ess_acc = ess if self._ess_acc is None else self._ess_acc + ess
+        self._ess_n += 1
+
+    # -- epochs, logging, state --------------------------------------------------------------
+    def start_epoch(self, epoch: int) -> None:
+        if self.target_ess is not None and self._ess_n:
+            ess = float(self._ess_acc) / self._ess_n  # type: ignore[arg-type]
+            # the ESS falls as 1/r grows: r ← r · target/ess, at most ×2 or ÷2 per epoch
+            factor = min(2.0, max(0.5, self.target_ess / max(ess, 1e-6)))
+            if abs(factor - 1) > 1e-3:
+                self.r *= factor
+                # u_t estimated g at the old r: re-estimate it from the next batch on
+                # (the class-level running losses L̄_c do not depend on r and are kept)
+                self.log_u = None
+                self.class_log_u = None
+        self.active = epoch >= self.warmup_epochs
+        self._ess_acc = None
+        self._ess_n = 0
+
+    def epoch_log(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"r": self.r, "reweighting": self.active}
+        if self._ess_n:
+            out["ess_dro"] = float(self._ess_acc) / self._ess_n  # type: ignore[arg-type]
+        if self.log_u is not None:
+            out["log_u"] = float(self.log_u)
+        if self.class_loss is not None:
+            out["class_loss"] = [round(float(v), 5) for v in self.class_loss]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"r": self.r, "log_u": self.log_u, "class_loss": self.class_loss,
+                "class_seen": self.class_seen, "class_log_u": self.class_log_u,
+                "ess_acc": self._ess_acc, "ess_n": self._ess_n}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.r = float(state["r"])
+        self.log_u = state["log_u"]
+        self.class_loss = state["class_loss"]
+        self.class_seen = state["class_seen"]
+        self.class_log_u = state["class_log_u"]
+        self._ess_acc = state["ess_acc"]
+        self._ess_n = int(state["ess_n"])

@@ -1,0 +1,112 @@
+"""Implicit hypergradient of ℓ_i(θ, δ_i*(θ)) through the barrier lower level (METHODS.md §1.3).
+
+    ∇̂_θ ℓ_i = ∇_θ ℓ_i(θ, δ_i) − ∇²_{θδ} ℓ_i^bar · v_i,   v_i = [∇²_{δδ} ℓ_i^bar]^{-1} ∇_δ ℓ_i.
+
+Since ∇²_{θδ} ℓ^bar = −∇²_{θδ} ℓ (the barrier does not depend on θ), with ŵ and v detached one
+backward pass of
+
+    S = Σ_i ŵ_i ⟨∇_δ ℓ_i(θ, δ_i), v_i⟩       (a function of θ through the double backward)
+
+added to Σ_i ŵ_i ℓ_i gives the whole weighted hypergradient. Modes:
+- ``diag``: ∇²_{δδ} ℓ^bar ≈ its known diagonal part λ + c/(ε−δ)² + c/(ε+δ)².
+- ``cg``: exact Hessian-vector products (double backward in δ), damped conjugate gradient with
+  a fixed budget, per example.
+Coordinates where the pixel box is active are held fixed (their δ does not move with θ).
+The per-example Hessians are block-diagonal only if the model treats examples independently,
+so the solve runs with BatchNorm in eval mode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from dorat.attacks.barrier import Barrier
+from dorat.attacks.pgd import mode
+
+
+def _bdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).flatten(1).sum(1)
+
+
+def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return s.view(-1, *([1] * (like.dim() - 1)))
+
+
+def free_mask(x: torch.Tensor, x_adv: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+    """Coordinates not pinned to the pixel box (the only ones δ*(θ) can move)."""
+    return ((x_adv > tol) & (x_adv < 1 - tol)).to(x_adv.dtype)
+
+
+def implicit_term(
+    loss: torch.Tensor,
+    delta: torch.Tensor,
+    x_adv: torch.Tensor,
+    barrier: Barrier,
+    kind: str,
+    weights: torch.Tensor,
+    cg_iters: int = 5,
+    damping: float = 0.0,
+) -> torch.Tensor:
+    """S = Σ_i ŵ_i ⟨∇_δ ℓ_i(θ, δ_i), v_i⟩, differentiable in θ, with v_i solved here (detached).
+
+    ``loss`` holds the per-example ℓ_i computed from ``x + delta`` (``delta`` a leaf that
+    requires grad), with the model treating examples independently (BatchNorm in eval mode).
+    Adding S to Σ_i ŵ_i ℓ_i and calling backward gives Σ_i ŵ_i ∇̂_θ ℓ_i.
+    """
+    if kind not in ("diag", "cg"):
+        raise ValueError(f"unknown hypergradient mode '{kind}' (none, diag, cg)")
+    (g,) = torch.autograd.grad(loss.sum(), delta, create_graph=True)
+    d = delta.detach()
+    mask = free_mask(x_adv.detach() - d, x_adv.detach())
+    rhs = g.detach() * mask
+    curv = barrier.penalty_curvature(d) + damping
+    if kind == "diag":
+        v = rhs / curv
+    else:
+        def hvp(p: torch.Tensor) -> torch.Tensor:
+            # (∇²_{δδ} ℓ^bar + damping·I) p = −∇²_{δδ}ℓ p + (λ + barrier curvature + damping) p
+            (hp,) = torch.autograd.grad(g, delta, grad_outputs=p, retain_graph=True)
+            return mask * (curv * p - hp)
+
+        v = torch.zeros_like(rhs)
+        r = rhs.clone()
+        p = r.clone()
+        rs = _bdot(r, r)
+        for _ in range(cg_iters):
+            hp = hvp(p)
+            php = _bdot(p, hp)
+            ok = php > 0  # stop an example whose curvature along p is not positive
+            alpha = torch.where(ok, rs / php.clamp_min(1e-30), torch.zeros_like(rs))
+            v = v + _bcast(alpha, v) * p
+            r = r - _bcast(alpha, r) * hp
+            rs_new = _bdot(r, r)
+            p = r + _bcast(rs_new / rs.clamp_min(1e-30), p) * p
+            rs = rs_new
+        v = v.detach()
+    return (weights.detach() * _bdot(g, v)).sum()
+
+
+def bn_free(model: nn.Module) -> bool:
+    """True if train and eval mode compute the same function (no BatchNorm, no dropout)."""
+    return not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))
+                   for m in model.modules())
+
+
+def eval_mode_term(
+    model: nn.Module,
+    x: torch.Tensor,
+    x_adv: torch.Tensor,
+    per_example_loss,  # noqa: ANN001  callable(logits, y) -> per-example ℓ
+    y: torch.Tensor,
+    barrier: Barrier,
+    kind: str,
+    weights: torch.Tensor,
+    cg_iters: int = 5,
+    damping: float = 0.0,
+) -> torch.Tensor:
+    """``implicit_term`` with its own forward in eval mode (for models with BatchNorm)."""
+    delta = (x_adv - x).detach().requires_grad_(True)
+    with mode(model, False):
+        loss = per_example_loss(model(x.detach() + delta), y)
+        return implicit_term(loss, delta, x_adv, barrier, kind, weights, cg_iters, damping)
