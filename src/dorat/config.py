@@ -114,11 +114,12 @@ SCHEMA: dict[str, Any] = {
         "lower": Opt("pgd", "str", _choice("pgd", "barrier-gd", "barrier-adam")),
         "hypergrad": Opt("none", "str", _choice("none", "diag", "cg")),
         "cg_iters": Opt(5, "int", _pos),
-        "cg_damping": Opt(1.0, "float", _nonneg),
+        "cg_damping": Opt(0.1, "float", _nonneg, help="added to the Hessian in diag and cg"),
         "barrier_c": Opt(1e-4, "float", _pos, help="log-barrier weight c"),
         "barrier_lambda": Opt(0.0, "float", _nonneg, help="quadratic regulariser lambda"),
         "barrier_steps": Opt(None, "int", _pos, optional=True, help="default: attack.steps"),
-        "barrier_lr": Opt(None, "float", _pos, optional=True, help="default: attack.alpha"),
+        "barrier_lr": Opt(None, "float", _pos, optional=True,
+                          help="default: 100 for barrier-gd, attack.alpha for barrier-adam"),
     },
 }
 

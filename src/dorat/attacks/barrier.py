@@ -2,7 +2,8 @@
 
     ℓ^bar(θ, δ) = −ℓ(θ, δ) + (λ/2)‖δ‖² − c · Σ_k [log(ε − δ_k) + log(ε + δ_k)]
 
-is minimised over δ by K steps of gradient descent (``barrier-gd``) or Adam (``barrier-adam``),
+is minimised over δ by K steps of gradient descent (``barrier-gd``; the barrier part taken
+semi-implicitly, i.e. preconditioned by 1 + lr·barrier curvature) or Adam (``barrier-adam``),
 each iterate kept strictly inside the ℓ∞ ball (|δ_k| ≤ (1 − 1e-3)·ε) and the pixel box. The
 barrier makes the minimiser δ*(θ) a smooth function of θ, so its derivative exists
 (implicit differentiation, see ``dorat.objectives.hypergrad``).
@@ -85,7 +86,10 @@ def barrier_attack(
                 first_wrong = torch.where(newly, torch.full_like(first_wrong, t), first_wrong)
                 grad = -g_loss + barrier.penalty_grad(delta)
                 if optimizer == "gd":
-                    step = lr * grad
+                    # semi-implicit in the barrier: divide by 1 + lr·(barrier curvature). Plain GD
+                    # needs lr < 2ε²/c near the boundary and otherwise jumps from side to side
+                    # of the ball; this keeps the same fixed points and stays stable.
+                    step = lr * grad / (1 + lr * barrier.penalty_curvature(delta))
                 else:
                     m.mul_(b1).add_(grad, alpha=1 - b1)
                     v.mul_(b2).addcmul_(grad, grad, value=1 - b2)

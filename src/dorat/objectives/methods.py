@@ -41,7 +41,7 @@ class Hypergrad:
     kind: str  # diag | cg
     barrier: Barrier
     cg_iters: int = 5
-    damping: float = 1.0
+    damping: float = 0.1
 
 
 def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -102,14 +102,20 @@ def _barrier_from(cfg: dict[str, Any]) -> Barrier:
     return Barrier(cfg["attack"]["eps"], d["barrier_c"], d["barrier_lambda"])
 
 
+BARRIER_GD_LR = 100.0
+
+
 def _done(cfg: dict[str, Any], info: dict[str, Any]) -> Method:
     d, a = cfg["done"], cfg["attack"]
     if d["lower"] == "pgd":
         attack: Attack = _pgd_from(cfg)
     else:
-        attack = BarrierAttack(
-            _barrier_from(cfg), d["barrier_steps"] or a["steps"], d["barrier_lr"] or a["alpha"],
-            "gd" if d["lower"] == "barrier-gd" else "adam", a["bn_mode"] == "train")
+        gd = d["lower"] == "barrier-gd"
+        # GD's barrier part is semi-implicit, so its step is bounded by 1/curvature and a large
+        # lr is safe (measured on Fashion-MNIST: 10 to 1000 give the same attack strength).
+        lr = d["barrier_lr"] or (BARRIER_GD_LR if gd else a["alpha"])
+        attack = BarrierAttack(_barrier_from(cfg), d["barrier_steps"] or a["steps"], lr,
+                               "gd" if gd else "adam", a["bn_mode"] == "train")
     weighting = KLDROWeighting(
         d["r"], d["beta"], d["warmup_epochs"], d["level"], info.get("num_classes", 10),
         info.get("class_counts"), d["target_ess"])
