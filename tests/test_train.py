@@ -92,3 +92,12 @@ def test_checkpoint_roundtrip_without_pickle(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not a readable"):
         load_state(tmp_path / "bad.safetensors")
     assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
+
+
+def test_eval_on_held_out_validation_split(tmp_path: Path, synthetic_npz: Path) -> None:
+    m = train(_cfg(synthetic_npz, "epochs=1", "data.val_size=60", "eval.split=val", "eval.n=null"),
+              tmp_path / "v", log=lambda s: None)
+    assert m["split"] == "val" and m["n"] == 60
+    with pytest.raises(ConfigError, match="data.val_size"):
+        train(_cfg(synthetic_npz, "epochs=1", "eval.split=val"), tmp_path / "w", log=lambda s: None)
+    assert not (tmp_path / "w").exists()

@@ -58,6 +58,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps", type=float, help="threat radius (default: the run's)")
     p.add_argument("--steps", type=int, help="attack iterations")
     p.add_argument("--restarts", type=int, help="random restarts per attack")
+    p.add_argument("--split", choices=["test", "val"], help="evaluate on the test set or the "
+                   "held-out validation split (data.val_size)")
     p.add_argument("--out", help="metrics JSON file (default RUN_DIR/eval.json)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     p.add_argument("--data-dir")
@@ -113,7 +115,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from dorat.checkpoint import load_weights, write_text_atomic
     from dorat.evaluate import evaluate, settings_from_config, summary_lines
-    from dorat.train import prepare
+    from dorat.train import eval_split, prepare
 
     run_dir = Path(a.run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -122,7 +124,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     cfg = cfglib.from_dict(data, source)
     flags = {"device": a.device, "data.dir": a.data_dir, "eval.attacks": a.attacks,
              "eval.n": a.n, "eval.eps": a.eps, "eval.steps": a.steps,
-             "eval.restarts": a.restarts}
+             "eval.restarts": a.restarts, "eval.split": a.split}
     for k, v in flags.items():
         if v is not None:
             cfglib.set_key(cfg, k, v)
@@ -130,9 +132,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     load_weights(run_dir / "model.safetensors", run.model)
     out = Path(a.out) if a.out else run_dir / "eval.json"
     settings = settings_from_config(cfg)
-    metrics, _ = evaluate(run.model, run.data.x_test, run.data.y_test, run.data.classes,
-                          cfg["eval"]["attacks"], settings, cfg["eval"]["n"], run.device,
-                          progress=sys.stderr.isatty())
+    x, y = eval_split(run)
+    metrics, _ = evaluate(run.model, x, y, run.data.classes, cfg["eval"]["attacks"], settings,
+                          cfg["eval"]["n"], run.device, progress=sys.stderr.isatty())
+    metrics["split"] = cfg["eval"]["split"]
     if out.parent and not out.parent.exists():
         raise DoratError(f"cannot write {out}: directory {out.parent} does not exist")
     write_text_atomic(out, json.dumps(metrics, indent=2))

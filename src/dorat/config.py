@@ -100,6 +100,8 @@ SCHEMA: dict[str, Any] = {
         "restarts": Opt(1, "int", _pos),
         "batch_size": Opt(500, "int", _pos),
         "seed": Opt(0, "int", _nonneg),
+        "split": Opt("test", "str", _choice("test", "val"),
+                     help="val: the held-out data.val_size split (for tuning without the test set)"),
     },
     "log": {
         "progress": Opt("auto", "str", _choice("auto", "on", "off")),

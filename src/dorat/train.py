@@ -99,6 +99,8 @@ def prepare(cfg: dict[str, Any]) -> Run:
         val_size=cfg["data"]["val_size"], train_subset=cfg["data"]["train_subset"],
         imbalance_ratio=cfg["data"]["imbalance_ratio"],
     )
+    if cfg["eval"]["split"] == "val" and val is None:
+        raise ConfigError("eval.split=val needs a validation split: set data.val_size (e.g. 5000)")
     method = build_method(cfg, {"num_classes": data.num_classes,
                                 "class_counts": train.class_counts(data.num_classes)})
     torch.manual_seed(cfg["seed"])
@@ -133,6 +135,7 @@ class _Stats:
         z = lambda: torch.zeros((), device=device, dtype=torch.float64)  # noqa: E731
         self.loss, self.correct_adv, self.correct_clean, self.n = z(), z(), z(), 0
         self.ess, self.w_max, self.batches = z(), z(), 0
+        self.grad_norm_max, self.clipped, self.clip_used = z(), z(), False
         self.w_class = torch.zeros(num_classes, device=device, dtype=torch.float64)
         self.n_class = torch.zeros(num_classes, device=device, dtype=torch.float64)
 
@@ -151,10 +154,15 @@ class _Stats:
         self.n_class.index_add_(0, y, torch.ones_like(wd))
         self.batches += 1
 
+    def add_grad_norm(self, norm: torch.Tensor, clip: float) -> None:
+        self.clip_used = True
+        self.grad_norm_max = torch.maximum(self.grad_norm_max, norm.double())
+        self.clipped += (norm > clip).double()
+
     def summary(self) -> dict[str, Any]:
         n = max(self.n, 1)
         wc = (self.w_class / self.n_class.clamp_min(1)).tolist()
-        return {
+        out = {
             "loss": float(self.loss) / n,
             "train_acc_clean": float(self.correct_clean) / n,
             "train_acc_adv": float(self.correct_adv) / n,
@@ -162,6 +170,10 @@ class _Stats:
             "w_max": float(self.w_max),
             "w_class_mean": [round(v, 5) for v in wc],
         }
+        if self.clip_used:  # with optim.grad_clip: how hard clipping worked this epoch
+            out["grad_norm_max"] = float(self.grad_norm_max)
+            out["clipped_frac"] = float(self.clipped) / max(self.batches, 1)
+        return out
 
 
 def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -267,7 +279,8 @@ def _fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: in
             optimizer.zero_grad(set_to_none=True)
             res.objective.backward()
             if o["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
+                stats.add_grad_norm(norm, o["grad_clip"])
             optimizer.step()
             scheduler.step()
             with torch.no_grad():
@@ -321,6 +334,15 @@ def _truncate_log(path: Path, epochs_done: int) -> None:
     write_text_atomic(path, "".join(k + "\n" for k in keep))
 
 
+def eval_split(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples ``eval.split`` names: the test set, or the held-out validation split."""
+    if run.cfg["eval"]["split"] == "val":
+        if run.val is None:
+            raise ConfigError("eval.split=val needs a validation split: set data.val_size (e.g. 5000)")
+        return run.val.x, run.val.y
+    return run.data.x_test, run.data.y_test
+
+
 def final_evaluation(run: Run, out: Path, progress: bool, log: Callable[[str], None]
                      ) -> dict[str, Any]:
     cfg = run.cfg
@@ -328,8 +350,10 @@ def final_evaluation(run: Run, out: Path, progress: bool, log: Callable[[str], N
     log(f"evaluating: {', '.join(cfg['eval']['attacks'])} at eps={settings.eps} "
         f"({settings.steps} steps, {settings.restarts} restart(s))")
     t0 = time.perf_counter()
-    metrics, _ = evaluate(run.model, run.data.x_test, run.data.y_test, run.data.classes,
-                          cfg["eval"]["attacks"], settings, cfg["eval"]["n"], run.device, progress)
+    x, y = eval_split(run)
+    metrics, _ = evaluate(run.model, x, y, run.data.classes, cfg["eval"]["attacks"], settings,
+                          cfg["eval"]["n"], run.device, progress)
+    metrics["split"] = cfg["eval"]["split"]
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
     metrics["method"] = cfg["method"]
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
