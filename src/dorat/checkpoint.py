@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dorat.errors import CheckpointError
@@ -94,21 +94,25 @@ def save_state(path: Path, state: dict[str, Any], meta: dict[str, str] | None = 
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def load_state(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+def read_safetensors(path: Path, missing: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; any problem is one CheckpointError."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; train first or check the RUN_DIR")
+        raise CheckpointError(missing)
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(
-            f"{path} is not a readable safetensors checkpoint ({str(e).splitlines()[0]}); "
-            "it may be truncated or not a dorat file; delete it to start over"
+            f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}); it may be "
+            "truncated or not a dorat file: delete it to start over"
         ) from None
+    return tensors, meta
+
+
+def load_state(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    tensors, meta = read_safetensors(path, f"no checkpoint at {path}; train first or check the RUN_DIR")
     if meta.get("format") != FORMAT or "state" not in meta:
         raise CheckpointError(f"{path} is a safetensors file but not a dorat checkpoint")
     try:
@@ -126,17 +130,7 @@ def save_weights(path: Path, model: torch.nn.Module, meta: dict[str, str] | None
 
 def load_weights(path: Path, model: torch.nn.Module) -> dict[str, str]:
     """Load model weights from safetensors into ``model``; a mismatch is a CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no model weights at {path}; train first (`dorat train --out ...`)")
-    try:
-        sd = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+    sd, meta = read_safetensors(path, f"no model weights at {path}; train first (`dorat train --out ...`)")
     load_state_dict_checked(model, sd, str(path))
     return meta
 

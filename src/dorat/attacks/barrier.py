@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from dorat.attacks.pgd import AttackResult, attack_loss, frozen, mode, random_start
+from dorat.attacks.pgd import AttackResult, attack_loss, frozen, mode, random_start, track_iterate
 
 INTERIOR = 1 - 1e-3
 
@@ -80,10 +80,7 @@ def barrier_attack(
             obj = attack_loss(logits, y, loss)
             (g_loss,) = torch.autograd.grad(obj.sum(), delta)
             with torch.no_grad():
-                wrong = logits.argmax(1) != y
-                kappa += (~wrong).long()
-                newly = wrong & (first_wrong < 0)
-                first_wrong = torch.where(newly, torch.full_like(first_wrong, t), first_wrong)
+                first_wrong = track_iterate(logits, y, t, first_wrong, kappa)
                 grad = -g_loss + barrier.penalty_grad(delta)
                 if optimizer == "gd":
                     # semi-implicit in the barrier: divide by 1 + lr·(barrier curvature). Plain GD

@@ -99,6 +99,14 @@ def random_start(
     return project(delta, x, eps, norm)
 
 
+def track_iterate(logits: torch.Tensor, y: torch.Tensor, t: int, first_wrong: torch.Tensor,
+                  kappa: torch.Tensor) -> torch.Tensor:
+    """Count iterate t in κ if still correct (in place); return first_wrong updated with t."""
+    wrong = logits.argmax(1) != y
+    kappa += (~wrong).long()
+    return torch.where(wrong & (first_wrong < 0), torch.full_like(first_wrong, t), first_wrong)
+
+
 def pgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -144,10 +152,7 @@ def pgd(
                 obj = attack_loss(logits, y, loss, target_probs)
                 (grad,) = torch.autograd.grad(obj.sum(), delta)
                 with torch.no_grad():
-                    wrong = logits.argmax(1) != y
-                    kappa += (~wrong).long()
-                    newly = wrong & (first_wrong < 0)
-                    first_wrong = torch.where(newly, torch.full_like(first_wrong, t), first_wrong)
+                    first_wrong = track_iterate(logits, y, t, first_wrong, kappa)
                     if norm == "linf":
                         step = alpha * grad.sign()
                     else:
