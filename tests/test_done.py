@@ -71,7 +71,7 @@ def test_large_r_reproduces_pgd_at_gradient(synthetic_npz: Path) -> None:
     grads = {}
     for method in ("at", "done"):
         cfg = C.resolve(None, {"dataset": f"npz:{synthetic_npz}", "method": method},
-                        ["done.r=1e6", "attack.steps=3"])
+                        ["done.r=1e6", "done.warmup_epochs=0", "attack.steps=3"])
         run = prepare(cfg)
         x = run.train.x[:64].float() / 255
         y = run.train.y[:64]

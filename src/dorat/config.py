@@ -109,7 +109,7 @@ SCHEMA: dict[str, Any] = {
     "done": {  # DONE: KL-DRO instance weights (METHODS.md §1)
         "r": Opt(1.0, "float", _pos, help="KL temperature: large = uniform (PGD-AT), small = worst case"),
         "beta": Opt(0.2, "float", _beta, help="running-average rate of the normaliser u_t"),
-        "warmup_epochs": Opt(0, "int", _nonneg, help="plain AT epochs before reweighting"),
+        "warmup_epochs": Opt(1, "int", _nonneg, help="plain AT epochs before reweighting"),
         "level": Opt("instance", "str", _choice("instance", "class", "mixed")),
         "target_ess": Opt(None, "float", lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
                           optional=True, help="adapt r between epochs to this ESS/|B|"),
