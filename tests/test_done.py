@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from dorat import config as C
@@ -279,3 +281,26 @@ def test_preset_overrides_can_be_overridden() -> None:
     assert build_method(cfg).describe()["hypergrad"] == "diag"
     with pytest.raises(Exception, match="beta"):
         C.resolve(None, {"method": "done"}, ["done.beta=1.5"])
+
+
+# -- properties over arbitrary loss vectors (hypothesis) -------------------------------------
+
+_losses = st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1, max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_losses, _losses, st.floats(1e-3, 1e3), st.floats(0.01, 1.0), st.floats(-50, 50))
+def test_weights_finite_nonnegative_monotone_shift_invariant(first: list[float], batch: list[float],
+                                                             r: float, beta: float,
+                                                             shift: float) -> None:
+    wt = KLDROWeighting(r, beta, warmup_epochs=0)
+    _w(wt, torch.tensor(first, dtype=torch.float64))
+    loss = torch.tensor(batch, dtype=torch.float64)
+    w = _w(wt, loss)
+    assert torch.isfinite(w).all() and (w >= 0).all() and w.max() <= 1 / beta * (1 + 1e-9)
+    order = torch.argsort(loss)
+    assert (w[order].diff() >= -1e-15).all()  # a larger loss never gets a smaller weight
+    # with u re-estimated on the batch itself (beta = 1), adding a constant changes nothing
+    a = _w(KLDROWeighting(r, 1.0, warmup_epochs=0), loss)
+    b = _w(KLDROWeighting(r, 1.0, warmup_epochs=0), loss + shift)
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-300)
