@@ -101,3 +101,15 @@ def test_eval_on_held_out_validation_split(tmp_path: Path, synthetic_npz: Path) 
     with pytest.raises(ConfigError, match="data.val_size"):
         train(_cfg(synthetic_npz, "epochs=1", "eval.split=val"), tmp_path / "w", log=lambda s: None)
     assert not (tmp_path / "w").exists()
+
+
+def test_outputs_get_normal_file_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from dorat.checkpoint import write_text_atomic
+
+    write_text_atomic(tmp_path / "a.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~umask

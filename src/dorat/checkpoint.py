@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from dorat.errors import CheckpointError
 
 FORMAT = "dorat-checkpoint-1"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def pack(obj: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:
@@ -67,6 +69,7 @@ def atomic_path(path: Path):  # noqa: ANN201
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield Path(tmp)
         with open(tmp, "rb") as f:
