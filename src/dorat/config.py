@@ -106,6 +106,25 @@ SCHEMA: dict[str, Any] = {
     "log": {
         "progress": Opt("auto", "str", _choice("auto", "on", "off")),
     },
+    "trades": {"beta": Opt(6.0, "float", _nonneg, help="TRADES/MART-style KL weight beta_T")},
+    "mart": {"beta": Opt(6.0, "float", _nonneg, help="MART's KL weight beta_M")},
+    "fat": {
+        "tau": Opt(0, "int", _nonneg, help="extra PGD steps after the first misclassification"),
+        "dynamic_tau": Opt(True, "bool", help="official schedule: tau+1 from 5/12, tau+2 from 3/4"),
+    },
+    "gairat": {
+        "lam": Opt(-1.0, "float", help="Lambda in tanh(Lambda + 5(1 - 2 kappa/K))"),
+        "burn_in": Opt(0.5, "float", _unit, help="fraction of epochs of plain AT first"),
+    },
+    "mail": {
+        "bias": Opt(-1.5, "float"),
+        "slope": Opt(1.0, "float", _pos),
+        "burn_in": Opt(0.625, "float", _unit, help="official: 75 of 120 epochs"),
+    },
+    "wmmr": {
+        "alpha": Opt(0.5, "float", _nonneg),
+        "burn_in": Opt(0.0, "float", _unit),
+    },
     "done": {  # DONE: KL-DRO instance weights (METHODS.md §1)
         "r": Opt(1.0, "float", _pos, help="KL temperature: large = uniform (PGD-AT), small = worst case"),
         "beta": Opt(0.2, "float", _beta, help="running-average rate of the normaliser u_t"),

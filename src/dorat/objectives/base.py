@@ -34,9 +34,12 @@ class StepContext:
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor  # per-example training loss ℓ_i (requires grad)
+    loss: torch.Tensor  # per-example term ℓ_i that the weighting reweights (requires grad)
     logits_adv: torch.Tensor | None  # logits on x_adv (train mode), for accuracy and weights
     logits_clean: torch.Tensor | None = None
+    # per-example term that is never reweighted, averaged uniformly (TRADES' clean CE): the
+    # objective is Σ ŵ_i ℓ_i + mean_i base_i
+    base: torch.Tensor | None = None
 
 
 class Attack(Protocol):

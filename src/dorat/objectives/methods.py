@@ -22,7 +22,8 @@ from dorat.errors import ConfigError
 from dorat.objectives.base import Attack, Loss, StepContext, Weighting
 from dorat.objectives.done import KLDROWeighting
 from dorat.objectives.hypergrad import bn_free, eval_mode_term, implicit_term
-from dorat.objectives.parts import BarrierAttack, CELoss, NoAttack, PGDAttack
+from dorat.objectives.parts import BarrierAttack, CELoss, MARTLoss, NoAttack, PGDAttack, TRADESLoss
+from dorat.objectives.weightings import GAIRATWeighting, MAILWeighting, WMMRWeighting
 
 
 @dataclass
@@ -71,6 +72,8 @@ class Method:
             out = self.loss(model, x, info.x_adv, y, ctx)
         w = self.weighting.weights(out, y, info, ctx).detach()
         objective = (w * out.loss).sum()
+        if out.base is not None:
+            objective = objective + out.base.mean()
         if hg is not None:
             if shared:
                 objective = objective + implicit_term(out.loss, delta, info.x_adv, hg.barrier,
@@ -78,7 +81,8 @@ class Method:
             else:
                 objective = objective + eval_mode_term(model, x, info.x_adv, _ce, y, hg.barrier,
                                                        hg.kind, w, hg.cg_iters, hg.damping)
-        return StepOutput(objective, out.loss.detach(), w, out.logits_adv, y)
+        total = out.loss.detach() if out.base is None else out.loss.detach() + out.base.detach()
+        return StepOutput(objective, total, w, out.logits_adv, y)
 
     def describe(self) -> dict[str, str]:
         d = {"attack": self.attack.name, "loss": self.loss.name, "weighting": self.weighting.name}
@@ -87,10 +91,45 @@ class Method:
         return d
 
 
-def _pgd_from(cfg: dict[str, Any]) -> PGDAttack:
+def _pgd_from(cfg: dict[str, Any], **kw: Any) -> PGDAttack:
     a = cfg["attack"]
-    return PGDAttack(a["eps"], a["alpha"], a["steps"], a["norm"], a["loss"], a["random_start"],
-                     a["bn_mode"] == "train")
+    return PGDAttack(a["eps"], a["alpha"], a["steps"], a["norm"], kw.pop("loss", a["loss"]),
+                     a["random_start"], a["bn_mode"] == "train", **kw)
+
+
+def _pgd_kl(cfg: dict[str, Any]) -> PGDAttack:
+    """TRADES' attack: PGD on KL(p(x) ‖ p(x')) from x + 0.001·N(0, 1)."""
+    return _pgd_from(cfg, loss="kl", init="normal", name="pgd-kl")
+
+
+def _fat_attack(cfg: dict[str, Any]) -> PGDAttack:
+    f = cfg["fat"]
+    # FAT's official dynamic τ over 120 epochs: τ until epoch 50, τ+1 until 90, τ+2 after
+    schedule = ((50 / 120, f["tau"] + 1), (90 / 120, f["tau"] + 2)) if f["dynamic_tau"] else ()
+    return _pgd_from(cfg, init="normal", tau=f["tau"], tau_schedule=schedule, name="pgd-early-stop")
+
+
+def _uniform_or(name: str, cfg: dict[str, Any], info: dict[str, Any]) -> Weighting:
+    g, m, w = cfg["gairat"], cfg["mail"], cfg["wmmr"]
+    if name == "gairat":
+        return GAIRATWeighting(cfg["attack"]["steps"], g["lam"], g["burn_in"])
+    if name == "mail":
+        return MAILWeighting(m["bias"], m["slope"], m["burn_in"])
+    if name == "wmmr":
+        return WMMRWeighting(w["alpha"], w["burn_in"])
+    if name == "kl-dro":
+        return _kl_dro(cfg, info)
+    return Weighting()
+
+
+def _compose(attack: Callable[[dict[str, Any]], Attack], loss: str, weighting: str
+             ) -> Callable[[dict[str, Any], dict[str, Any]], Method]:
+    def build(cfg: dict[str, Any], info: dict[str, Any]) -> Method:
+        losses: dict[str, Loss] = {"ce": CELoss(), "trades": TRADESLoss(cfg["trades"]["beta"]),
+                                   "mart": MARTLoss(cfg["mart"]["beta"])}
+        return Method(cfg["method"], attack(cfg), losses[loss], _uniform_or(weighting, cfg, info))
+
+    return build
 
 
 def _barrier_from(cfg: dict[str, Any]) -> Barrier:
@@ -105,6 +144,12 @@ def _barrier_from(cfg: dict[str, Any]) -> Barrier:
 BARRIER_GD_LR = 100.0
 
 
+def _kl_dro(cfg: dict[str, Any], info: dict[str, Any]) -> KLDROWeighting:
+    d = cfg["done"]
+    return KLDROWeighting(d["r"], d["beta"], d["warmup_epochs"], d["level"],
+                          info.get("num_classes", 10), info.get("class_counts"), d["target_ess"])
+
+
 def _done(cfg: dict[str, Any], info: dict[str, Any]) -> Method:
     d, a = cfg["done"], cfg["attack"]
     if d["lower"] == "pgd":
@@ -116,9 +161,7 @@ def _done(cfg: dict[str, Any], info: dict[str, Any]) -> Method:
         lr = d["barrier_lr"] or (BARRIER_GD_LR if gd else a["alpha"])
         attack = BarrierAttack(_barrier_from(cfg), d["barrier_steps"] or a["steps"], lr,
                                "gd" if gd else "adam", a["bn_mode"] == "train")
-    weighting = KLDROWeighting(
-        d["r"], d["beta"], d["warmup_epochs"], d["level"], info.get("num_classes", 10),
-        info.get("class_counts"), d["target_ess"])
+    weighting = _kl_dro(cfg, info)
     hyper = None
     if d["hypergrad"] != "none":
         hyper = Hypergrad(d["hypergrad"], _barrier_from(cfg), d["cg_iters"], d["cg_damping"])
@@ -134,6 +177,21 @@ PRESETS: dict[str, tuple[str, Callable[[dict[str, Any], dict[str, Any]], Method]
     "done-cid": ("DONE with the paper's CID algorithm: barrier-GD lower level × CE × KL-DRO, "
                  "CG implicit hypergradient", _done),
     "done-class": ("DONE over classes: PGD × CE × class-level KL-DRO weights", _done),
+    "done-trades": ("DONE-TRADES: PGD-KL × TRADES × KL-DRO weights on the robust term",
+                    _compose(_pgd_kl, "trades", "kl-dro")),
+    "trades": ("TRADES (Zhang et al. 2019): PGD-KL × TRADES × uniform",
+               _compose(_pgd_kl, "trades", "uniform")),
+    "mart": ("MART (Wang et al. 2020): PGD × MART × uniform", _compose(_pgd_from, "mart", "uniform")),
+    "fat": ("FAT (Zhang et al. 2020): early-stopped PGD × CE × uniform",
+            _compose(_fat_attack, "ce", "uniform")),
+    "gairat": ("GAIRAT (Zhang et al. 2021): PGD (κ) × CE × geometry-aware weights",
+               _compose(_pgd_from, "ce", "gairat")),
+    "mail-at": ("MAIL-AT (Wang et al. 2021): PGD × CE × probabilistic-margin weights",
+                _compose(_pgd_from, "ce", "mail")),
+    "mail-trades": ("MAIL-TRADES: PGD-KL × TRADES × probabilistic-margin weights on the KL term",
+                    _compose(_pgd_kl, "trades", "mail")),
+    "wmmr": ("WMMR (Zeng et al. 2021): PGD × CE × exp(−α·margin) weights",
+             _compose(_pgd_from, "ce", "wmmr")),
 }
 
 # DONE can put up to 1/beta of a step on one example (the running normaliser lags when the
@@ -145,6 +203,7 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
     "done": _DONE,
     "done-cid": {**_DONE, "done.lower": "barrier-gd", "done.hypergrad": "cg"},
     "done-class": {**_DONE, "done.level": "class"},
+    "done-trades": _DONE,
 }
 
 

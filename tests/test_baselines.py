@@ -1,0 +1,137 @@
+"""Baselines (METHODS.md §2) as parts: weightings and losses against hand computations, burn-in
+timing, and every preset end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dorat.attacks import AttackResult
+from dorat.cli import main
+from dorat.objectives.base import LossOutput, StepContext
+from dorat.objectives.parts import MARTLoss, PGDAttack, TRADESLoss
+from dorat.objectives.weightings import GAIRATWeighting, MAILWeighting, WMMRWeighting
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
+Y = torch.tensor([0, 0, 1])
+
+
+def _ctx(epoch: int = 10, epochs: int = 10) -> StepContext:
+    return StepContext(epoch, epochs, 0)
+
+
+def _out() -> LossOutput:
+    return LossOutput(torch.ones(3), LOGITS)
+
+
+def _pm_by_hand() -> list[float]:
+    out = []
+    for z, y in zip(LOGITS.tolist(), Y.tolist()):
+        e = [math.exp(v) for v in z]
+        p = [v / sum(e) for v in e]
+        out.append(p[y] - max(p[k] for k in range(3) if k != y))
+    return out
+
+
+def test_gairat_weights_by_hand() -> None:
+    kappa = torch.tensor([0, 5, 10])
+    info = AttackResult(LOGITS, torch.zeros(3, dtype=torch.long), kappa)
+    w = GAIRATWeighting(steps=10, lam=-1.0).weights(_out(), Y, info, _ctx())
+    raw = [(math.tanh(-1.0 + 5 * (1 - 2 * k / 10)) + 1) / 2 for k in (0, 5, 10)]
+    expect = [r / sum(raw) for r in raw]  # mean 1 in the batch, then 1/|B| units
+    assert w.tolist() == pytest.approx(expect, rel=1e-6, abs=1e-8)  # float32 tanh near −1
+    assert w[0] > w[1] > w[2]  # examples broken early weigh most
+
+
+def test_mail_weights_by_hand() -> None:
+    w = MAILWeighting(bias=-1.5, slope=1.0).weights(_out(), Y, None, _ctx())
+    expect = [3 / (1 + math.exp(-(-1.5 - pm))) / 3 for pm in _pm_by_hand()]
+    assert w.tolist() == pytest.approx(expect, rel=1e-6)
+
+
+def test_wmmr_weights_by_hand() -> None:
+    w = WMMRWeighting(alpha=0.5).weights(_out(), Y, None, _ctx())
+    expect = [math.exp(-0.5 * pm) / 3 for pm in _pm_by_hand()]
+    assert w.tolist() == pytest.approx(expect, rel=1e-6)
+
+
+@pytest.mark.parametrize("weighting,switch", [
+    (GAIRATWeighting(10, burn_in=0.5), 5), (MAILWeighting(burn_in=0.625), 6),
+    (WMMRWeighting(burn_in=0.3), 3)])
+def test_burn_in_switches_at_documented_epoch(weighting, switch: int) -> None:  # noqa: ANN001
+    info = AttackResult(LOGITS, torch.zeros(3, dtype=torch.long), torch.tensor([0, 5, 10]))
+    for epoch in range(10):
+        w = weighting.weights(_out(), Y, info, _ctx(epoch, 10))
+        uniform = torch.allclose(w, torch.full((3,), 1 / 3))
+        assert uniform == (epoch < switch), epoch
+
+
+class _Lin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l(x)
+
+
+def test_trades_loss_direct_formula() -> None:
+    m = _Lin()
+    x, xa, y = torch.rand(5, 4), torch.rand(5, 4), torch.randint(0, 3, (5,))
+    out = TRADESLoss(beta=6.0)(m, x, xa, y, _ctx())
+    p, q = F.softmax(m(x), 1), F.softmax(m(xa), 1)
+    kl = (p * (p.log() - q.log())).sum(1)
+    assert torch.allclose(out.loss, 6.0 * kl, atol=1e-6)
+    assert torch.allclose(out.base, F.cross_entropy(m(x), y, reduction="none"), atol=1e-6)
+
+
+def test_mart_loss_direct_formula() -> None:
+    m = _Lin()
+    x, xa, y = torch.rand(5, 4), torch.rand(5, 4), torch.randint(0, 3, (5,))
+    out = MARTLoss(beta=6.0)(m, x, xa, y, _ctx())
+    p, q = F.softmax(m(x), 1), F.softmax(m(xa), 1)
+    expect = []
+    for i in range(5):
+        other = max(q[i, k] for k in range(3) if k != y[i])
+        bce = -torch.log(q[i, y[i]]) - torch.log(1.0001 - other)
+        kl = (p[i] * (p[i].log() - torch.log(q[i] + 1e-12))).sum()
+        expect.append(float((bce + 6.0 * kl * (1.0000001 - p[i, y[i]])).detach()))
+    assert out.loss.tolist() == pytest.approx(expect, rel=1e-5)
+
+
+def test_fat_dynamic_tau_and_kl_attack() -> None:
+    a = PGDAttack(0.1, 0.02, 5, tau=0, tau_schedule=((50 / 120, 1), (90 / 120, 2)))
+    assert [a.tau_at(_ctx(e, 120)) for e in (0, 49, 50, 89, 90, 119)] == [0, 0, 1, 1, 2, 2]
+    m = _Lin()
+    x, y = torch.rand(6, 4) * 0.5 + 0.25, torch.randint(0, 3, (6,))
+    kl_attack = PGDAttack(0.1, 0.03, 5, loss="kl", init="normal")
+    r = kl_attack(m, x, y, StepContext(0, 1, 0, torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        p, q = F.softmax(m(x), 1), F.softmax(m(r.x_adv), 1)
+    assert (p * (p.log() - q.log())).sum(1).min() > 0 and (r.x_adv - x).abs().max() <= 0.1 + 1e-6
+
+
+PRESETS = ["trades", "mart", "fat", "gairat", "mail-at", "mail-trades", "wmmr", "done-trades"]
+
+
+@pytest.mark.parametrize("method", PRESETS)
+def test_every_preset_trains_through_the_cli(method: str, tmp_path: Path, synthetic_npz: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / method
+    code = main(["train", "--method", method, "--dataset", f"npz:{synthetic_npz}", "--epochs", "2",
+                 "--out", str(out), "--set", "attack.steps=2", "--set", "eval.n=40",
+                 "--set", "attack.eps=0.3", "--set", "attack.alpha=0.15",
+                 "--set", "eval.steps=2", "--set", "gairat.burn_in=0.5", "--set", "mail.burn_in=0.5"])
+    assert code == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0 <= m["ra"]["pgd"] <= m["sa"] <= 1 and m["method"] == method
+    log = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
+    if method in ("gairat", "mail-at", "mail-trades"):
+        assert log[0]["ess"] == pytest.approx(1.0) and log[1]["ess"] < 1.0  # burn-in, then weights
