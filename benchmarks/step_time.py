@@ -27,6 +27,14 @@ METHODS = {
     "done-diag": ("done", ["done.hypergrad=diag"]),
     "done-cid": ("done-cid", ["done.cg_iters=5"]),
     "done-class": ("done-class", []),
+    "trades": ("trades", []),
+    "mart": ("mart", []),
+    "fat": ("fat", []),
+    "gairat": ("gairat", ["gairat.burn_in=0"]),
+    "mail-at": ("mail-at", ["mail.burn_in=0"]),
+    "mail-trades": ("mail-trades", ["mail.burn_in=0"]),
+    "wmmr": ("wmmr", []),
+    "done-trades": ("done-trades", []),
 }
 
 
