@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from dorat.attacks import AttackResult, pgd
 from dorat.attacks.barrier import Barrier, barrier_attack
 from dorat.attacks.pgd import mode
+from dorat.models import has_batchnorm
 from dorat.objectives.base import LossOutput, StepContext
 
 TRADES_INIT_STD = 0.001  # TRADES / FAT start the attack at x + 0.001·N(0, 1)
@@ -117,11 +118,7 @@ class TRADESLoss:
 
     def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
                  ctx: StepContext) -> LossOutput:
-        logits = model(torch.cat([x, x_adv])) if _no_batchnorm(model) else None
-        if logits is None:
-            logits_clean, logits_adv = model(x), model(x_adv)
-        else:
-            logits_clean, logits_adv = logits.split(len(x))
+        logits_clean, logits_adv = clean_and_adv_logits(model, x, x_adv)
         robust = self.beta * kl_per_example(logits_clean, logits_adv)
         return LossOutput(robust, logits_adv, logits_clean,
                           base=F.cross_entropy(logits_clean, y, reduction="none"))
@@ -137,11 +134,7 @@ class MARTLoss:
 
     def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
                  ctx: StepContext) -> LossOutput:
-        logits = model(torch.cat([x, x_adv])) if _no_batchnorm(model) else None
-        if logits is None:
-            logits_clean, logits_adv = model(x), model(x_adv)
-        else:
-            logits_clean, logits_adv = logits.split(len(x))
+        logits_clean, logits_adv = clean_and_adv_logits(model, x, x_adv)
         p_adv = F.softmax(logits_adv, 1)
         p_other = p_adv.scatter(1, y[:, None], 0.0).amax(1)
         bce = F.cross_entropy(logits_adv, y, reduction="none") - torch.log(1.0001 - p_other + 1e-12)
@@ -150,6 +143,10 @@ class MARTLoss:
         return LossOutput(bce + self.beta * kl * (1.0000001 - p_y_clean), logits_adv, logits_clean)
 
 
-def _no_batchnorm(model: nn.Module) -> bool:
-    # one forward of [x; x'] is cheaper, but would mix clean and adversarial BatchNorm statistics
-    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+def clean_and_adv_logits(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(x) and f(x'): one forward of [x; x'] when the model has no BatchNorm (cheaper), two
+    otherwise (a joint batch would mix clean and adversarial BatchNorm statistics)."""
+    if has_batchnorm(model):
+        return model(x), model(x_adv)
+    return model(torch.cat([x, x_adv])).split(len(x))  # type: ignore[return-value]
