@@ -177,7 +177,7 @@ def test_cg_hypergradient_matches_finite_differences() -> None:
                 p.copy_(t)
         with torch.enable_grad():
             d = _solve_lower(model, x, y, b)
-        return float(F.cross_entropy(model(x + d), y))
+        return float(F.cross_entropy(model(x + d), y).detach())
 
     theta0 = [p.detach().clone() for p in params]
     direction = [torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
