@@ -33,7 +33,7 @@ def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return s.view(-1, *([1] * (like.dim() - 1)))
 
 
-def free_mask(x: torch.Tensor, x_adv: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+def free_mask(x_adv: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
     """Coordinates not pinned to the pixel box (the only ones δ*(θ) can move)."""
     return ((x_adv > tol) & (x_adv < 1 - tol)).to(x_adv.dtype)
 
@@ -58,7 +58,7 @@ def implicit_term(
         raise ValueError(f"unknown hypergradient mode '{kind}' (none, diag, cg)")
     (g,) = torch.autograd.grad(loss.sum(), delta, create_graph=True)
     d = delta.detach()
-    mask = free_mask(x_adv.detach() - d, x_adv.detach())
+    mask = free_mask(x_adv.detach())
     rhs = g.detach() * mask
     curv = barrier.penalty_curvature(d) + damping
     if kind == "diag":
