@@ -98,6 +98,8 @@ def test_train_eval_roundtrip_through_cli(tmp_path: Path, capsys: pytest.Capture
     assert set(m["ra"]) == {"pgd", "cw", "worst"} and m["n"] == 20
     code, out, err = _run(capsys, "eval", str(run), "--attacks", "pgd,fab")
     assert code == 2 and "unknown attack(s) fab" in err
+    code, out, err = _run(capsys, "eval", str(run), "--out", str(tmp_path / "no" / "dir.json"))
+    assert code == 2 and "does not exist" in err
 
 
 def test_eval_refuses_weights_of_another_model(tmp_path: Path, capsys: pytest.CaptureFixture,

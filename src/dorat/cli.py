@@ -113,31 +113,18 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from dorat.checkpoint import load_weights, write_text_atomic
-    from dorat.evaluate import evaluate, settings_from_config, summary_lines
-    from dorat.train import eval_split, prepare
+    from dorat.checkpoint import write_text_atomic
+    from dorat.evaluate import summary_lines
+    from dorat.train import evaluate_run, load_run
 
     run_dir = Path(a.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise DoratError(f"{run_dir} is not a dorat run (no config.yaml); pass a train --out dir")
-    data, source = cfglib.load_yaml(str(run_dir / "config.yaml"))
-    cfg = cfglib.from_dict(data, source)
-    flags = {"device": a.device, "data.dir": a.data_dir, "eval.attacks": a.attacks,
-             "eval.n": a.n, "eval.eps": a.eps, "eval.steps": a.steps,
-             "eval.restarts": a.restarts, "eval.split": a.split}
-    for k, v in flags.items():
-        if v is not None:
-            cfglib.set_key(cfg, k, v)
-    run = prepare(cfg)
-    load_weights(run_dir / "model.safetensors", run.model)
+    run = load_run(run_dir, a.device, {
+        "data.dir": a.data_dir, "eval.attacks": a.attacks, "eval.n": a.n, "eval.eps": a.eps,
+        "eval.steps": a.steps, "eval.restarts": a.restarts, "eval.split": a.split})
     out = Path(a.out) if a.out else run_dir / "eval.json"
-    settings = settings_from_config(cfg)
-    x, y = eval_split(run)
-    metrics, _ = evaluate(run.model, x, y, run.data.classes, cfg["eval"]["attacks"], settings,
-                          cfg["eval"]["n"], run.device, progress=sys.stderr.isatty())
-    metrics["split"] = cfg["eval"]["split"]
-    if out.parent and not out.parent.exists():
+    if not out.parent.is_dir():
         raise DoratError(f"cannot write {out}: directory {out.parent} does not exist")
+    metrics = evaluate_run(run, progress=sys.stderr.isatty())
     write_text_atomic(out, json.dumps(metrics, indent=2))
     print("\n".join(summary_lines(metrics)))
     print(f"results in {out}")

@@ -112,8 +112,10 @@ def prepare(cfg: dict[str, Any]) -> Run:
     return Run(cfg, data, train, val, model.to(device), method, device)
 
 
-def load_run(run_dir: str | Path, device: str = "auto") -> Run:
-    """A finished run ready for analysis: its config, data, and the trained model weights."""
+def load_run(run_dir: str | Path, device: str = "auto",
+             overrides: dict[str, Any] | None = None) -> Run:
+    """A finished run ready for analysis: its config (with ``overrides`` of dotted keys, e.g.
+    ``{"eval.n": 1000}``), data, and the trained model weights."""
     from dorat.checkpoint import load_weights
 
     run_dir = Path(run_dir)
@@ -121,7 +123,9 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Run:
         raise DoratError(f"{run_dir} is not a dorat run (no config.yaml); pass a train --out dir")
     data, source = cfglib.load_yaml(str(run_dir / "config.yaml"))
     cfg = cfglib.from_dict(data, source)
-    cfg["device"] = device
+    for key, value in {"device": device, **(overrides or {})}.items():
+        if value is not None:
+            cfglib.set_key(cfg, key, value)
     run = prepare(cfg)
     load_weights(run_dir / "model.safetensors", run.model)
     run.model.eval()
@@ -343,12 +347,14 @@ def eval_split(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
     return run.data.x_test, run.data.y_test
 
 
-def final_evaluation(run: Run, out: Path, progress: bool, log: Callable[[str], None]
-                     ) -> dict[str, Any]:
+def evaluate_run(run: Run, progress: bool = False,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Evaluate the run's model as its ``eval`` config says (attacks, split, subset)."""
     cfg = run.cfg
     settings = settings_from_config(cfg)
-    log(f"evaluating: {', '.join(cfg['eval']['attacks'])} at eps={settings.eps} "
-        f"({settings.steps} steps, {settings.restarts} restart(s))")
+    if log is not None:
+        log(f"evaluating: {', '.join(cfg['eval']['attacks'])} at eps={settings.eps} "
+            f"({settings.steps} steps, {settings.restarts} restart(s))")
     t0 = time.perf_counter()
     x, y = eval_split(run)
     metrics, _ = evaluate(run.model, x, y, run.data.classes, cfg["eval"]["attacks"], settings,
@@ -356,5 +362,11 @@ def final_evaluation(run: Run, out: Path, progress: bool, log: Callable[[str], N
     metrics["split"] = cfg["eval"]["split"]
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
     metrics["method"] = cfg["method"]
+    return metrics
+
+
+def final_evaluation(run: Run, out: Path, progress: bool, log: Callable[[str], None]
+                     ) -> dict[str, Any]:
+    metrics = evaluate_run(run, progress, log)
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
