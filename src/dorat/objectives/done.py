@@ -86,7 +86,6 @@ class KLDROWeighting(Weighting):
         self.class_seen: torch.Tensor | None = None
         self.class_log_u: torch.Tensor | None = None  # mixed level: per-class log u_c
         self.active = warmup_epochs == 0
-        self._ess_sum = 0.0
         self._ess_n = 0
         self._ess_acc: torch.Tensor | None = None
 
