@@ -252,15 +252,16 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
             yield prefix + str(k), v
 
 
-def merge(cfg: dict[str, Any], updates: dict[str, Any], source: str) -> None:
-    """Merge a nested dict of updates (e.g. a YAML file), validating every leaf."""
+def merge(cfg: dict[str, Any], updates: dict[str, Any], source: str | None) -> None:
+    """Merge updates, nested (a YAML file) or with dotted keys (flags, --set), validating every
+    leaf; errors name ``source`` when given."""
     if not isinstance(updates, dict):
         raise ConfigError(f"{source}: expected a mapping of config keys, got {type(updates).__name__}")
     for key, value in _flatten(updates):
         try:
             set_key(cfg, key, value)
         except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+            raise ConfigError(f"{source}: {e}" if source else str(e)) from None
 
 
 def parse_set(item: str) -> tuple[str, Any]:
@@ -307,27 +308,21 @@ def resolve(
     sets: list[str] | None = None,
 ) -> dict[str, Any]:
     """Build a validated config from defaults, a preset, CLI flags and --set items."""
-    layers: list[tuple[dict[str, Any], str]] = []
+    layers: list[tuple[dict[str, Any], str | None]] = []  # (values, source named in errors)
     if config:
         data, source = load_yaml(config)
         layers.append((data, source))
-    layers.append(({k: v for k, v in (flags or {}).items() if v is not None}, "command line"))
+    layers.append(({k: v for k, v in (flags or {}).items() if v is not None}, None))
     sets_dict: dict[str, Any] = {}
     for item in sets or []:
         key, value = parse_set(item)
         sets_dict[key] = value
-    layers.append((sets_dict, "--set"))
+    layers.append((sets_dict, None))
 
     def build(method_layer: dict[str, Any]) -> dict[str, Any]:
         cfg = defaults()
-        for key, value in method_layer.items():
-            set_key(cfg, key, value)
-        for data, source in layers:
-            if source == "command line" or source == "--set":
-                for key, value in data.items():
-                    set_key(cfg, key, value)
-            else:
-                merge(cfg, data, source)
+        for data, source in [(method_layer, None), *layers]:
+            merge(cfg, data, source)
         return cfg
 
     # A method preset sets its own defaults (e.g. done-cid: barrier lower level + CG), which the

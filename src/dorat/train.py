@@ -42,6 +42,7 @@ from dorat.errors import CheckpointError, ConfigError, DoratError
 from dorat.evaluate import evaluate, settings_from_config
 from dorat.models import build_model
 from dorat.objectives import Method, StepContext, build_method, check_method
+from dorat.objectives.base import ess_fraction
 
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.safetensors", "model.safetensors",
              "metrics.json")
@@ -152,7 +153,7 @@ class _Stats:
         self.correct_clean += clean_correct.double().sum()
         self.n += b
         wd = w.double() * b  # in units of the uniform weight 1/|B|
-        self.ess += wd.sum() ** 2 / (wd.pow(2).sum() * b).clamp_min(1e-300)
+        self.ess += ess_fraction(w)
         self.w_max = torch.maximum(self.w_max, wd.max())
         self.w_class.index_add_(0, y, wd)
         self.n_class.index_add_(0, y, torch.ones_like(wd))
@@ -341,8 +342,7 @@ def _truncate_log(path: Path, epochs_done: int) -> None:
 def eval_split(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
     """The examples ``eval.split`` names: the test set, or the held-out validation split."""
     if run.cfg["eval"]["split"] == "val":
-        if run.val is None:
-            raise ConfigError("eval.split=val needs a validation split: set data.val_size (e.g. 5000)")
+        assert run.val is not None  # prepare() refuses eval.split=val without data.val_size
         return run.val.x, run.val.y
     return run.data.x_test, run.data.y_test
 

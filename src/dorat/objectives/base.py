@@ -42,6 +42,13 @@ class LossOutput:
     base: torch.Tensor | None = None
 
 
+def ess_fraction(w: torch.Tensor) -> torch.Tensor:
+    """Effective sample size of a batch's weights relative to the batch: (Σw)² / (|B|·Σw²),
+    1 for uniform weights, 1/|B| when one example takes all (float64 scalar)."""
+    wd = w.double()
+    return wd.sum() ** 2 / (wd.pow(2).sum() * len(w)).clamp_min(1e-300)
+
+
 class Attack(Protocol):
     name: str
 

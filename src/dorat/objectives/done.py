@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from dorat.attacks import AttackResult
-from dorat.objectives.base import LossOutput, StepContext, Weighting
+from dorat.objectives.base import LossOutput, StepContext, Weighting, ess_fraction
 
 
 def _distributed() -> bool:
@@ -130,9 +130,9 @@ class KLDROWeighting(Weighting):
         w_class = pi / counts.clamp_min(1) * (counts.sum() / len(y))
         if self.level == "class":
             return w_class[y]
-        return w_class[y] * self._within_class(ld, y, present)
+        return w_class[y] * self._within_class(ld, y, counts)
 
-    def _within_class(self, ld: torch.Tensor, y: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def _within_class(self, ld: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """mixed level: exp(ℓ_i/r − log u_{y_i}), u_c a per-class running mean of exp(ℓ/r)."""
         C, dev = self.num_classes, ld.device
         if self.class_log_u is None:
@@ -145,13 +145,10 @@ class KLDROWeighting(Weighting):
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         s = torch.zeros(C, dtype=torch.float64, device=dev).index_add_(0, y, torch.exp(z - m[y]))
         s = _all_reduce_sum(s)
-        n = _all_reduce_sum(torch.bincount(y, minlength=C).double())
-        batch = m + torch.log(s.clamp_min(1e-300)) - torch.log(n.clamp_min(1))
+        batch = m + torch.log(s.clamp_min(1e-300)) - torch.log(counts.clamp_min(1))
         old = self.class_log_u
-        upd = torch.logaddexp(math.log1p(-self.beta) + old, math.log(self.beta) + batch) \
-            if self.beta < 1 else batch
-        upd = torch.where(torch.isnan(old), batch, upd)
-        self.class_log_u = torch.where(present, upd, old)
+        upd = torch.where(torch.isnan(old), batch, update_log_u(old, batch, self.beta))
+        self.class_log_u = torch.where(counts > 0, upd, old)
         return torch.exp(z - self.class_log_u[y])
 
     def _to(self, dev: torch.device) -> None:
@@ -162,8 +159,7 @@ class KLDROWeighting(Weighting):
                 setattr(self, k, t.to(dev))
 
     def _track_ess(self, w: torch.Tensor) -> None:
-        wd = w.double()
-        ess = wd.sum() ** 2 / (wd.pow(2).sum() * len(w)).clamp_min(1e-300)
+        ess = ess_fraction(w)
         self._ess_acc = ess if self._ess_acc is None else self._ess_acc + ess
         self._ess_n += 1
 

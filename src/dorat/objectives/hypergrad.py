@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from dorat.attacks.barrier import Barrier
 from dorat.attacks.pgd import mode
+from dorat.models import has_batchnorm
 
 
 def _bdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -94,8 +95,7 @@ def implicit_term(
 
 def bn_free(model: nn.Module) -> bool:
     """True if train and eval mode compute the same function (no BatchNorm, no dropout)."""
-    return not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))
-                   for m in model.modules())
+    return not has_batchnorm(model) and not any(isinstance(m, nn.Dropout) for m in model.modules())
 
 
 def eval_mode_term(

@@ -152,6 +152,7 @@ def _kl_dro(cfg: dict[str, Any], info: dict[str, Any]) -> KLDROWeighting:
 
 def _done(cfg: dict[str, Any], info: dict[str, Any]) -> Method:
     d, a = cfg["done"], cfg["attack"]
+    barrier = _barrier_from(cfg) if d["lower"] != "pgd" or d["hypergrad"] != "none" else None
     if d["lower"] == "pgd":
         attack: Attack = _pgd_from(cfg)
     else:
@@ -159,12 +160,12 @@ def _done(cfg: dict[str, Any], info: dict[str, Any]) -> Method:
         # GD's barrier part is semi-implicit, so its step is bounded by 1/curvature and a large
         # lr is safe (measured on Fashion-MNIST: 10 to 1000 give the same attack strength).
         lr = d["barrier_lr"] or (BARRIER_GD_LR if gd else a["alpha"])
-        attack = BarrierAttack(_barrier_from(cfg), d["barrier_steps"] or a["steps"], lr,
+        attack = BarrierAttack(barrier, d["barrier_steps"] or a["steps"], lr,
                                "gd" if gd else "adam", a["bn_mode"] == "train")
     weighting = _kl_dro(cfg, info)
     hyper = None
     if d["hypergrad"] != "none":
-        hyper = Hypergrad(d["hypergrad"], _barrier_from(cfg), d["cg_iters"], d["cg_damping"])
+        hyper = Hypergrad(d["hypergrad"], barrier, d["cg_iters"], d["cg_damping"])
     return Method(cfg["method"], attack, CELoss(), weighting, hyper)
 
 
@@ -195,8 +196,8 @@ PRESETS: dict[str, tuple[str, Callable[[dict[str, Any], dict[str, Any]], Method]
 }
 
 # DONE can put up to 1/beta of a step on one example (the running normaliser lags when the
-# losses jump), which without clipping killed the small CNN in 1 of 3 unclipped Fashion-MNIST
-# runs of the calibration sweep (docs/DONE.md); its presets clip the gradient norm at 5, which
+# losses jump), which without clipping collapsed the small CNN in 1 of the 7 unclipped DONE runs
+# of the calibration sweep (docs/DONE.md); its presets clip the gradient norm at 5, which
 # PGD-AT's gradients (norm ≈ 1) rarely reach. A YAML or --set value still wins.
 _DONE = {"optim.grad_clip": 5.0}
 PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
