@@ -51,6 +51,17 @@ def _choice(*names: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _attack_list(v: Any) -> str | None:
+    bad = [a for a in v if a not in ("pgd", "cw", "aa")]
+    if bad:
+        return f"unknown attack(s) {', '.join(map(str, bad))}; available: pgd, cw, aa"
+    if not v:
+        return "name at least one attack (pgd, cw, aa)"
+    if len(set(v)) != len(v):
+        return "names an attack twice"
+    return None
+
+
 def _beta(v: Any) -> str | None:
     return None if 0 < v <= 1 else "must be in (0, 1]"
 
@@ -91,7 +102,7 @@ SCHEMA: dict[str, Any] = {
         "bn_mode": Opt("eval", "str", _choice("eval", "train")),
     },
     "eval": {
-        "attacks": Opt(["pgd"], "list[str]"),
+        "attacks": Opt(["pgd"], "list[str]", _attack_list, help="pgd, cw, aa (AutoAttack)"),
         "n": Opt(None, "int", _pos, optional=True, help="stratified test subset size"),
         "eps": Opt(None, "float", _unit, optional=True, help="default: attack.eps"),
         "norm": Opt(None, "str", _choice("linf", "l2"), optional=True),
@@ -100,6 +111,10 @@ SCHEMA: dict[str, Any] = {
         "restarts": Opt(1, "int", _pos),
         "batch_size": Opt(500, "int", _pos),
         "seed": Opt(0, "int", _nonneg),
+        "aa_version": Opt("standard", "str", _choice("standard", "plus", "rand"),
+                          help="AutoAttack version (official settings)"),
+        "checks": Opt(True, "bool", help="run the sanity checks (an ε sweep with PGD)"),
+        "check_n": Opt(200, "int", _pos, help="stratified points for the ε sweep"),
         "split": Opt("test", "str", _choice("test", "val"),
                      help="val: the held-out data.val_size split (for tuning without the test set)"),
     },

@@ -17,10 +17,13 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from dorat.attacks import mode, pgd
+from dorat.attacks.autoattack import autoattack_correct
+from dorat.checks import eps_sweep_checks, table_checks
 from dorat.data.loader import balanced_counts, stratified_indices
 from dorat.errors import ConfigError
 
-ATTACKS = ("pgd", "cw")
+ATTACKS = ("pgd", "cw", "aa")
+ATTACK_NAMES = {"pgd": "PGD", "cw": "CW∞", "aa": "AutoAttack"}
 
 
 @dataclass
@@ -32,6 +35,10 @@ class EvalSettings:
     restarts: int = 1
     batch_size: int = 500
     seed: int = 0
+    aa_version: str = "standard"
+    # Tests only: {"iters": .., "queries": .., "targets": ..} shrinks AutoAttack. Numbers made
+    # with it are not AutoAttack numbers; metrics record the budget next to them.
+    aa_budget: dict[str, int] | None = None
 
     @property
     def step_size(self) -> float:
@@ -46,8 +53,11 @@ def stratified_subset(y: torch.Tensor, n: int | None, num_classes: int, seed: in
 
 
 def _attack_batch(model: nn.Module, attack: str, x: torch.Tensor, y: torch.Tensor,
-                  s: EvalSettings, g: torch.Generator) -> torch.Tensor:
+                  s: EvalSettings, g: torch.Generator, notes: list[str]) -> torch.Tensor:
     """Per-example correctness under one attack (worst over restarts)."""
+    if attack == "aa":
+        return autoattack_correct(model, x, y, s.eps, s.norm, s.seed, s.aa_version, len(y),
+                                  s.aa_budget, notes)
     loss = {"pgd": "ce", "cw": "margin"}[attack]
     correct = torch.ones(len(y), dtype=torch.bool, device=y.device)
     for _ in range(s.restarts):
@@ -60,6 +70,14 @@ def _attack_batch(model: nn.Module, attack: str, x: torch.Tensor, y: torch.Tenso
     return correct
 
 
+def check_attacks(attacks: Sequence[str]) -> None:
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise ConfigError(f"unknown attack(s) {', '.join(unknown)}; available: {', '.join(ATTACKS)}")
+    if len(set(attacks)) != len(attacks):
+        raise ConfigError(f"attack list {','.join(attacks)} names an attack twice")
+
+
 def run_attacks(
     model: nn.Module,
     x: torch.Tensor,
@@ -68,13 +86,17 @@ def run_attacks(
     settings: EvalSettings,
     device: torch.device,
     progress: bool = False,
+    notes: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The per-example table: {"clean": bool[n], attack: bool[n], ..., "worst": bool[n]}."""
-    unknown = [a for a in attacks if a not in ATTACKS]
-    if unknown:
-        raise ConfigError(f"unknown attack(s) {', '.join(unknown)}; available: {', '.join(ATTACKS)}")
+    """The per-example table: {"clean": bool[n], attack: bool[n], ..., "worst": bool[n]}.
+
+    Attacks run batch by batch, each attack on the whole batch (AutoAttack itself attacks only
+    the examples still correct). ``notes`` collects warnings AutoAttack raises about the model.
+    """
+    check_attacks(attacks)
     if settings.eps < 0:
         raise ConfigError(f"evaluation eps must be >= 0, got {settings.eps}")
+    notes = notes if notes is not None else []
     g = torch.Generator(device=device)
     g.manual_seed(settings.seed)
     table = {k: torch.zeros(len(y), dtype=torch.bool) for k in ["clean", *attacks]}
@@ -90,7 +112,9 @@ def run_attacks(
                 table["clean"][b * bs:b * bs + len(yb)] = (model(xb).argmax(1) == yb).cpu()
             bar.update()
             for a in attacks:
-                table[a][b * bs:b * bs + len(yb)] = _attack_batch(model, a, xb, yb, settings, g).cpu()
+                bar.set_postfix_str(a)
+                table[a][b * bs:b * bs + len(yb)] = _attack_batch(
+                    model, a, xb, yb, settings, g, notes).cpu()
                 bar.update()
     bar.close()
     if attacks:
@@ -142,19 +166,36 @@ def evaluate(
     n: int | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    checks: bool = False,
+    check_n: int = 200,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Evaluate ``model`` on (a stratified subset of) the test set; returns (metrics, table)."""
+    """Evaluate ``model`` on (a stratified subset of) the test set; returns (metrics, table).
+
+    With ``checks`` the sanity checks of dorat.checks run too (the ε sweep on ``check_n``
+    stratified points) and land in ``metrics["checks"]``."""
     settings = settings or EvalSettings(eps=0.1)
     device = torch.device(device)
+    check_attacks(attacks)
     idx = stratified_subset(y_test, n, len(classes), settings.seed)
     x, y = x_test[idx], y_test[idx]
-    table = run_attacks(model, x, y, attacks, settings, device, progress)
+    notes: list[str] = []
+    table = run_attacks(model, x, y, attacks, settings, device, progress, notes)
     metrics = metrics_from_table(table, y, classes)
     metrics["settings"] = {
         "eps": settings.eps, "norm": settings.norm, "steps": settings.steps,
         "alpha": settings.step_size, "restarts": settings.restarts, "seed": settings.seed,
         "attacks": list(attacks),
+        **({"aa_version": settings.aa_version} if "aa" in attacks else {}),
+        **({"aa_budget": settings.aa_budget} if "aa" in attacks and settings.aa_budget else {}),
     }
+    if notes:
+        metrics["notes"] = [f"AutoAttack: {m}" for m in notes]
+    if checks:
+        found = table_checks(metrics)
+        sub = stratified_subset(y, check_n, len(classes), settings.seed + 1)
+        sweep_checks, sweep = eps_sweep_checks(model, x[sub], y[sub], len(classes), settings, device)
+        metrics["checks"] = found + sweep_checks
+        metrics["eps_sweep"] = sweep
     return metrics, table
 
 
@@ -164,7 +205,7 @@ def settings_from_config(cfg: dict[str, Any]) -> EvalSettings:
         eps=cfg["attack"]["eps"] if e["eps"] is None else e["eps"],
         norm=e["norm"] or cfg["attack"]["norm"],
         steps=e["steps"], alpha=e["alpha"], restarts=e["restarts"],
-        batch_size=e["batch_size"], seed=e["seed"],
+        batch_size=e["batch_size"], seed=e["seed"], aa_version=e["aa_version"],
     )
 
 
@@ -184,4 +225,10 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
     for name, v in zip(m["classes"], pcs):
         bar = "#" * int(round(0 if math.isnan(v) else 30 * v))
         lines.append(f"  {name:>14} {100 * v:6.2f}% {bar}")
+    if m.get("checks"):
+        bad = [c["name"] for c in m["checks"] if not c["ok"]]
+        lines.append(f"sanity checks: {len(m['checks']) - len(bad)}/{len(m['checks'])} passed"
+                     + (f"; FAILED: {', '.join(bad)} (see the warnings and metrics 'checks')"
+                        if bad else ""))
+    lines.extend(f"note: {t}" for t in m.get("notes", []))
     return lines
