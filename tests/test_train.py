@@ -41,7 +41,7 @@ def test_log_lines_and_run_dir_contents(tmp_path: Path, synthetic_npz: Path) -> 
     train(_cfg(synthetic_npz, "epochs=2"), tmp_path / "r", log=lambda s: None)
     files = sorted(p.name for p in (tmp_path / "r").iterdir())
     assert files == ["checkpoint.safetensors", "config.yaml", "log.jsonl", "metrics.json",
-                     "model.safetensors"]
+                     "model.safetensors", "weights.safetensors"]
     rec = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[-1])
     for key in ("epoch", "loss", "train_acc_clean", "train_acc_adv", "lr", "seconds",
                 "examples_per_s", "ess", "w_max", "w_class_mean"):

@@ -5,6 +5,8 @@ RUN_DIR layout:
     log.jsonl               one JSON line per finished epoch
     checkpoint.safetensors  model + optimizer + scheduler + method state, written atomically
     model.safetensors       final weights
+    weights.safetensors     the last finished epoch's training weights per example, in units
+                            of the uniform weight 1/|B| ("w"), with the labels ("y")
     metrics.json            final evaluation (SA, RA, per-class, worst class, RA-Tail-30)
 
 Determinism: data order, augmentation and attack noise of epoch e are pure functions of
@@ -36,16 +38,17 @@ from dorat.checkpoint import (
     save_weights,
     write_text_atomic,
 )
+from dorat.checks import warning_lines
 from dorat.data import Dataset, load_dataset
 from dorat.data.loader import Batches, Split, make_splits, resolve_augment
 from dorat.errors import CheckpointError, ConfigError, DoratError
-from dorat.evaluate import evaluate, settings_from_config
+from dorat.evaluate import ATTACK_NAMES, evaluate, settings_from_config
 from dorat.models import build_model
 from dorat.objectives import Method, StepContext, build_method, check_method
 from dorat.objectives.base import ess_fraction
 
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.safetensors", "model.safetensors",
-             "metrics.json")
+             "weights.safetensors", "metrics.json")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,6 +146,8 @@ class _Stats:
         self.grad_norm_max, self.clipped, self.clip_used = z(), z(), False
         self.w_class = torch.zeros(num_classes, device=device, dtype=torch.float64)
         self.n_class = torch.zeros(num_classes, device=device, dtype=torch.float64)
+        self.w_all: list[torch.Tensor] = []
+        self.y_all: list[torch.Tensor] = []
 
     def add(self, loss: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
             logits_adv: torch.Tensor | None, clean_correct: torch.Tensor) -> None:
@@ -157,6 +162,8 @@ class _Stats:
         self.w_max = torch.maximum(self.w_max, wd.max())
         self.w_class.index_add_(0, y, wd)
         self.n_class.index_add_(0, y, torch.ones_like(wd))
+        self.w_all.append(wd.float())
+        self.y_all.append(y)
         self.batches += 1
 
     def add_grad_norm(self, norm: torch.Tensor, clip: float) -> None:
@@ -311,6 +318,9 @@ def _fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: in
         # line of the epoch the checkpoint does not hold.
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        save_state(out / "weights.safetensors", {"w": torch.cat(stats.w_all).cpu(),
+                                                  "y": torch.cat(stats.y_all).cpu()},
+                   meta={"epoch": str(epoch + 1)})
         save_state(out / "checkpoint.safetensors", {
             "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "method": method.weighting.state_dict(),
@@ -353,15 +363,23 @@ def evaluate_run(run: Run, progress: bool = False,
     cfg = run.cfg
     settings = settings_from_config(cfg)
     if log is not None:
-        log(f"evaluating: {', '.join(cfg['eval']['attacks'])} at eps={settings.eps} "
-            f"({settings.steps} steps, {settings.restarts} restart(s))")
+        n = cfg["eval"]["n"] or "all"
+        log(f"evaluating on {n} {cfg['eval']['split']} examples: "
+            f"{', '.join(ATTACK_NAMES[a] for a in cfg['eval']['attacks'])} at eps={settings.eps} "
+            f"(PGD/CW {settings.steps} steps, {settings.restarts} restart(s)"
+            + (f"; AutoAttack {settings.aa_version}" if "aa" in cfg["eval"]["attacks"] else "") + ")"
+            + ("; sanity checks on" if cfg["eval"]["checks"] else ""))
     t0 = time.perf_counter()
     x, y = eval_split(run)
     metrics, _ = evaluate(run.model, x, y, run.data.classes, cfg["eval"]["attacks"], settings,
-                          cfg["eval"]["n"], run.device, progress)
+                          cfg["eval"]["n"], run.device, progress, checks=cfg["eval"]["checks"],
+                          check_n=cfg["eval"]["check_n"])
     metrics["split"] = cfg["eval"]["split"]
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
     metrics["method"] = cfg["method"]
+    if log is not None:
+        for line in warning_lines(metrics.get("checks", [])):
+            log(line)
     return metrics
 
 

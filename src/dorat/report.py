@@ -1,0 +1,296 @@
+"""Reports: a Markdown file with the results table and PNG plots (matplotlib, no display).
+
+``write_report(run_dirs, out)`` reads each RUN_DIR (config.yaml, log.jsonl, the metrics file,
+weights.safetensors) and writes ``out/report.md`` with:
+
+* a table: SA, RA per attack, RA of the worst case, worst-class RA and RA-Tail-30 per run,
+  plus any failed sanity check;
+* ``per_class.png``: per-class robust accuracy as grouped bars across runs;
+* ``training.png``: loss and train clean / adversarial accuracy over epochs;
+* ``weights.png`` (when a run reweights): effective sample size over epochs, mean weight per
+  class over epochs, and a histogram of the last epoch's weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dorat.errors import DoratError
+
+ATTACK_LABEL = {"pgd": "PGD", "cw": "CW", "aa": "AA", "worst": "worst"}
+
+
+@dataclass
+class RunResult:
+    name: str
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    metrics_file: str
+    log: list[dict[str, Any]] = field(default_factory=list)
+    weights: Any = None  # (w, y) tensors of the last epoch, or None
+
+    @property
+    def reweights(self) -> bool:
+        return any(r.get("ess", 1.0) < 0.999 for r in self.log)
+
+
+def load_result(run_dir: str | Path, metrics_file: str = "auto", name: str | None = None) -> RunResult:
+    """A finished run's results; ``metrics_file`` 'auto' prefers eval.json (from `dorat eval`)."""
+    import yaml
+
+    from dorat.checkpoint import load_state
+
+    d = Path(run_dir)
+    if not (d / "config.yaml").is_file():
+        raise DoratError(f"{d} is not a dorat run (no config.yaml); pass directories made by train")
+    if metrics_file == "auto":
+        metrics_file = "eval.json" if (d / "eval.json").is_file() else "metrics.json"
+    mpath = d / metrics_file
+    if not mpath.is_file():
+        raise DoratError(f"{d} has no {metrics_file}: the run has not finished (resume it with "
+                         f"`dorat train --out {d} --resume`) or name another file with --metrics")
+    try:
+        metrics = json.loads(mpath.read_text())
+        config = yaml.safe_load((d / "config.yaml").read_text())
+    except (ValueError, yaml.YAMLError) as e:
+        raise DoratError(f"cannot read the results in {d}: {e}") from None
+    log = []
+    if (d / "log.jsonl").is_file():
+        for line in (d / "log.jsonl").read_text().splitlines():
+            try:
+                log.append(json.loads(line))
+            except ValueError:
+                break
+    weights = None
+    if (d / "weights.safetensors").is_file():
+        t, _ = load_state(d / "weights.safetensors")
+        weights = (t["w"], t["y"])
+    return RunResult(name or d.name, d, config, metrics, metrics_file, log, weights)
+
+
+def pct(v: float | None) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+
+
+def main_key(metrics: dict[str, Any]) -> str:
+    """The table's headline attack: the worst case if several attacks ran, else the only one."""
+    return "worst" if "worst" in metrics["ra"] else next(iter(metrics["ra"]), "clean")
+
+
+def _unique_names(results: Sequence[RunResult]) -> None:
+    seen: dict[str, int] = {}
+    for r in results:
+        if r.name in seen:
+            seen[r.name] += 1
+            r.name = f"{r.name}-{seen[r.name]}"
+        else:
+            seen[r.name] = 0
+
+
+def results_table(results: Sequence[RunResult]) -> list[str]:
+    attacks: list[str] = []
+    for r in results:
+        attacks += [a for a in r.metrics["ra"] if a != "worst" and a not in attacks]
+    has_worst = any("worst" in r.metrics["ra"] for r in results)
+    cols = ["run", "method", "SA"] + [f"RA-{ATTACK_LABEL.get(a, a)}" for a in attacks]
+    cols += ["RA-worst"] if has_worst else []
+    cols += ["worst class", "RA-Tail-30", "n"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        m = r.metrics
+        key = main_key(m)
+        pc = m["per_class"][key]
+        wi = min(range(len(pc)), key=lambda i: (math.isnan(pc[i]), pc[i]))
+        row = [r.name, str(m.get("method", r.config.get("method", "?"))), pct(m["sa"])]
+        row += [pct(m["ra"].get(a)) for a in attacks]
+        row += [pct(m["ra"].get("worst"))] if has_worst else []
+        row += [f"{pct(m['worst_class'][key])} ({m['classes'][wi]})", pct(m["tail30"][key]), str(m["n"])]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 11, "axes.titlesize": 13, "axes.labelsize": 11,
+                         "legend.fontsize": 9, "figure.dpi": 110})
+    return plt
+
+
+def plot_per_class(series: Sequence[tuple[str, Sequence[float], Sequence[float] | None]],
+                   classes: Sequence[str], path: Path, title: str, ylabel: str) -> Path:
+    """Grouped bars: one group per class, one bar per series (label, values[, std])."""
+    plt = _plt()
+    k = max(1, len(series))
+    width = 0.8 / k
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * len(classes) + 1.2 * k), 4.8))
+    for j, (label, vals, err) in enumerate(series):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(classes))]
+        ax.bar(xs, [100 * v for v in vals], width, label=label,
+               yerr=[100 * e for e in err] if err is not None else None, capsize=2)
+    ax.set_xticks(range(len(classes)))
+    ax.set_xticklabels(classes, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(ncol=min(5, k), loc="upper left", bbox_to_anchor=(0, -0.22), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_training(results: Sequence[RunResult], path: Path) -> Path:
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for r in results:
+        ep = [x["epoch"] for x in r.log]
+        axes[0].plot(ep, [x["loss"] for x in r.log], marker="o", label=r.name)
+        axes[1].plot(ep, [100 * x["train_acc_clean"] for x in r.log], marker="o", label=r.name)
+        axes[2].plot(ep, [100 * x["train_acc_adv"] for x in r.log], marker="o", label=r.name)
+    for ax, t, yl in zip(axes, ["training loss (reweighted objective)", "train accuracy, clean",
+                                "train accuracy, adversarial (training attack)"],
+                         ["loss", "accuracy (%)", "accuracy (%)"]):
+        ax.set_title(t)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_weights(results: Sequence[RunResult], classes: Sequence[str], path: Path) -> Path:
+    """ESS over epochs (all runs), mean weight per class over epochs and last-epoch histogram
+    (one row per reweighting run)."""
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    rw = [r for r in results if r.reweights]
+    fig, axes = plt.subplots(len(rw), 3, figsize=(16, 4.0 * len(rw)), squeeze=False)
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for row, r in zip(axes, rw):
+        ep = [x["epoch"] for x in r.log]
+        for other in results:
+            oe = [x["epoch"] for x in other.log]
+            row[0].plot(oe, [x.get("ess", 1.0) for x in other.log], marker="o",
+                        lw=2.5 if other is r else 1, alpha=1 if other is r else 0.45, label=other.name)
+        row[0].set_ylim(0, 1.05)
+        row[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+        row[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+        row[0].set_title(f"{r.name}: effective sample size")
+        row[0].set_xlabel("epoch")
+        row[0].set_ylabel("ESS / batch size")
+        row[0].legend()
+        wc = [x.get("w_class_mean", []) for x in r.log]
+        for c in range(len(classes)):
+            row[1].plot(ep, [w[c] if c < len(w) else math.nan for w in wc], marker=".",
+                        color=cmap(c % cmap.N), label=classes[c])
+        row[1].axhline(1.0, color="grey", lw=1, ls="--")
+        row[1].set_title(f"{r.name}: mean weight per class")
+        row[1].set_xlabel("epoch")
+        row[1].set_ylabel("weight (1 = uniform)")
+        row[1].legend(ncol=2, fontsize=8)
+        if r.weights is not None:
+            w = r.weights[0].numpy()
+            row[2].hist(w, bins=50, color="tab:blue")
+            row[2].axvline(1.0, color="grey", lw=1, ls="--", label="uniform")
+            row[2].set_yscale("log")
+            row[2].set_title(f"{r.name}: weights in the last epoch")
+            row[2].set_xlabel("weight (1 = uniform)")
+            row[2].set_ylabel("examples (log scale)")
+            row[2].legend(title=f"{len(w)} examples, max {w.max():.1f}")
+        else:
+            row[2].set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- report
+
+def check_lines(results: Sequence[RunResult]) -> list[str]:
+    out = []
+    for r in results:
+        for c in r.metrics.get("checks", []):
+            if not c["ok"]:
+                out.append(f"- **{r.name}**: check `{c['name']}` failed ({c['detail']}); "
+                           f"suggests {c['suggests']}")
+    return out
+
+
+def figure_lines(results: Sequence[RunResult], out: Path, prefix: str = "",
+                 per_class: bool = True) -> list[str]:
+    """Per-class, training and weight plots for ``results``; returns the Markdown lines."""
+    classes = results[0].metrics["classes"]
+    key = main_key(results[0].metrics)
+    same = all(r.metrics["classes"] == classes for r in results)
+    lines = []
+    if same and per_class:
+        plot_per_class([(r.name, r.metrics["per_class"].get(key, r.metrics["per_class"]["clean"]), None)
+                        for r in results], classes, out / f"{prefix}per_class.png",
+                       f"Per-class robust accuracy ({ATTACK_LABEL.get(key, key)}, "
+                       f"ε={results[0].metrics['settings']['eps']:g})", "robust accuracy (%)")
+        lines += [f"![per-class robust accuracy]({prefix}per_class.png)", ""]
+    if any(r.log for r in results):
+        plot_training(results, out / f"{prefix}training.png")
+        lines += [f"![training curves]({prefix}training.png)", ""]
+    if same and any(r.reweights for r in results):
+        plot_weights(results, classes, out / f"{prefix}weights.png")
+        lines += ["Weight diagnostics of the reweighting runs (weights in units of the uniform "
+                  "weight 1/|B|):", "", f"![weights]({prefix}weights.png)", ""]
+    return lines
+
+
+def write_report(run_dirs: Sequence[str | Path], out: str | Path, metrics_file: str = "auto",
+                 title: str = "dorat report") -> Path:
+    """Write ``out/report.md`` (and its PNGs) for the given runs; returns the report's path."""
+    from dorat.checkpoint import write_text_atomic
+
+    if not run_dirs:
+        raise DoratError("name at least one RUN_DIR to report on")
+    results = [load_result(d, metrics_file) for d in run_dirs]
+    _unique_names(results)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DoratError(f"cannot create report directory {out} ({e.strerror}); choose another --out"
+                         ) from None
+    s = results[0].metrics["settings"]
+    lines = [f"# {title}", ""]
+    lines += [f"Evaluation: ε = {s['eps']:g} ({s['norm']}), PGD-{s['steps']} / CW with "
+              f"{s['restarts']} restart(s), AutoAttack {s.get('aa_version', 'standard')} where listed; "
+              "RA-worst counts an example as robust only if it survives every attack run. "
+              "Worst class and RA-Tail-30 (mean of the ⌈0.3·C⌉ weakest classes) are under "
+              "RA-worst when several attacks ran.", ""]
+    lines += results_table(results) + [""]
+    lines += ["Runs: " + "; ".join(
+        f"`{r.name}` = {r.path} ({r.metrics_file}, {r.config.get('dataset')}, {r.config.get('model')}, "
+        f"{r.config.get('epochs')} epochs, seed {r.config.get('seed')})" for r in results), ""]
+    checks = check_lines(results)
+    lines += (["## Sanity checks that failed", ""] + checks + [""]) if checks else [
+        "All sanity checks that ran passed." if any(r.metrics.get("checks") for r in results)
+        else "No sanity checks were run.", ""]
+    lines += ["## Plots", ""] + figure_lines(results, out)
+    path = out / "report.md"
+    write_text_atomic(path, "\n".join(lines))
+    return path
