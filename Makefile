@@ -20,8 +20,9 @@ install: $(STAMP)
 data: $(STAMP)
 	PY=$(PY) bash scripts/ensure-data.sh fashion-mnist
 
+# PGD-AT vs DONE on real Fashion-MNIST; finished runs are kept, so a second call only re-reports.
 demo: data
-	$(PY) -m dorat train --config fmnist-demo --out runs/demo --overwrite
+	$(PY) -m dorat compare demo --out runs/demo
 
 test: data
 	$(PY) -m pytest -q

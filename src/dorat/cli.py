@@ -53,16 +53,47 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a trained run", description=(
         "Evaluate RUN_DIR/model.safetensors under attacks; prints the summary and writes JSON."))
     p.add_argument("run_dir")
-    p.add_argument("--attacks", help="comma-separated: pgd,cw (default: the run's eval.attacks)")
+    p.add_argument("--attacks", help="comma-separated from pgd, cw, aa (AutoAttack standard); "
+                   "default: the run's eval.attacks")
     p.add_argument("--n", type=int, help="stratified test subset size (default: the run's)")
     p.add_argument("--eps", type=float, help="threat radius (default: the run's)")
     p.add_argument("--steps", type=int, help="attack iterations")
     p.add_argument("--restarts", type=int, help="random restarts per attack")
     p.add_argument("--split", choices=["test", "val"], help="evaluate on the test set or the "
                    "held-out validation split (data.val_size)")
+    p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the sanity checks (default: the run's eval.checks)")
     p.add_argument("--out", help="metrics JSON file (default RUN_DIR/eval.json)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     p.add_argument("--data-dir")
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="Markdown report with plots for finished runs", description=(
+        "Write OUT/report.md with the results table of the runs and PNG plots: per-class robust "
+        "accuracy, training curves, and weight diagnostics for reweighting methods."))
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="directory for report.md and the PNGs")
+    p.add_argument("--metrics", default="auto", help="metrics file in each RUN_DIR (default: "
+                   "eval.json when present, else metrics.json)")
+    p.add_argument("--title", default="dorat report")
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="run a grid of methods x seeds and aggregate", description=(
+        "Train and evaluate every run a compare file names (datasets, settings, methods with "
+        "overrides, seeds), one after another; finished runs are skipped and interrupted ones "
+        "resumed, so it can be restarted at any time. Writes OUT/results.json, OUT/results.md "
+        "(mean ± std over seeds) and OUT/report.md with plots. See `dorat.compare` for the file "
+        "format; bundled files: demo."))
+    p.add_argument("file", metavar="COMPARE.yaml", help="compare file, or a bundled name (demo)")
+    p.add_argument("--out", required=True, help="directory for the runs and the aggregated results")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--data-dir")
+    p.add_argument("--methods", help="comma-separated method names of the file to run now "
+                   "(the aggregate still covers every finished run)")
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="do not train: aggregate whatever runs have finished")
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -83,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_eval(sub)
+    _add_report(sub)
+    _add_compare(sub)
     _add_data(sub)
     return p
 
@@ -120,14 +153,35 @@ def cmd_eval(a: argparse.Namespace) -> int:
     run_dir = Path(a.run_dir)
     run = load_run(run_dir, a.device, {
         "data.dir": a.data_dir, "eval.attacks": a.attacks, "eval.n": a.n, "eval.eps": a.eps,
-        "eval.steps": a.steps, "eval.restarts": a.restarts, "eval.split": a.split})
+        "eval.steps": a.steps, "eval.restarts": a.restarts, "eval.split": a.split,
+        "eval.checks": a.checks})
     out = Path(a.out) if a.out else run_dir / "eval.json"
     if not out.parent.is_dir():
         raise DoratError(f"cannot write {out}: directory {out.parent} does not exist")
-    metrics = evaluate_run(run, progress=sys.stderr.isatty())
+    metrics = evaluate_run(run, progress=sys.stderr.isatty(),
+                           log=lambda m: print(m, file=sys.stderr))
     write_text_atomic(out, json.dumps(metrics, indent=2))
     print("\n".join(summary_lines(metrics)))
     print(f"results in {out}")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from dorat.report import write_report
+
+    path = write_report(a.run_dirs, a.out, a.metrics, a.title)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from dorat.compare import compare
+
+    path = compare(a.file, a.out, a.device, a.data_dir, progress=sys.stderr.isatty(),
+                   aggregate_only=a.aggregate_only,
+                   only=[m for m in a.methods.split(",") if m] if a.methods else None)
+    print((Path(a.out) / "results.md").read_text())
+    print(f"report: {path}")
     return 0
 
 
@@ -160,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}[a.cmd](a)
+        return {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "compare": cmd_compare,
+                "data": cmd_data}[a.cmd](a)
     except DoratError as e:
         print(f"dorat: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

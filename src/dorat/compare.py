@@ -1,0 +1,429 @@
+"""`dorat compare`: a fair grid of runs (same data, model, budget, seeds), aggregated.
+
+A compare file (YAML) names the grid:
+
+    title: AT vs DONE on Fashion-MNIST        # optional
+    base: fmnist-demo                         # preset or YAML path (relative to this file)
+    set: {epochs: 5}                          # optional dotted overrides for every run
+    datasets: [fashion-mnist]                 # optional, default the base's dataset
+    model: small-cnn                          # optional, default the base's model
+    settings:                                 # optional named variants of the data/budget
+      balanced: {}
+      longtail: {data.imbalance_ratio: 10}
+    methods:                                  # presets, or a named preset with overrides
+      - at
+      - {name: done-r2, method: done, set: {done.r: 2.0}, settings: [balanced]}
+    seeds: [0, 1, 2]
+    evals:                                    # optional extra evaluations per run
+      - {name: aa1000, attacks: [pgd, cw, aa], n: 1000}
+
+Runs go to OUT/runs/<dataset>/<setting>/<name>/seed<k>, one after another, seeds outermost. A finished run
+(metrics.json present) is skipped, an interrupted one resumed from its checkpoint, so the
+command can be stopped and restarted at any time. A run whose saved config differs from what
+the compare file now asks for is an error (results would silently mix). Each extra evaluation
+writes RUN/eval-<name>.json, also skipped when present.
+
+Aggregation: for every (dataset, setting, method) and every metric, the mean and sample std
+(ddof = 1) over the seeds that finished; OUT/results.json, OUT/results.md (best mean per column
+in bold) and OUT/report.md with the per-class plot of the means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dorat import config as cfglib
+from dorat.errors import ConfigError, DoratError
+from dorat.objectives import check_method
+
+TOP_KEYS = {"title", "base", "set", "datasets", "model", "settings", "methods", "seeds", "evals"}
+METHOD_KEYS = {"name", "method", "set", "settings"}
+EVAL_KEYS = {"name", "attacks", "n", "eps", "steps", "restarts"}
+IGNORED_KEYS = ("device", "data.dir", "log.progress")  # may differ between machines
+
+
+@dataclass
+class RunSpec:
+    dataset: str
+    setting: str
+    name: str
+    seed: int
+    cfg: dict[str, Any]
+    path: Path
+
+
+@dataclass
+class Grid:
+    title: str
+    runs: list[RunSpec]
+    evals: list[dict[str, Any]]
+    groups: list[tuple[str, str]] = field(default_factory=list)  # (dataset, setting) in order
+    names: list[str] = field(default_factory=list)  # method names in order
+
+
+def _mapping(v: Any, what: str) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"{what} must be a mapping of config keys, got {v!r}")
+    return v
+
+
+def bundled_names() -> list[str]:
+    from importlib import resources
+
+    d = resources.files("dorat").joinpath("configs", "compare")
+    return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".yaml"))
+
+
+def find_compare_file(name_or_path: str | Path) -> Path:
+    """A compare file by path, or one shipped with dorat by name (e.g. ``demo``)."""
+    from importlib import resources
+
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    res = resources.files("dorat").joinpath("configs", "compare", f"{name_or_path}.yaml")
+    if res.is_file():
+        return Path(str(res))
+    raise ConfigError(f"compare file {name_or_path} does not exist (bundled: {', '.join(bundled_names())})")
+
+
+def load_grid(path: str | Path, out: str | Path, device: str | None = None,
+              data_dir: str | None = None) -> Grid:
+    """Parse and validate a compare file into the list of runs (nothing is written)."""
+    path = find_compare_file(path)
+    import yaml
+
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(sorted(TOP_KEYS))}")
+    unknown = set(spec) - TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; "
+                          f"allowed: {', '.join(sorted(TOP_KEYS))}")
+    base = spec.get("base")
+    if base is not None and (path.parent / str(base)).is_file():
+        base = str(path.parent / str(base))
+    common = _mapping(spec.get("set"), f"{path}: set")
+    settings = spec.get("settings") or {"default": {}}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: settings must map a name to config overrides")
+    methods = spec.get("methods")
+    if not methods or not isinstance(methods, list):
+        raise ConfigError(f"{path}: methods must be a non-empty list (e.g. [at, done])")
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ConfigError(f"{path}: seeds must be a list of non-negative integers, got {seeds!r}")
+    base_cfg = cfglib.resolve(base)
+    datasets = spec.get("datasets") or [base_cfg["dataset"]]
+    evals = spec.get("evals") or []
+    for e in evals:
+        if not isinstance(e, dict) or "name" not in e or set(e) - EVAL_KEYS:
+            raise ConfigError(f"{path}: each entry of evals needs a name and only keys "
+                              f"{', '.join(sorted(EVAL_KEYS))}; got {e!r}")
+    if len({e["name"] for e in evals}) != len(evals):
+        raise ConfigError(f"{path}: two evals share a name")
+    entries = []
+    for m in methods:
+        if isinstance(m, str):
+            m = {"name": m, "method": m}
+        if not isinstance(m, dict) or set(m) - METHOD_KEYS or "method" not in m:
+            raise ConfigError(f"{path}: a method entry is a preset name or a mapping with 'method' "
+                              f"and optional {', '.join(sorted(METHOD_KEYS - {'method'}))}; got {m!r}")
+        m.setdefault("name", m["method"])
+        bad = set(m.get("settings") or []) - set(settings)
+        if bad:
+            raise ConfigError(f"{path}: method {m['name']} names unknown setting(s) {', '.join(bad)}")
+        entries.append(m)
+    names = [m["name"] for m in entries]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: two methods share the name; give each entry a distinct name")
+    runs = []
+    groups = [(ds, sname) for ds in datasets for sname in settings]
+    out = Path(out)
+    # Seeds outermost: the first pass gives every method one finished run, so a grid stopped
+    # early already compares all methods.
+    for seed in seeds:
+        for ds, sname in groups:
+            for m in entries:
+                if m.get("settings") and sname not in m["settings"]:
+                    continue
+                flags = {**common, "dataset": ds, "method": m["method"], "seed": seed,
+                         **({"model": spec["model"]} if spec.get("model") else {}),
+                         **_mapping(settings[sname], f"{path}: settings.{sname}"),
+                         **_mapping(m.get("set"), f"{path}: {m['name']}.set"),
+                         "device": device, "data.dir": data_dir}
+                try:
+                    cfg = cfglib.resolve(base, flags)
+                    check_method(cfg)
+                except ConfigError as e:
+                    raise ConfigError(f"{path}: run {ds}/{sname}/{m['name']}: {e}") from None
+                runs.append(RunSpec(ds, sname, m["name"], seed, cfg,
+                                    out / "runs" / ds / sname / m["name"] / f"seed{seed}"))
+    title = str(spec.get("title") or f"dorat compare: {path.stem}")
+    return Grid(title, runs, evals, groups, names)
+
+
+def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    flat = dict(cfglib._flatten(cfg))
+    return {k: v for k, v in flat.items() if k not in IGNORED_KEYS}
+
+
+def _status(run: RunSpec) -> str:
+    p = run.path
+    if (p / "config.yaml").is_file():
+        saved = cfglib.from_dict(cfglib.load_yaml(str(p / "config.yaml"))[0], str(p / "config.yaml"))
+        a, b = _comparable(saved), _comparable(run.cfg)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
+            raise ConfigError(
+                f"{p} holds a run with a different config ({', '.join(diff[:5])}); the compare file "
+                "changed since it ran: use a new --out, or delete that run directory to redo it")
+    if (p / "metrics.json").is_file():
+        return "done"
+    if (p / "checkpoint.safetensors").is_file():
+        return "resume"
+    return "new"
+
+
+def run_grid(grid: Grid, log: Callable[[str], None] | None = None, progress: bool = False,
+             only: Sequence[str] | None = None) -> None:
+    """Train and evaluate every run of the grid that has not finished yet (only the methods
+    named in ``only``, when given)."""
+    from dorat.train import train
+
+    log = log or (lambda s: print(s, file=sys.stderr))
+    unknown = sorted(set(only or []) - set(grid.names))
+    if unknown:
+        raise ConfigError(f"--methods names {', '.join(unknown)}, not in the compare file "
+                          f"(it has {', '.join(grid.names)})")
+    statuses = [_status(r) for r in grid.runs]  # validate every run before training any
+    todo = sum(s != "done" for s in statuses)
+    log(f"{grid.title}: {len(grid.runs)} runs, {len(grid.runs) - todo} finished, {todo} to go"
+        + (f" (running only {', '.join(only)})" if only else ""))
+    for i, (r, st) in enumerate(zip(grid.runs, statuses)):
+        if only and r.name not in only:
+            continue
+        tag = f"[{i + 1}/{len(grid.runs)}] {r.dataset}/{r.setting}/{r.name}/seed{r.seed}"
+        if st != "done":
+            log(f"{tag}: {'resuming' if st == 'resume' else 'training'}")
+            t0 = time.perf_counter()
+            r.cfg["log"]["progress"] = "on" if progress else "off"
+            for stale in r.path.glob("eval-*.json"):  # belong to an earlier, unfinished model
+                stale.unlink()
+            train(r.cfg, r.path, resume=st == "resume", overwrite=st == "new", log=log)
+            log(f"{tag}: finished in {time.perf_counter() - t0:.0f}s")
+        for e in grid.evals:
+            _extra_eval(r, e, log, tag, progress)
+
+
+def _extra_eval(r: RunSpec, e: dict[str, Any], log: Callable[[str], None], tag: str,
+                progress: bool) -> None:
+    from dorat.checkpoint import write_text_atomic
+    from dorat.train import evaluate_run, load_run
+
+    target = r.path / f"eval-{e['name']}.json"
+    if target.is_file():
+        return
+    over = {f"eval.{k}": v for k, v in e.items() if k != "name"}
+    over["data.dir"] = r.cfg["data"]["dir"]
+    log(f"{tag}: evaluation '{e['name']}' ({', '.join(e.get('attacks', r.cfg['eval']['attacks']))})")
+    run = load_run(r.path, r.cfg["device"], over)
+    metrics = evaluate_run(run, progress=progress, log=log)
+    write_text_atomic(target, json.dumps(metrics, indent=2))
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+def flat_metrics(m: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Scalar metrics of one evaluation: sa, ra.<a>, worst_class.<a>, tail30.<a>."""
+    out = {f"{prefix}sa": m["sa"]}
+    for group in ("ra", "worst_class", "tail30"):
+        for k, v in m[group].items():
+            if k != "clean":
+                out[f"{prefix}{group}.{k}"] = v
+    return out
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    vals = [float(v) for v in values]
+    mean = statistics.fmean(vals)
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(vals), "values": vals}
+
+
+def aggregate(grid: Grid) -> dict[str, Any]:
+    """Mean ± std over seeds of every metric, per (dataset, setting, method)."""
+    rows = []
+    for ds, st in grid.groups:
+        for name in grid.names:
+            runs = [r for r in grid.runs if (r.dataset, r.setting, r.name) == (ds, st, name)]
+            if not runs:
+                continue
+            per_seed: dict[str, list[float]] = {}
+            per_class: dict[str, list[list[float]]] = {}
+            classes: list[str] = []
+            seeds = []
+            for r in runs:
+                mfile = r.path / "metrics.json"
+                if not mfile.is_file():
+                    continue
+                m = json.loads(mfile.read_text())
+                seeds.append(r.seed)
+                classes = m["classes"]
+                flat = flat_metrics(m)
+                per_class.setdefault("main", []).append(m["per_class"].get("worst") or
+                                                        m["per_class"][next(iter(m["ra"]))])
+                for e in grid.evals:
+                    ef = r.path / f"eval-{e['name']}.json"
+                    if ef.is_file():
+                        em = json.loads(ef.read_text())
+                        flat.update(flat_metrics(em, f"{e['name']}:"))
+                        per_class.setdefault(e["name"], []).append(
+                            em["per_class"].get("worst") or em["per_class"][next(iter(em["ra"]))])
+                for k, v in flat.items():
+                    per_seed.setdefault(k, []).append(v)
+            if not seeds:
+                continue
+            rows.append({
+                "dataset": ds, "setting": st, "method": name, "seeds": seeds,
+                "metrics": {k: mean_std(v) for k, v in per_seed.items()},
+                "per_class": {k: [statistics.fmean(c) for c in zip(*v)] for k, v in per_class.items()},
+                "per_class_std": {k: [statistics.stdev(c) if len(c) > 1 else 0.0 for c in zip(*v)]
+                                  for k, v in per_class.items()},
+                "classes": classes,
+            })
+    return {"title": grid.title, "rows": rows, "total_runs": len(grid.runs),
+            "finished_runs": sum((r.path / "metrics.json").is_file() for r in grid.runs)}
+
+
+LABELS = {"sa": "SA", "ra.pgd": "RA-PGD", "ra.cw": "RA-CW", "ra.aa": "RA-AA", "ra.worst": "RA-worst",
+          "worst_class.pgd": "worst-class PGD", "tail30.pgd": "Tail-30 PGD",
+          "worst_class.worst": "worst-class (all)", "tail30.worst": "Tail-30 (all)",
+          "worst_class.aa": "worst-class AA", "tail30.aa": "Tail-30 AA",
+          "worst_class.cw": "worst-class CW", "tail30.cw": "Tail-30 CW"}
+ORDER = ["sa", "ra.pgd", "ra.cw", "ra.aa", "ra.worst", "worst_class.pgd", "tail30.pgd",
+         "worst_class.cw", "tail30.cw", "worst_class.aa", "tail30.aa", "worst_class.worst",
+         "tail30.worst"]
+
+
+def _label(key: str) -> str:
+    prefix, _, k = key.rpartition(":")
+    base = LABELS.get(k, k)
+    return f"{base} [{prefix}]" if prefix else base
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r["metrics"] if k not in keys]
+
+    def rank(k: str) -> tuple[int, int, str]:
+        prefix, _, base = k.rpartition(":")
+        return (1 if prefix else 0, ORDER.index(base) if base in ORDER else len(ORDER), prefix)
+
+    return sorted(keys, key=rank)
+
+
+def markdown_tables(agg: dict[str, Any]) -> list[str]:
+    """One table per (dataset, setting): mean ± std in %, the best mean per column in bold."""
+    lines: list[str] = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in agg["rows"]:
+        groups.setdefault((r["dataset"], r["setting"]), []).append(r)
+    for (ds, st), rows in groups.items():
+        cols = _columns(rows)
+        best = {c: max((r["metrics"][c]["mean"] for r in rows if c in r["metrics"]), default=None)
+                for c in cols}
+        head = f"### {ds}" + ("" if st == "default" else f" — {st}")
+        lines += [head, "", "| method | seeds | " + " | ".join(_label(c) for c in cols) + " |",
+                  "|---|---|" + "---|" * len(cols)]
+        for r in rows:
+            cells = []
+            for c in cols:
+                if c not in r["metrics"]:
+                    cells.append("–")
+                    continue
+                ms = r["metrics"][c]
+                cell = (f"{100 * ms['mean']:.2f} ± {100 * ms['std']:.2f}" if ms["n"] > 1
+                        else f"{100 * ms['mean']:.2f}")
+                is_best = len(rows) > 1 and math.isclose(ms["mean"], best[c] or 0, abs_tol=1e-12)
+                cells.append(f"**{cell}**" if is_best else cell)
+            lines.append(f"| {r['method']} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def write_outputs(grid: Grid, out: str | Path) -> Path:
+    """results.json, results.md and report.md (tables + per-class plot of the means + the
+    training and weight plots of each method's first seed). Returns report.md's path."""
+    from dorat.checkpoint import write_text_atomic
+    from dorat.report import check_lines, figure_lines, load_result, plot_per_class
+
+    out = Path(out)
+    agg = aggregate(grid)
+    write_text_atomic(out / "results.json", json.dumps(agg, indent=2))
+    tables = markdown_tables(agg)
+    head = [f"# {grid.title}", "",
+            f"{agg['finished_runs']} of {agg['total_runs']} runs finished. Mean ± sample std over "
+            "seeds, in % (no ± with one seed); the best mean per column is in bold. Columns "
+            "with [name] come from the extra evaluation of that name.", ""]
+    write_text_atomic(out / "results.md", "\n".join(head + tables))
+    lines = head + tables
+    for ds, st in grid.groups:
+        rows = [r for r in agg["rows"] if (r["dataset"], r["setting"]) == (ds, st)]
+        if not rows:
+            continue
+        tag = f"{ds}-{st}".replace("/", "_")
+        for key in rows[0]["per_class"]:
+            png = f"per_class_{tag}_{key}.png"
+            what = "main evaluation" if key == "main" else f"evaluation '{key}'"
+            plot_per_class([(f"{r['method']} (n={len(r['seeds'])})", r["per_class"][key],
+                             r["per_class_std"][key] if len(r["seeds"]) > 1 else None)
+                            for r in rows if key in r["per_class"]], rows[0]["classes"], out / png,
+                           f"{ds}{'' if st == 'default' else ' / ' + st}: per-class robust accuracy, "
+                           f"mean over seeds ({what})", "robust accuracy (%)")
+            lines += [f"![per-class robust accuracy, {what}]({png})", ""]
+        firsts = []
+        for name in grid.names:
+            done = [r for r in grid.runs if (r.dataset, r.setting, r.name) == (ds, st, name)
+                    and (r.path / "metrics.json").is_file()]
+            if done:
+                firsts.append(load_result(done[0].path, "metrics.json", name=f"{name} s{done[0].seed}"))
+        if firsts:
+            lines += [f"Training curves and weights (first seed of each method, {ds}/{st}):", ""]
+            lines += figure_lines(firsts, out, prefix=f"{tag}_", per_class=False)
+    failed_checks = check_lines([load_result(r.path, "metrics.json", name=f"{r.name} s{r.seed}")
+                                 for r in grid.runs if (r.path / "metrics.json").is_file()])
+    lines += (["## Sanity checks that failed", ""] + failed_checks + [""]) if failed_checks else [
+        "All sanity checks of the finished runs passed (or none ran).", ""]
+    path = out / "report.md"
+    write_text_atomic(path, "\n".join(lines))
+    return path
+
+
+def compare(path: str | Path, out: str | Path, device: str | None = None, data_dir: str | None = None,
+            log: Callable[[str], None] | None = None, progress: bool = False,
+            aggregate_only: bool = False, only: Sequence[str] | None = None) -> Path:
+    """Run (or continue) the grid, then aggregate; returns the report's path."""
+    grid = load_grid(path, out, device, data_dir)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DoratError(f"cannot create {out} ({e.strerror}); choose another --out") from None
+    if not aggregate_only:
+        run_grid(grid, log, progress, only)
+    return write_outputs(grid, out)

@@ -1,0 +1,175 @@
+"""`dorat report` (Markdown + PNGs whose numbers match metrics.json) and `dorat compare`
+(grid, skip/resume, mean ± std aggregation, best-per-column marking)."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dorat import config as C
+from dorat.cli import main
+from dorat.compare import aggregate, compare, load_grid, markdown_tables
+from dorat.errors import ConfigError
+from dorat.report import write_report
+from dorat.train import train
+
+TINY = ["attack.steps=2", "attack.alpha=0.05", "eval.n=40", "eval.steps=3", "eval.check_n=20",
+        "optim.lr=0.02", "eval.attacks=pgd,cw"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _cfg(npz: Path, *sets: str) -> dict:
+    return C.resolve(None, {"dataset": f"npz:{npz}", "epochs": 2, "batch_size": 64}, [*TINY, *sets])
+
+
+def _rows(md: str) -> dict[str, list[str]]:
+    """First table of a Markdown text: {first cell: cells}."""
+    out = {}
+    for line in md.splitlines():
+        if line.startswith("| ") and not line.startswith("| run") and not line.startswith("| method"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            out[cells[0]] = cells
+    return out
+
+
+def test_report_markdown_and_pngs(tmp_path: Path, synthetic_npz: Path) -> None:
+    train(_cfg(synthetic_npz, "method=at"), tmp_path / "at", log=lambda s: None)
+    train(_cfg(synthetic_npz, "method=done", "done.warmup_epochs=0", "done.r=0.5"),
+          tmp_path / "done", log=lambda s: None)
+    path = write_report([tmp_path / "at", tmp_path / "done"], tmp_path / "rep")
+    md = path.read_text()
+    rows = _rows(md)
+    for name in ("at", "done"):
+        m = json.loads((tmp_path / name / "metrics.json").read_text())
+        cells = rows[name]
+        # run | method | SA | RA-PGD | RA-CW | RA-worst | worst class | RA-Tail-30 | n
+        assert cells[1] == name
+        assert cells[2] == f"{100 * m['sa']:.2f}"
+        assert cells[3] == f"{100 * m['ra']['pgd']:.2f}" and cells[4] == f"{100 * m['ra']['cw']:.2f}"
+        assert cells[5] == f"{100 * m['ra']['worst']:.2f}"
+        assert cells[6].startswith(f"{100 * m['worst_class']['worst']:.2f} (")
+        assert cells[7] == f"{100 * m['tail30']['worst']:.2f}" and cells[8] == str(m["n"])
+    for png in ("per_class.png", "training.png", "weights.png"):
+        data = (tmp_path / "rep" / png).read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000, png
+        assert f"]({png})" in md
+    # the weights plot only has a row for the reweighting run
+    from dorat.report import load_result
+
+    assert load_result(tmp_path / "done").reweights and not load_result(tmp_path / "at").reweights
+
+
+def test_report_cli_errors_on_unfinished_run(tmp_path: Path, synthetic_npz: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    train(_cfg(synthetic_npz), tmp_path / "r", stop_after_epoch=1, log=lambda s: None)
+    assert main(["report", str(tmp_path / "r"), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert "has no metrics.json" in err and "--resume" in err
+    assert not (tmp_path / "rep" / "report.md").exists()
+
+
+def _compare_file(tmp_path: Path, npz: Path, epochs: int = 2) -> Path:
+    spec = {
+        "title": "tiny",
+        "base": "base.yaml",
+        "set": {"epochs": epochs},
+        "methods": ["at", {"name": "done-w0", "method": "done", "set": {"done.warmup_epochs": 0}}],
+        "seeds": [0, 1],
+        "evals": [{"name": "cw40", "attacks": ["cw"], "n": 40}],
+    }
+    base = {"dataset": f"npz:{npz}", "batch_size": 64,
+            **{k: yaml.safe_load(v) for k, v in (s.split("=") for s in TINY)}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    f = tmp_path / "grid.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    return f
+
+
+def test_compare_runs_skips_resumes_and_aggregates(tmp_path: Path, synthetic_npz: Path) -> None:
+    f = _compare_file(tmp_path, synthetic_npz)
+    out = tmp_path / "out"
+    grid = load_grid(f, out)
+    assert [(r.name, r.seed) for r in grid.runs] == [("at", 0), ("done-w0", 0), ("at", 1), ("done-w0", 1)]
+    # one run interrupted after its first epoch: compare must resume it, not restart it
+    pre = grid.runs[2]
+    train(pre.cfg, pre.path, stop_after_epoch=1, log=lambda s: None)
+    logs: list[str] = []
+    report = compare(f, out, log=logs.append)
+    assert any("at/seed1: resuming" in m for m in logs)
+    assert sum("training" in m and "seed" in m for m in logs) == 3
+    for r in grid.runs:
+        assert (r.path / "metrics.json").is_file() and (r.path / "eval-cw40.json").is_file()
+    agg = json.loads((out / "results.json").read_text())
+    assert agg["finished_runs"] == 4
+    for row in agg["rows"]:
+        runs = [r for r in grid.runs if r.name == row["method"]]
+        for key, pick in [("sa", lambda m: m["sa"]), ("ra.pgd", lambda m: m["ra"]["pgd"]),
+                          ("worst_class.worst", lambda m: m["worst_class"]["worst"])]:
+            vals = [pick(json.loads((r.path / "metrics.json").read_text())) for r in runs]
+            assert row["metrics"][key]["mean"] == pytest.approx(statistics.fmean(vals))
+            assert row["metrics"][key]["std"] == pytest.approx(statistics.stdev(vals))
+        cw = [json.loads((r.path / "eval-cw40.json").read_text())["ra"]["cw"] for r in runs]
+        assert row["metrics"]["cw40:ra.cw"]["mean"] == pytest.approx(statistics.fmean(cw))
+    md = (out / "results.md").read_text()
+    assert "RA-CW [cw40]" in md
+    assert report.name == "report.md" and "per_class_" in report.read_text()
+    pngs = list(out.glob("*.png"))
+    assert pngs and all(p.read_bytes().startswith(PNG) for p in pngs)
+
+    # second call: everything finished, nothing trained again
+    stamps = {r.path: (r.path / "model.safetensors").stat().st_mtime_ns for r in grid.runs}
+    logs.clear()
+    compare(f, out, log=logs.append)
+    assert any("4 finished, 0 to go" in m for m in logs)
+    assert all((r.path / "model.safetensors").stat().st_mtime_ns == stamps[r.path] for r in grid.runs)
+
+    # the compare file changed under finished runs: refuse rather than mix results
+    f2 = _compare_file(tmp_path, synthetic_npz, epochs=3)
+    with pytest.raises(ConfigError, match="different config.*epochs"):
+        compare(f2, out, log=logs.append)
+
+
+def test_markdown_marks_best_mean_per_column() -> None:
+    def row(method: str, sa: list[float], ra: list[float]) -> dict:
+        from dorat.compare import mean_std
+
+        return {"dataset": "d", "setting": "default", "method": method, "seeds": [0, 1],
+                "metrics": {"sa": mean_std(sa), "ra.pgd": mean_std(ra)}}
+
+    agg = {"rows": [row("a", [0.8, 0.9], [0.4, 0.5]), row("b", [0.7, 0.7], [0.6, 0.4])]}
+    md = "\n".join(markdown_tables(agg))
+    lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith(("| a", "| b"))}
+    assert "**85.00 ± 7.07**" in lines["a"]  # best SA, std = stdev([.8, .9]) = 0.0707
+    assert "**50.00 ± 14.14**" in lines["b"] and "45.00 ± 7.07" in lines["a"]
+    assert re.search(r"\| 70.00 ± 0.00 \|", lines["b"])
+
+
+def test_compare_file_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods: [at]\nseedz: [0]\n")
+    with pytest.raises(ConfigError, match="unknown key.*seedz"):
+        load_grid(bad, tmp_path / "o")
+    bad.write_text("methods: [at, nonsense]\n")
+    with pytest.raises(ConfigError, match="nonsense"):
+        load_grid(bad, tmp_path / "o")
+    bad.write_text("methods: []\n")
+    with pytest.raises(ConfigError, match="non-empty"):
+        load_grid(bad, tmp_path / "o")
+    with pytest.raises(ConfigError, match="does not exist.*demo"):
+        load_grid(tmp_path / "missing.yaml", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_aggregate_with_missing_seed_uses_finished_ones(tmp_path: Path, synthetic_npz: Path) -> None:
+    f = _compare_file(tmp_path, synthetic_npz)
+    grid = load_grid(f, tmp_path / "out")
+    r = grid.runs[0]
+    train(r.cfg, r.path, log=lambda s: None)
+    agg = aggregate(grid)
+    assert len(agg["rows"]) == 1 and agg["rows"][0]["seeds"] == [0]
+    assert agg["rows"][0]["metrics"]["sa"]["std"] == 0.0 and agg["finished_runs"] == 1
