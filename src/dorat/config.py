@@ -218,6 +218,8 @@ def _coerce(key: str, opt: Opt, value: Any) -> Any:
                 raise ValueError
             out = value
         elif opt.kind == "str":
+            if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+                value = "on" if value else "off"
             if not isinstance(value, str):
                 raise ValueError
             out = value

@@ -237,6 +237,9 @@ def train(
     state = None
     if resume:
         state, _ = load_state(out / "checkpoint.safetensors")
+        for name in RUN_FILES:  # temporary files of writes a crash interrupted
+            for tmp in out.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
     _ensure_writable(out)
     if overwrite and not resume:
         for f in RUN_FILES:

@@ -266,6 +266,9 @@ def read_npz(path: Path) -> tuple[np.ndarray, ...]:
                 f"{path}: y_{split} must be a 1-D integer array with one label per image "
                 f"(got {y.dtype} of shape {y.shape} for {len(x)} images)"
             )
+        if len(y) and y.min() < 0:
+            raise DataError(f"{path}: y_{split} has negative labels (min {y.min()}); labels must be "
+                            "0..C-1")
         out += [np.ascontiguousarray(x), y.astype(np.int64)]
     if out[0].shape[1:] != out[2].shape[1:]:
         raise DataError(f"{path}: train images {out[0].shape[1:]} and test {out[2].shape[1:]} differ")
