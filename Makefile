@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dorat-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint data install clean
+.PHONY: demo test lint data install clean results
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -23,6 +23,11 @@ data: $(STAMP)
 # PGD-AT vs DONE on real Fashion-MNIST; finished runs are kept, so a second call only re-reports.
 demo: data
 	$(PY) -m dorat compare demo --out runs/demo
+
+# The multi-seed comparison behind docs/RESULTS.md: many hours on 2 CPU cores; resumable (run it
+# again after a stop), partial tables are written as runs finish. OUT=dir to place the runs.
+results: data
+	PY=$(PY) bash benchmarks/results/run.sh
 
 test: data
 	$(PY) -m pytest -q

@@ -147,6 +147,8 @@ def test_markdown_marks_best_mean_per_column() -> None:
     assert "**85.00 ± 7.07**" in lines["a"]  # best SA, std = stdev([.8, .9]) = 0.0707
     assert "**50.00 ± 14.14**" in lines["b"] and "45.00 ± 7.07" in lines["a"]
     assert re.search(r"\| 70.00 ± 0.00 \|", lines["b"])
+    only = "\n".join(markdown_tables(agg, columns=["ra.pgd", "missing.key"]))
+    assert "RA-PGD" in only and "SA" not in only and "missing" not in only
 
 
 def test_compare_file_errors(tmp_path: Path) -> None:

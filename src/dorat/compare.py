@@ -337,14 +337,15 @@ def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     return sorted(keys, key=rank)
 
 
-def markdown_tables(agg: dict[str, Any]) -> list[str]:
-    """One table per (dataset, setting): mean ± std in %, the best mean per column in bold."""
+def markdown_tables(agg: dict[str, Any], columns: Sequence[str] | None = None) -> list[str]:
+    """One table per (dataset, setting): mean ± std in %, the best mean per column in bold.
+    ``columns`` picks metric keys (e.g. ``["sa", "ra.pgd", "aa1000:ra.aa"]``); default all."""
     lines: list[str] = []
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in agg["rows"]:
         groups.setdefault((r["dataset"], r["setting"]), []).append(r)
     for (ds, st), rows in groups.items():
-        cols = _columns(rows)
+        cols = [c for c in columns if any(c in r["metrics"] for r in rows)] if columns else _columns(rows)
         best = {c: max((r["metrics"][c]["mean"] for r in rows if c in r["metrics"]), default=None)
                 for c in cols}
         head = f"### {ds}" + ("" if st == "default" else f" — {st}")

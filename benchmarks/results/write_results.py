@@ -1,0 +1,93 @@
+"""Write docs/RESULTS.md from the aggregated compare outputs (`make results` calls this last).
+
+    python benchmarks/results/write_results.py --sweep runs/results/sweep --grid runs/results/grid --out docs
+
+Copies the aggregated JSON to docs/results/ (committed), regenerates the per-class plots there
+and writes RESULTS.md: the protocol, the r sweep on the validation split, the two tables
+(balanced, long-tailed) and the hand-written discussion in benchmarks/results/discussion.md.
+Safe to run on a partial grid: the tables say how many runs have finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from dorat.compare import markdown_tables
+from dorat.report import plot_per_class
+
+HERE = Path(__file__).parent
+SWEEP_COLUMNS = ["sa", "ra.pgd", "ra.cw", "worst_class.pgd", "tail30.pgd", "worst_class.worst",
+                 "tail30.worst"]
+GRID_COLUMNS = ["sa", "ra.pgd", "ra.cw", "aa1000:ra.aa", "worst_class.pgd", "tail30.pgd",
+                "aa1000:worst_class.worst", "aa1000:tail30.worst"]
+
+PROTOCOL = """\
+## Protocol
+
+- Fashion-MNIST, ε = 0.1 (ℓ∞), the small CNN; every method gets the same budget
+  ([benchmarks/results/base.yaml](../benchmarks/results/base.yaml)): PGD-5 training (step
+  0.025), 8 epochs, batch 128, SGD momentum 0.9, lr 0.05 cosine, weight decay 5e-4, gradient
+  norm clipped at 5, on a 30,000-image stratified subset of the 55,000 training images left
+  after holding out a 5,000-image stratified validation split.
+- Two settings: the balanced subset, and a long-tailed one (ρ = 10, n_c = n_max·ρ^(−c/9));
+  the test set stays balanced.
+- Seeds 0, 1, 2 per method and setting; mean ± sample std.
+- Evaluation: SA, RA-PGD20 and RA-CW (20 steps) on the full 10,000-image test set (exact
+  per-class numbers); the columns marked [aa1000] are PGD-20, CW and AutoAttack standard on
+  1,000 stratified test points, where "(all)" is the worst case over the three attacks.
+- DONE's r and warm-up were chosen on the validation split (sweep below), never on the test set.
+- Reproduce: `make results` (resumable; the grid is in
+  [benchmarks/results/fmnist.yaml](../benchmarks/results/fmnist.yaml)).
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", type=Path, required=True)
+    ap.add_argument("--grid", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=Path("docs"))
+    a = ap.parse_args()
+    res = a.out / "results"
+    res.mkdir(parents=True, exist_ok=True)
+    lines = ["# Results: DONE against the reweighting baselines on Fashion-MNIST", "", PROTOCOL]
+    if (a.sweep / "results.json").is_file():
+        sweep = json.loads((a.sweep / "results.json").read_text())
+        shutil.copy(a.sweep / "results.json", res / "sweep.json")
+        lines += ["## DONE's r on the validation split (seed 0, PGD-20 and CW on 5,000 validation "
+                  "images)", "", f"{sweep['finished_runs']} of {sweep['total_runs']} sweep runs "
+                  "finished.", ""]
+        lines += markdown_tables(sweep, SWEEP_COLUMNS)[2:]
+    if (a.grid / "results.json").is_file():
+        grid = json.loads((a.grid / "results.json").read_text())
+        shutil.copy(a.grid / "results.json", res / "grid.json")
+        lines += ["## Test results", "", f"{grid['finished_runs']} of {grid['total_runs']} runs "
+                  "finished; a table with fewer than 3 seeds in a row is partial.", ""]
+        lines += markdown_tables(grid, GRID_COLUMNS)
+        for setting in ("balanced", "longtail"):
+            rows = [r for r in grid["rows"] if r["setting"] == setting]
+            if not rows:
+                continue
+            for key, what in (("main", "PGD-20 + CW, full test set"),
+                              ("aa1000", "worst of PGD, CW, AutoAttack; 1,000 points")):
+                rows_k = [r for r in rows if key in r["per_class"]]
+                if not rows_k:
+                    continue
+                png = f"per_class_{setting}_{key}.png"
+                plot_per_class([(f"{r['method']} (n={len(r['seeds'])})", r["per_class"][key],
+                                 r["per_class_std"][key] if len(r["seeds"]) > 1 else None)
+                                for r in rows_k], rows_k[0]["classes"], res / png,
+                               f"Fashion-MNIST {setting}: per-class robust accuracy ({what})",
+                               "robust accuracy (%), mean over seeds")
+                lines += [f"![{setting} {key}](results/{png})", ""]
+    disc = HERE / "discussion.md"
+    if disc.is_file():
+        lines += [disc.read_text()]
+    (a.out / "RESULTS.md").write_text("\n".join(lines))
+    print(f"wrote {a.out / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()
