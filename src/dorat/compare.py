@@ -266,6 +266,8 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
 
 def aggregate(grid: Grid) -> dict[str, Any]:
     """Mean ± std over seeds of every metric, per (dataset, setting, method)."""
+    from dorat.report import main_key
+
     rows = []
     for ds, st in grid.groups:
         for name in grid.names:
@@ -284,15 +286,13 @@ def aggregate(grid: Grid) -> dict[str, Any]:
                 seeds.append(r.seed)
                 classes = m["classes"]
                 flat = flat_metrics(m)
-                per_class.setdefault("main", []).append(m["per_class"].get("worst") or
-                                                        m["per_class"][next(iter(m["ra"]))])
+                per_class.setdefault("main", []).append(m["per_class"][main_key(m)])
                 for e in grid.evals:
                     ef = r.path / f"eval-{e['name']}.json"
                     if ef.is_file():
                         em = json.loads(ef.read_text())
                         flat.update(flat_metrics(em, f"{e['name']}:"))
-                        per_class.setdefault(e["name"], []).append(
-                            em["per_class"].get("worst") or em["per_class"][next(iter(em["ra"]))])
+                        per_class.setdefault(e["name"], []).append(em["per_class"][main_key(em)])
                 for k, v in flat.items():
                     per_seed.setdefault(k, []).append(v)
             if not seeds:

@@ -175,7 +175,6 @@ def evaluate(
     stratified points) and land in ``metrics["checks"]``."""
     settings = settings or EvalSettings(eps=0.1)
     device = torch.device(device)
-    check_attacks(attacks)
     idx = stratified_subset(y_test, n, len(classes), settings.seed)
     x, y = x_test[idx], y_test[idx]
     notes: list[str] = []
