@@ -107,9 +107,12 @@ def test_outputs_get_normal_file_permissions(tmp_path: Path) -> None:
     import os
     import stat
 
-    from dorat.checkpoint import write_text_atomic
+    from dorat.checkpoint import save_state, save_weights, write_text_atomic
 
     write_text_atomic(tmp_path / "a.txt", "x")
+    save_state(tmp_path / "s.safetensors", {"t": torch.zeros(2), "epoch": 1})
+    save_weights(tmp_path / "w.safetensors", torch.nn.Linear(2, 2))
     umask = os.umask(0)
     os.umask(umask)
-    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~umask
+    for name in ("a.txt", "s.safetensors", "w.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
