@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,35 @@ def test_outputs_get_normal_file_permissions(tmp_path: Path) -> None:
     os.umask(umask)
     for name in ("a.txt", "s.safetensors", "w.safetensors"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize("opts", [["perf.channels_last=true"], ["perf.amp=bf16"],
+                                  ["perf.compile=true", "perf.compile_backend=eager"],
+                                  ["perf.channels_last=true", "perf.amp=bf16", "method=done",
+                                   "done.warmup_epochs=0"]])
+def test_gpu_options_train_correctly_on_cpu(tmp_path: Path, synthetic_npz: Path, opts: list[str]) -> None:
+    """channels_last, bf16 autocast and torch.compile change speed, not the method: each trains
+    to about the plain run's accuracy, and the saved weights load into a plain model."""
+    plain = train(_cfg(synthetic_npz, "epochs=2"), tmp_path / "plain", log=lambda s: None)
+    m = train(_cfg(synthetic_npz, "epochs=2", *opts), tmp_path / "opt", log=lambda s: None)
+    assert m is not None and plain is not None
+    log = [json.loads(line) for line in (tmp_path / "opt" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in log)
+    assert m["sa"] > 0.5 and abs(m["sa"] - plain["sa"]) < 0.15
+    from dorat.train import load_run
+
+    run = load_run(tmp_path / "opt", "cpu")  # plain module: no "_orig_mod." keys, NCHW input ok
+    assert not any("_orig_mod" in k for k in run.model.state_dict())
+
+
+def test_parallel_settings_are_checked() -> None:
+    from dorat.distributed import Dist
+    from dorat.train import _check_parallel
+
+    two = Dist(rank=0, world=2)
+    with pytest.raises(ConfigError, match="divisible"):
+        _check_parallel(C.resolve(None, {"batch_size": 65}), two)
+    with pytest.raises(ConfigError, match="hypergradient"):
+        _check_parallel(C.resolve(None, {"method": "done-cid", "batch_size": 64}), two)
+    _check_parallel(C.resolve(None, {"method": "done", "batch_size": 64}), two)
+    _check_parallel(C.resolve(None, {"method": "done-cid", "batch_size": 65}), Dist())

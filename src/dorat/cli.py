@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="directory holding the dataset files")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="channels-last memory format (perf.channels_last; for GPUs)")
+    p.add_argument("--amp", choices=["off", "bf16"], help="bf16 autocast (perf.amp; for GPUs)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model (perf.compile)")
+    p.add_argument("--sync-bn", action="store_true", default=None,
+                   help="SyncBatchNorm when launched with torchrun on GPUs (perf.sync_bn)")
     p.add_argument("--list-keys", action="store_true", help="print every config key and exit")
 
 
@@ -132,14 +140,15 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise DoratError("--out RUN_DIR is required (where config, log, checkpoint and metrics go)")
     flags: dict[str, Any] = {"method": a.method, "dataset": a.dataset, "model": a.model,
                              "epochs": a.epochs, "seed": a.seed, "device": a.device,
-                             "data.dir": a.data_dir}
+                             "data.dir": a.data_dir, "perf.channels_last": a.channels_last,
+                             "perf.amp": a.amp, "perf.compile": a.compile, "perf.sync_bn": a.sync_bn}
     cfg = cfglib.resolve(a.config, flags, a.set)
     if a.resume and (a.config or a.set or any(v is not None for k, v in flags.items()
                                                 if k not in ("device", "data.dir"))):
         print("dorat: note: --resume continues with the run's saved config.yaml; "
               "other options are ignored", file=sys.stderr)
     metrics = train(cfg, a.out, resume=a.resume, overwrite=a.overwrite)
-    if metrics is not None:
+    if metrics is not None and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
         print("\n".join(summary_lines(metrics)))
         print(f"results in {a.out}/metrics.json")
     return 0

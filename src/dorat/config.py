@@ -121,6 +121,13 @@ SCHEMA: dict[str, Any] = {
     "log": {
         "progress": Opt("auto", "str", _choice("auto", "on", "off")),
     },
+    "perf": {
+        "channels_last": Opt(False, "bool", help="channels-last memory format (GPU convnets)"),
+        "amp": Opt("off", "str", _choice("off", "bf16"), help="bf16 autocast for forward passes"),
+        "compile": Opt(False, "bool", help="torch.compile the model"),
+        "compile_backend": Opt("inductor", "str", help="torch.compile backend"),
+        "sync_bn": Opt(False, "bool", help="SyncBatchNorm under torchrun (CUDA only)"),
+    },
     "trades": {"beta": Opt(6.0, "float", _nonneg, help="TRADES/MART-style KL weight beta_T")},
     "mart": {"beta": Opt(6.0, "float", _nonneg, help="MART's KL weight beta_M")},
     "fat": {

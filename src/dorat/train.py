@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from dorat import config as cfglib
+from dorat import distributed
 from dorat.checkpoint import (
     load_state,
     load_state_dict_checked,
@@ -45,7 +47,6 @@ from dorat.errors import CheckpointError, ConfigError, DoratError
 from dorat.evaluate import ATTACK_NAMES, evaluate, settings_from_config
 from dorat.models import build_model
 from dorat.objectives import Method, StepContext, build_method, check_method
-from dorat.objectives.base import ess_fraction
 
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.safetensors", "model.safetensors",
              "weights.safetensors", "metrics.json")
@@ -93,9 +94,9 @@ class Run:
     device: torch.device
 
 
-def prepare(cfg: dict[str, Any]) -> Run:
+def prepare(cfg: dict[str, Any], d: distributed.Dist | None = None) -> Run:
     """Validate the config, load data, build model and method. Writes nothing."""
-    device = resolve_device(cfg["device"])
+    device = distributed.device_for(d or distributed.Dist(), resolve_device(cfg["device"]))
     check_method(cfg)  # an unknown method fails before data is read
     data = load_dataset(cfg["dataset"], cfg["data"]["dir"], cfg["data"]["download"])
     train, val = make_splits(
@@ -142,7 +143,8 @@ class _Stats:
     def __init__(self, num_classes: int, device: torch.device) -> None:
         z = lambda: torch.zeros((), device=device, dtype=torch.float64)  # noqa: E731
         self.loss, self.correct_adv, self.correct_clean, self.n = z(), z(), z(), 0
-        self.ess, self.w_max, self.batches = z(), z(), 0
+        self.w_max, self.batches = z(), 0
+        self.w_moments: list[torch.Tensor] = []  # per batch: Σw, Σw², |B| (global under DDP)
         self.grad_norm_max, self.clipped, self.clip_used = z(), z(), False
         self.w_class = torch.zeros(num_classes, device=device, dtype=torch.float64)
         self.n_class = torch.zeros(num_classes, device=device, dtype=torch.float64)
@@ -158,7 +160,8 @@ class _Stats:
         self.correct_clean += clean_correct.double().sum()
         self.n += b
         wd = w.double() * b  # in units of the uniform weight 1/|B|
-        self.ess += ess_fraction(w)
+        wf = w.double()
+        self.w_moments.append(torch.stack([wf.sum(), (wf * wf).sum(), wf.new_tensor(float(b))]))
         self.w_max = torch.maximum(self.w_max, wd.max())
         self.w_class.index_add_(0, y, wd)
         self.n_class.index_add_(0, y, torch.ones_like(wd))
@@ -171,6 +174,35 @@ class _Stats:
         self.grad_norm_max = torch.maximum(self.grad_norm_max, norm.double())
         self.clipped += (norm > clip).double()
 
+    def reduce(self, d: distributed.Dist) -> None:
+        """Sum (max) the epoch's numbers over ranks; every rank then logs the same."""
+        if not d.active:
+            return
+        sums = torch.stack([self.loss, self.correct_adv, self.correct_clean,
+                            torch.tensor(float(self.n), device=self.loss.device, dtype=torch.float64)])
+        distributed.all_sum(d, sums)
+        self.loss, self.correct_adv, self.correct_clean = sums[:3]
+        self.n = int(sums[3])
+        if self.w_moments:  # the ESS of each global batch: its moments summed over ranks
+            moments = distributed.all_sum(d, torch.stack(self.w_moments))
+            self.w_moments = list(moments)
+        distributed.all_sum(d, self.w_class)
+        distributed.all_sum(d, self.n_class)
+        maxes = distributed.all_max(d, torch.stack([self.w_max, self.grad_norm_max]))
+        self.w_max, self.grad_norm_max = maxes[0], maxes[1]
+
+    def gathered(self, d: distributed.Dist) -> tuple[torch.Tensor, torch.Tensor]:
+        """The epoch's per-example weights and labels of all ranks (on the CPU)."""
+        w, y = torch.cat(self.w_all), torch.cat(self.y_all)
+        return distributed.all_gather_cat(d, w).cpu(), distributed.all_gather_cat(d, y).cpu()
+
+    def _ess(self) -> float:
+        """Mean over batches of ESS/|B| = (Σw)² / (|B|·Σw²), as in objectives.base.ess_fraction."""
+        if not self.w_moments:
+            return 1.0
+        m = torch.stack(self.w_moments)
+        return float((m[:, 0] ** 2 / (m[:, 2] * m[:, 1]).clamp_min(1e-300)).mean())
+
     def summary(self) -> dict[str, Any]:
         n = max(self.n, 1)
         wc = (self.w_class / self.n_class.clamp_min(1)).tolist()
@@ -178,7 +210,7 @@ class _Stats:
             "loss": float(self.loss) / n,
             "train_acc_clean": float(self.correct_clean) / n,
             "train_acc_adv": float(self.correct_adv) / n,
-            "ess": float(self.ess) / max(self.batches, 1),
+            "ess": self._ess(),
             "w_max": float(self.w_max),
             "w_class_mean": [round(v, 5) for v in wc],
         }
@@ -224,41 +256,80 @@ def train(
     stop_after_epoch: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any] | None:
-    """Train (or resume) a run in ``out``; returns final metrics (None if stopped early)."""
+    """Train (or resume) a run in ``out``; returns final metrics (None if stopped early).
+
+    Launched by torchrun (WORLD_SIZE > 1), every process calls this: data-parallel training,
+    rank 0 writes (see dorat.distributed)."""
     out = Path(out)
-    log = log or (lambda s: print(s, file=sys.stderr))
-    _check_run_dir(out, resume, overwrite)
-    if resume:
-        saved = cfglib.load_yaml(str(out / "config.yaml"))[0]
-        device_override = cfg["device"]
-        cfg = cfglib.from_dict(saved, f"{out}/config.yaml")
-        cfg["device"] = device_override
-    run = prepare(cfg)
-    state = None
-    if resume:
-        state, _ = load_state(out / "checkpoint.safetensors")
-        for name in RUN_FILES:  # temporary files of writes a crash interrupted
-            for tmp in out.glob(f".{name}.*.tmp"):
-                tmp.unlink(missing_ok=True)
-    _ensure_writable(out)
-    if overwrite and not resume:
-        for f in RUN_FILES:
-            (out / f).unlink(missing_ok=True)
-    if not resume:
-        write_text_atomic(out / "config.yaml", cfglib.dump(cfg))
-    return _fit(run, out, state, stop_after_epoch, log)
+    d = distributed.from_env(cfg["device"])
+    try:
+        if not d.main:
+            log = lambda s: None  # noqa: E731
+        log = log or (lambda s: print(s, file=sys.stderr))
+        distributed.on_main(d, lambda: _check_run_dir(out, resume, overwrite))
+        if resume:
+            saved = cfglib.load_yaml(str(out / "config.yaml"))[0]
+            device_override = cfg["device"]
+            cfg = cfglib.from_dict(saved, f"{out}/config.yaml")
+            cfg["device"] = device_override
+        _check_parallel(cfg, d)
+        run = prepare(cfg, d)
+        state = None
+        if resume:
+            state, _ = load_state(out / "checkpoint.safetensors")
+
+        def setup_dir() -> None:
+            if resume:
+                for name in RUN_FILES:  # temporary files of writes a crash interrupted
+                    for tmp in out.glob(f".{name}.*.tmp"):
+                        tmp.unlink(missing_ok=True)
+            _ensure_writable(out)
+            if overwrite and not resume:
+                for f in RUN_FILES:
+                    (out / f).unlink(missing_ok=True)
+            if not resume:
+                write_text_atomic(out / "config.yaml", cfglib.dump(cfg))
+
+        distributed.on_main(d, setup_dir)
+        return _fit(run, out, state, stop_after_epoch, log, d)
+    finally:
+        distributed.teardown(d)
+
+
+def _check_parallel(cfg: dict[str, Any], d: distributed.Dist) -> None:
+    if not d.active:
+        return
+    if cfg["batch_size"] % d.world:
+        raise ConfigError(f"batch_size {cfg['batch_size']} (the global batch) must be divisible by "
+                          f"the {d.world} processes; set --set batch_size=...")
+    if cfg["done"]["hypergrad"] != "none" and cfg["method"].startswith("done"):
+        raise ConfigError("the implicit hypergradient (done.hypergrad diag/cg, done-cid) is not "
+                          "supported under torchrun yet; use one process or done.hypergrad=none")
+    if cfg["perf"]["sync_bn"] and not torch.cuda.is_available():
+        raise ConfigError("perf.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
 
 
 def _fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int | None,
-         log: Callable[[str], None]) -> dict[str, Any] | None:
+         log: Callable[[str], None], d: distributed.Dist | None = None) -> dict[str, Any] | None:
+    d = d or distributed.Dist()
     cfg, model, method, device = run.cfg, run.model, run.method, run.device
+    perf = cfg["perf"]
     o = cfg["optim"]
+    if perf["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    train_model = distributed.wrap(d, model, perf["sync_bn"])
+    model = distributed.unwrap(train_model)  # SyncBatchNorm conversion makes a new module
+    attack_model: nn.Module = model
+    if perf["compile"]:
+        train_model = torch.compile(train_model, backend=perf["compile_backend"])  # type: ignore[assignment]
+        attack_model = train_model if not d.active else torch.compile(model, backend=perf["compile_backend"])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=perf["amp"] == "bf16")
     optimizer = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"],
                                 nesterov=o["nesterov"] and o["momentum"] > 0,
                                 weight_decay=o["weight_decay"])
     augment = resolve_augment(cfg["data"]["augment"], run.data.augment)
     batches = Batches(run.train.to(device), cfg["batch_size"], shuffle=True, seed=cfg["seed"],
-                      augment=augment)
+                      augment=augment, drop_last=d.active, shard=(d.rank, d.world))
     steps_per_epoch = len(batches)
     epochs = cfg["epochs"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -274,11 +345,14 @@ def _fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: in
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint in {out} does not fit this run ({e})") from None
         log(f"resuming {out} after epoch {start_epoch}/{epochs}")
-        _truncate_log(out / "log.jsonl", start_epoch)
-    progress = cfg["log"]["progress"] == "on" or (
-        cfg["log"]["progress"] == "auto" and sys.stderr.isatty())
+        distributed.on_main(d, lambda: _truncate_log(out / "log.jsonl", start_epoch))
+    progress = d.main and (cfg["log"]["progress"] == "on" or (
+        cfg["log"]["progress"] == "auto" and sys.stderr.isatty()))
+    extras = [k for k, v in (("channels-last", perf["channels_last"]), ("bf16", perf["amp"] == "bf16"),
+                             ("compiled", perf["compile"])) if v]
     log(f"training {cfg['method']} ({method.describe()}) on {run.data.name} "
-        f"[{len(run.train)} train examples] with {cfg['model']} on {device}")
+        f"[{len(run.train)} train examples] with {cfg['model']} on {device}"
+        + (f" x {d.world} processes" if d.active else "") + (f" ({', '.join(extras)})" if extras else ""))
     for epoch in range(start_epoch, epochs):
         method.weighting.start_epoch(epoch)
         stats = _Stats(run.data.num_classes, device)
@@ -289,8 +363,11 @@ def _fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: in
         bar = tqdm(batches.epoch(epoch), total=steps_per_epoch, disable=not progress,
                    desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
         for i, (x, y) in enumerate(bar):
+            if perf["channels_last"]:
+                x = x.contiguous(memory_format=torch.channels_last)
             ctx = StepContext(epoch, epochs, epoch * steps_per_epoch + i, gen)
-            res = method.step(model, x, y, ctx)
+            with autocast:
+                res = method.step(train_model, x, y, ctx, attack_model=attack_model)
             optimizer.zero_grad(set_to_none=True)
             res.objective.backward()
             if o["grad_clip"]:
@@ -298,13 +375,14 @@ def _fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: in
                 stats.add_grad_norm(norm, o["grad_clip"])
             optimizer.step()
             scheduler.step()
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 was = model.training
                 model.eval()
-                clean_correct = model(x).argmax(1) == y
+                clean_correct = attack_model(x).argmax(1) == y
                 model.train(was)
                 stats.add(res.loss, res.weights, y, res.logits_adv, clean_correct)
         bar.close()
+        stats.reduce(d)
         summary = stats.summary()
         if not math.isfinite(summary["loss"]):
             raise DoratError(
@@ -317,26 +395,37 @@ def _fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: in
             "seconds": round(seconds, 3), "examples_per_s": round(stats.n / max(seconds, 1e-9), 1),
             **method.weighting.epoch_log(),
         }
-        # Log line first, then the checkpoint: after a crash between the two, resume drops the
-        # line of the epoch the checkpoint does not hold.
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        save_state(out / "weights.safetensors", {"w": torch.cat(stats.w_all).cpu(),
-                                                  "y": torch.cat(stats.y_all).cpu()},
-                   meta={"epoch": str(epoch + 1)})
-        save_state(out / "checkpoint.safetensors", {
+
+        state_now = {
             "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "method": method.weighting.state_dict(),
-        }, meta={"method": cfg["method"], "model": cfg["model"], "dataset": cfg["dataset"]})
+        } if d.main else {}
+        distributed.on_main(d, partial(_write_epoch, out, record, stats.gathered(d), state_now, cfg))
         log(f"epoch {epoch + 1}/{epochs}: loss {summary['loss']:.4f}  "
             f"train clean {100 * summary['train_acc_clean']:.1f}%  "
             f"adv {100 * summary['train_acc_adv']:.1f}%  lr {record['lr']:.4g}  "
             f"{seconds:.1f}s ({record['examples_per_s']:.0f} ex/s)")
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs:
             return None
-    save_weights(out / "model.safetensors", model,
-                 meta={"model": cfg["model"], "dataset": cfg["dataset"], "method": cfg["method"]})
-    return final_evaluation(run, out, progress, log)
+
+    def finish() -> dict[str, Any]:
+        save_weights(out / "model.safetensors", model,
+                     meta={"model": cfg["model"], "dataset": cfg["dataset"], "method": cfg["method"]})
+        return final_evaluation(run, out, progress, log)
+
+    return distributed.broadcast(d, distributed.on_main(d, finish))
+
+
+def _write_epoch(out: Path, record: dict[str, Any], weights: tuple[torch.Tensor, torch.Tensor],
+                 state: dict[str, Any], cfg: dict[str, Any]) -> None:
+    # Log line first, then the checkpoint: after a crash between the two, resume drops the line
+    # of the epoch the checkpoint does not hold.
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    save_state(out / "weights.safetensors", {"w": weights[0], "y": weights[1]},
+               meta={"epoch": str(record["epoch"])})
+    save_state(out / "checkpoint.safetensors", state,
+               meta={"method": cfg["method"], "model": cfg["model"], "dataset": cfg["dataset"]})
 
 
 def _truncate_log(path: Path, epochs_done: int) -> None:

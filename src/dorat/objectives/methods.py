@@ -61,8 +61,10 @@ class Method:
         self.hypergrad = hypergrad
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             ctx: StepContext) -> StepOutput:
-        info = self.attack(model, x, y, ctx)
+             ctx: StepContext, attack_model: nn.Module | None = None) -> StepOutput:
+        """One batch's objective. ``model`` runs the training forward (it may be a DDP or
+        compiled wrapper); the attack runs on ``attack_model`` (default: ``model``)."""
+        info = self.attack(attack_model if attack_model is not None else model, x, y, ctx)
         hg = self.hypergrad
         shared = hg is not None and bn_free(model)
         if shared:  # train and eval mode agree: reuse the training forward for the correction
