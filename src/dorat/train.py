@@ -309,31 +309,70 @@ def _check_parallel(cfg: dict[str, Any], d: distributed.Dist) -> None:
         raise ConfigError("perf.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
 
 
+class Trainer:
+    """The hot loop of one run: model wrappers (DDP, compile), optimizer, schedule, and
+    ``step`` = attack + loss + weighting + backward + update, with no host sync.
+
+    ``_fit`` drives it epoch by epoch; benchmarks/perf.py times it against other loops."""
+
+    def __init__(self, run: Run, steps_per_epoch: int, d: distributed.Dist | None = None) -> None:
+        d = d or distributed.Dist()
+        cfg, model = run.cfg, run.model
+        perf, o = cfg["perf"], cfg["optim"]
+        self.method, self.grad_clip, self.channels_last = run.method, o["grad_clip"], perf["channels_last"]
+        if perf["channels_last"]:
+            model.to(memory_format=torch.channels_last)
+        self.train_model = distributed.wrap(d, model, perf["sync_bn"])
+        self.model = distributed.unwrap(self.train_model)  # SyncBatchNorm makes a new module
+        self.attack_model: nn.Module = self.model
+        if perf["compile"]:
+            backend = perf["compile_backend"]
+            self.train_model = torch.compile(self.train_model, backend=backend)  # type: ignore[assignment]
+            # under DDP the attack runs on the plain module, compiled separately
+            self.attack_model = (torch.compile(self.model, backend=backend) if d.active
+                                 else self.train_model)
+        self.autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=perf["amp"] == "bf16")
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=o["lr"], momentum=o["momentum"],
+                                         nesterov=o["nesterov"] and o["momentum"] > 0,
+                                         weight_decay=o["weight_decay"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
+            o["schedule"], cfg["epochs"] * steps_per_epoch, o["milestones"], o["gamma"]))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext, stats: _Stats | None) -> None:
+        model, method = self.model, self.method
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast:
+            res = method.step(self.train_model, x, y, ctx, attack_model=self.attack_model)
+        self.optimizer.zero_grad(set_to_none=True)
+        res.objective.backward()
+        if self.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+            if stats is not None:
+                stats.add_grad_norm(norm, self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if stats is not None:  # clean accuracy of the updated model, for the epoch's log line
+            with torch.no_grad(), self.autocast:
+                model.eval()
+                clean_correct = self.attack_model(x).argmax(1) == y
+                model.train()
+            stats.add(res.loss, res.weights, y, res.logits_adv, clean_correct)
+
+
 def _fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int | None,
          log: Callable[[str], None], d: distributed.Dist | None = None) -> dict[str, Any] | None:
     d = d or distributed.Dist()
-    cfg, model, method, device = run.cfg, run.model, run.method, run.device
+    cfg, method, device = run.cfg, run.method, run.device
     perf = cfg["perf"]
-    o = cfg["optim"]
-    if perf["channels_last"]:
-        model.to(memory_format=torch.channels_last)
-    train_model = distributed.wrap(d, model, perf["sync_bn"])
-    model = distributed.unwrap(train_model)  # SyncBatchNorm conversion makes a new module
-    attack_model: nn.Module = model
-    if perf["compile"]:
-        train_model = torch.compile(train_model, backend=perf["compile_backend"])  # type: ignore[assignment]
-        attack_model = train_model if not d.active else torch.compile(model, backend=perf["compile_backend"])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=perf["amp"] == "bf16")
-    optimizer = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"],
-                                nesterov=o["nesterov"] and o["momentum"] > 0,
-                                weight_decay=o["weight_decay"])
     augment = resolve_augment(cfg["data"]["augment"], run.data.augment)
     batches = Batches(run.train.to(device), cfg["batch_size"], shuffle=True, seed=cfg["seed"],
                       augment=augment, drop_last=d.active, shard=(d.rank, d.world))
     steps_per_epoch = len(batches)
     epochs = cfg["epochs"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(o["schedule"], epochs * steps_per_epoch, o["milestones"], o["gamma"]))
+    trainer = Trainer(run, steps_per_epoch, d)
+    run.model = model = trainer.model  # the evaluation uses the module that was trained
+    optimizer, scheduler = trainer.optimizer, trainer.scheduler
     start_epoch = 0
     if state is not None:
         try:
@@ -363,24 +402,7 @@ def _fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: in
         bar = tqdm(batches.epoch(epoch), total=steps_per_epoch, disable=not progress,
                    desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
         for i, (x, y) in enumerate(bar):
-            if perf["channels_last"]:
-                x = x.contiguous(memory_format=torch.channels_last)
-            ctx = StepContext(epoch, epochs, epoch * steps_per_epoch + i, gen)
-            with autocast:
-                res = method.step(train_model, x, y, ctx, attack_model=attack_model)
-            optimizer.zero_grad(set_to_none=True)
-            res.objective.backward()
-            if o["grad_clip"]:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
-                stats.add_grad_norm(norm, o["grad_clip"])
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad(), autocast:
-                was = model.training
-                model.eval()
-                clean_correct = attack_model(x).argmax(1) == y
-                model.train(was)
-                stats.add(res.loss, res.weights, y, res.logits_adv, clean_correct)
+            trainer.step(x, y, StepContext(epoch, epochs, epoch * steps_per_epoch + i, gen), stats)
         bar.close()
         stats.reduce(d)
         summary = stats.summary()
@@ -395,7 +417,6 @@ def _fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: in
             "seconds": round(seconds, 3), "examples_per_s": round(stats.n / max(seconds, 1e-9), 1),
             **method.weighting.epoch_log(),
         }
-
         state_now = {
             "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "method": method.weighting.state_dict(),
