@@ -119,13 +119,14 @@ def test_outputs_get_normal_file_permissions(tmp_path: Path) -> None:
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
 
 
-@pytest.mark.parametrize("opts", [["perf.channels_last=true"], ["perf.amp=bf16"],
+@pytest.mark.parametrize("opts", [["perf.channels_last=off"], ["perf.amp=bf16"],
                                   ["perf.compile=true", "perf.compile_backend=eager"],
-                                  ["perf.channels_last=true", "perf.amp=bf16", "method=done",
+                                  ["perf.channels_last=on", "perf.amp=bf16", "method=done",
                                    "done.warmup_epochs=0"]])
 def test_gpu_options_train_correctly_on_cpu(tmp_path: Path, synthetic_npz: Path, opts: list[str]) -> None:
-    """channels_last, bf16 autocast and torch.compile change speed, not the method: each trains
-    to about the plain run's accuracy, and the saved weights load into a plain model."""
+    """NCHW vs channels_last (the default on CPU), bf16 autocast and torch.compile change speed,
+    not the method: each trains to about the default run's accuracy, and the saved weights load
+    into a plain model."""
     plain = train(_cfg(synthetic_npz, "epochs=2"), tmp_path / "plain", log=lambda s: None)
     m = train(_cfg(synthetic_npz, "epochs=2", *opts), tmp_path / "opt", log=lambda s: None)
     assert m is not None and plain is not None

@@ -47,8 +47,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="directory holding the dataset files")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--channels-last", action="store_true", default=None,
-                   help="channels-last memory format (perf.channels_last; for GPUs)")
+    p.add_argument("--channels-last", choices=["auto", "on", "off"],
+                   help="channels-last memory format (perf.channels_last; default auto = on for "
+                        "CPU and CUDA)")
     p.add_argument("--amp", choices=["off", "bf16"], help="bf16 autocast (perf.amp; for GPUs)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the model (perf.compile)")
@@ -226,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "compare": cmd_compare,
                 "data": cmd_data}[a.cmd](a)
     except DoratError as e:
-        print(f"dorat: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+            print(f"dorat: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("dorat: interrupted; continue a training run with --resume", file=sys.stderr)

@@ -47,7 +47,9 @@ from dorat.objectives import check_method
 TOP_KEYS = {"title", "base", "set", "datasets", "model", "settings", "methods", "seeds", "evals"}
 METHOD_KEYS = {"name", "method", "set", "settings"}
 EVAL_KEYS = {"name", "attacks", "n", "eps", "steps", "restarts"}
-IGNORED_KEYS = ("device", "data.dir", "log.progress")  # may differ between machines
+# may differ between machines and do not change the method (perf.* are execution options)
+IGNORED_KEYS = ("device", "data.dir", "log.progress", "perf.channels_last", "perf.compile",
+                "perf.compile_backend", "perf.sync_bn")
 
 
 @dataclass

@@ -39,6 +39,7 @@ class EvalSettings:
     # Tests only: {"iters": .., "queries": .., "targets": ..} shrinks AutoAttack. Numbers made
     # with it are not AutoAttack numbers; metrics record the budget next to them.
     aa_budget: dict[str, int] | None = None
+    channels_last: bool = False  # feed batches in NHWC (for a model converted to channels_last)
 
     @property
     def step_size(self) -> float:
@@ -107,6 +108,8 @@ def run_attacks(
     with mode(model, False):
         for b in range(n_batches):
             xb = x[b * bs:(b + 1) * bs].to(device).float().div_(255)
+            if settings.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             yb = y[b * bs:(b + 1) * bs].to(device)
             with torch.no_grad():
                 table["clean"][b * bs:b * bs + len(yb)] = (model(xb).argmax(1) == yb).cpu()

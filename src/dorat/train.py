@@ -309,6 +309,13 @@ def _check_parallel(cfg: dict[str, Any], d: distributed.Dist) -> None:
         raise ConfigError("perf.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
 
 
+def use_channels_last(cfg: dict[str, Any], device: torch.device) -> bool:
+    """perf.channels_last: on, off, or auto = on for CPU and CUDA (all dorat models are convnets
+    on 4-D images; on CPU oneDNN's convolutions and max-pooling are much faster in NHWC)."""
+    setting = cfg["perf"]["channels_last"]
+    return setting == "on" or (setting == "auto" and device.type in ("cpu", "cuda"))
+
+
 class Trainer:
     """The hot loop of one run: model wrappers (DDP, compile), optimizer, schedule, and
     ``step`` = attack + loss + weighting + backward + update, with no host sync.
@@ -319,8 +326,9 @@ class Trainer:
         d = d or distributed.Dist()
         cfg, model = run.cfg, run.model
         perf, o = cfg["perf"], cfg["optim"]
-        self.method, self.grad_clip, self.channels_last = run.method, o["grad_clip"], perf["channels_last"]
-        if perf["channels_last"]:
+        self.method, self.grad_clip = run.method, o["grad_clip"]
+        self.channels_last = use_channels_last(cfg, run.device)
+        if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.train_model = distributed.wrap(d, model, perf["sync_bn"])
         self.model = distributed.unwrap(self.train_model)  # SyncBatchNorm makes a new module
@@ -387,7 +395,7 @@ def _fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: in
         distributed.on_main(d, lambda: _truncate_log(out / "log.jsonl", start_epoch))
     progress = d.main and (cfg["log"]["progress"] == "on" or (
         cfg["log"]["progress"] == "auto" and sys.stderr.isatty()))
-    extras = [k for k, v in (("channels-last", perf["channels_last"]), ("bf16", perf["amp"] == "bf16"),
+    extras = [k for k, v in (("channels-last", trainer.channels_last), ("bf16", perf["amp"] == "bf16"),
                              ("compiled", perf["compile"])) if v]
     log(f"training {cfg['method']} ({method.describe()}) on {run.data.name} "
         f"[{len(run.train)} train examples] with {cfg['model']} on {device}"
@@ -482,6 +490,9 @@ def evaluate_run(run: Run, progress: bool = False,
             f"(PGD/CW {settings.steps} steps, {settings.restarts} restart(s)"
             + (f"; AutoAttack {settings.aa_version}" if "aa" in cfg["eval"]["attacks"] else "") + ")"
             + ("; sanity checks on" if cfg["eval"]["checks"] else ""))
+    settings.channels_last = use_channels_last(cfg, run.device)
+    if settings.channels_last:
+        run.model.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     x, y = eval_split(run)
     metrics, _ = evaluate(run.model, x, y, run.data.classes, cfg["eval"]["attacks"], settings,
