@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dorat-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint data install clean results
+.PHONY: demo test lint data install clean results bench
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: data
 # again after a stop), partial tables are written as runs finish. OUT=dir to place the runs.
 results: data
 	PY=$(PY) bash benchmarks/results/run.sh
+
+# Training throughput of dorat's loop vs a textbook loop, side by side; rewrites the table in
+# docs/PERFORMANCE.md (a few minutes on 2 cores; needs Fashion-MNIST).
+bench: data
+	$(PY) benchmarks/perf.py --json docs/perf.json --doc docs/PERFORMANCE.md
 
 test: data
 	$(PY) -m pytest -q

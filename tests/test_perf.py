@@ -1,0 +1,38 @@
+"""benchmarks/perf.py in smoke mode: every row and target is produced and the doc block is
+replaced in place (speed is not asserted here; docs/PERFORMANCE.md holds the real run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _perf():
+    spec = importlib.util.spec_from_file_location("perf", ROOT / "benchmarks" / "perf.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def test_perf_smoke_produces_every_row(tmp_path: Path) -> None:
+    perf = _perf()
+    doc = tmp_path / "PERF.md"
+    doc.write_text(f"# Perf\n\nintro\n\n{perf.MARK_BEGIN}\nold table\n{perf.MARK_END}\n\nafter\n")
+    r = perf.main(["--smoke", "--json", str(tmp_path / "p.json"), "--doc", str(doc)])
+    assert set(r["rows"]) == {"reference", "at", "at-nchw", "done", "done-diag", "done-cid", "trades"}
+    for row in r["rows"].values():
+        for key in ("step_ms", "examples_per_s", "gflop_per_step", "flop_rate_fraction_of_gemm",
+                    "vs_reference", "step_time_x_at"):
+            assert math.isfinite(row[key]) and row[key] > 0, key
+    # the attack passes dominate: a PGD-2 step costs > 2x a plain forward-backward's FLOPs
+    assert r["rows"]["done-cid"]["gflop_per_step"] > r["rows"]["at"]["gflop_per_step"]
+    assert set(r["targets"]) == {"at", "done", "done-diag", "done-cid"}
+    assert r["eval_pgd20_examples_per_s"] > 0 and r["gemm_gflops"] > 0
+    assert json.loads((tmp_path / "p.json").read_text())["rows"].keys() == r["rows"].keys()
+    text = doc.read_text()
+    assert "old table" not in text and "intro" in text and "after" in text
+    assert text.count(perf.MARK_BEGIN) == 1 and "| reference |" in text
