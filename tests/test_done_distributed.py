@@ -153,3 +153,36 @@ def test_torchrun_style_training_equals_one_process_with_the_global_batch(tmp_pa
         assert abs(s["ess"] - d_["ess"]) < 1e-6  # logged metrics reduced over ranks
     ddp_metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert abs(ddp_metrics["sa"] - single["sa"]) < 1e-9
+
+
+def _refused_worker(rank: int, port: int, npz: str, out: str, q) -> None:  # noqa: ANN001
+    from dorat.train import train
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        train(_ddp_cfg(npz), out, log=lambda s: None)
+        q.put((rank, None))
+    except Exception as e:  # noqa: BLE001
+        q.put((rank, f"{type(e).__name__}: {e}"))
+
+
+def test_an_error_on_rank_0_stops_every_rank(tmp_path) -> None:  # noqa: ANN001
+    """Rank 0 checks the run directory; when it refuses (a finished run, no --overwrite), the
+    other rank raises the same error instead of waiting forever."""
+    from conftest import make_synthetic_npz
+    from dorat.train import train
+
+    npz = str(make_synthetic_npz(tmp_path / "toy.npz", n_train=128, n_test=40))
+    train(_ddp_cfg(npz), tmp_path / "done", log=lambda s: None)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_refused_worker, args=(r, port, npz, str(tmp_path / "done"), q))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    errors = dict(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert errors[0] == errors[1] and errors[0].startswith("ConfigError") and "finished run" in errors[0]

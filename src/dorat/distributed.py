@@ -75,21 +75,27 @@ def device_for(d: Dist, device: torch.device) -> torch.device:
 
 
 def on_main(d: Dist, fn: Callable[[], T]) -> T | None:
-    """Run ``fn`` on rank 0; a DoratError there is raised on every rank (nobody hangs)."""
+    """Run ``fn`` on rank 0; if it fails, every rank fails too (nobody waits for a dead rank 0):
+    a DoratError with its message, anything else as a DoratError naming rank 0's failure."""
     if not d.active:
         return fn()
     msg: list[Any] = [None]
-    result = None
+    result, failure = None, None
     if d.main:
         try:
             result = fn()
-        except DoratError as e:
-            msg[0] = (type(e).__name__, str(e))
+        except Exception as e:  # noqa: BLE001 (re-raised below, after telling the other ranks)
+            failure = e
+            msg[0] = (type(e).__name__ if isinstance(e, DoratError) else None, str(e))
     dist.broadcast_object_list(msg, src=0)
+    if failure is not None:
+        raise failure
     if msg[0] is not None:
         from dorat import errors
 
-        raise getattr(errors, msg[0][0], DoratError)(msg[0][1])
+        kind, text = msg[0]
+        raise getattr(errors, kind, DoratError)(text) if kind else DoratError(
+            f"rank 0 failed ({text}); see its output")
     return result
 
 
