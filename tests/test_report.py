@@ -175,3 +175,25 @@ def test_aggregate_with_missing_seed_uses_finished_ones(tmp_path: Path, syntheti
     agg = aggregate(grid)
     assert len(agg["rows"]) == 1 and agg["rows"][0]["seeds"] == [0]
     assert agg["rows"][0]["metrics"]["sa"]["std"] == 0.0 and agg["finished_runs"] == 1
+
+
+def test_compare_refuses_a_second_process_on_the_same_out(tmp_path: Path, synthetic_npz: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    f = _compare_file(tmp_path, synthetic_npz)
+    out = tmp_path / "out"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".compare.lock").write_text(str(sleeper.pid))  # a live compare holds OUT
+        with pytest.raises(ConfigError, match=f"another dorat compare \\(pid {sleeper.pid}\\)"):
+            compare(f, out, aggregate_only=True)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # its process is gone (killed): the stale lock is taken over, and released afterwards
+    compare(f, out, aggregate_only=True)
+    assert not (out / ".compare.lock").exists()
+    assert os.path.exists(out / "results.json")

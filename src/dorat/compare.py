@@ -30,12 +30,14 @@ in bold) and OUT/report.md with the per-class plot of the means.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -417,6 +419,42 @@ def write_outputs(grid: Grid, out: str | Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """One compare per OUT at a time: two would train the same runs into the same directories.
+    A lock left by a process that died (kill -9, a reboot) is taken over."""
+    lock = out / ".compare.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or "0")
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise ConfigError(f"another dorat compare (pid {pid}) is running on {out}; wait for it "
+                                  f"or stop it (it resumes where it stopped)") from None
+            lock.unlink(missing_ok=True)  # stale
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def compare(path: str | Path, out: str | Path, device: str | None = None, data_dir: str | None = None,
             log: Callable[[str], None] | None = None, progress: bool = False,
             aggregate_only: bool = False, only: Sequence[str] | None = None) -> Path:
@@ -427,6 +465,7 @@ def compare(path: str | Path, out: str | Path, device: str | None = None, data_d
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DoratError(f"cannot create {out} ({e.strerror}); choose another --out") from None
-    if not aggregate_only:
-        run_grid(grid, log, progress, only)
-    return write_outputs(grid, out)
+    with _lock(out):
+        if not aggregate_only:
+            run_grid(grid, log, progress, only)
+        return write_outputs(grid, out)
