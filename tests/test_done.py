@@ -304,3 +304,15 @@ def test_weights_finite_nonnegative_monotone_shift_invariant(first: list[float],
     a = _w(KLDROWeighting(r, 1.0, warmup_epochs=0), loss)
     b = _w(KLDROWeighting(r, 1.0, warmup_epochs=0), loss + shift)
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-300)
+
+
+def test_max_weight_caps_only_the_largest_weights() -> None:
+    loss = torch.tensor([0.1, 0.2, 0.3, 5.0, 9.0], dtype=torch.float64)
+    free = _w(KLDROWeighting(1.0, 1.0, warmup_epochs=0), loss)
+    capped = _w(KLDROWeighting(1.0, 1.0, warmup_epochs=0, max_weight=1.5), loss)
+    n = len(loss)
+    assert free.max() > 1.5 / n and torch.all(capped <= 1.5 / n + 1e-15)
+    small = free <= 1.5 / n
+    assert torch.equal(capped[small], free[small])  # the rest is untouched
+    with pytest.raises(Exception, match="max_weight"):
+        C.resolve(None, {"method": "done"}, ["done.max_weight=0.5"])

@@ -156,6 +156,9 @@ SCHEMA: dict[str, Any] = {
         "level": Opt("instance", "str", _choice("instance", "class", "mixed")),
         "target_ess": Opt(None, "float", lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
                           optional=True, help="adapt r between epochs to this ESS/|B|"),
+        "max_weight": Opt(None, "float", lambda v: None if v >= 1 else "must be >= 1", optional=True,
+                          help="cap each weight at this multiple of the uniform weight (outliers, "
+                               "label noise); not in the paper"),
         "lower": Opt("pgd", "str", _choice("pgd", "barrier-gd", "barrier-adam")),
         "hypergrad": Opt("none", "str", _choice("none", "diag", "cg")),
         "cg_iters": Opt(5, "int", _pos),

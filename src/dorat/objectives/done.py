@@ -68,7 +68,7 @@ class KLDROWeighting(Weighting):
 
     def __init__(self, r: float, beta: float, warmup_epochs: int = 0, level: str = "instance",
                  num_classes: int = 10, class_prior: list[float] | None = None,
-                 target_ess: float | None = None) -> None:
+                 target_ess: float | None = None, max_weight: float | None = None) -> None:
         if r <= 0:
             raise ValueError("r must be > 0")
         if not 0 < beta <= 1:
@@ -81,6 +81,10 @@ class KLDROWeighting(Weighting):
         prior = torch.tensor(class_prior or [1.0] * num_classes, dtype=torch.float64)
         self.log_prior = torch.log(prior / prior.sum())
         self.target_ess = target_ess
+        # optional cap on ŵ_i in units of the uniform weight: DRO puts its mass on the largest
+        # losses, which on real data include mislabelled examples (measured: one example at
+        # 570x the uniform weight with r = 0.5 on Fashion-MNIST)
+        self.max_weight = max_weight
         self.log_u: torch.Tensor | None = None  # instance level (float64 scalar)
         self.class_loss: torch.Tensor | None = None  # class level: running L̄_c (float64 [C])
         self.class_seen: torch.Tensor | None = None
@@ -101,6 +105,8 @@ class KLDROWeighting(Weighting):
             w = torch.exp(z - self.log_u) / n
         else:
             w = self._class_weights(loss, y)
+        if self.max_weight is not None:
+            w = w.clamp(max=self.max_weight / n)
         w = w.to(loss.dtype)
         self._track_ess(w)
         if not self.active:  # warm-up: plain AT, while the normaliser keeps tracking
