@@ -54,10 +54,11 @@ def test_report_markdown_and_pngs(tmp_path: Path, synthetic_npz: Path) -> None:
         assert cells[5] == f"{100 * m['ra']['worst']:.2f}"
         assert cells[6].startswith(f"{100 * m['worst_class']['worst']:.2f} (")
         assert cells[7] == f"{100 * m['tail30']['worst']:.2f}" and cells[8] == str(m["n"])
-    for png in ("per_class.png", "training.png", "weights.png"):
+    for png in ("per_class.png", "training.png", "weights.png", "top_weighted_done.png"):
         data = (tmp_path / "rep" / png).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000, png
         assert f"]({png})" in md
+    assert not (tmp_path / "rep" / "top_weighted_at.png").exists()  # uniform weights: no panel
     # the weights plot only has a row for the reweighting run
     from dorat.report import load_result
 

@@ -48,6 +48,9 @@ def test_log_lines_and_run_dir_contents(tmp_path: Path, synthetic_npz: Path) -> 
                 "examples_per_s", "ess", "w_max", "w_class_mean"):
         assert key in rec
     assert rec["ess"] == pytest.approx(1.0) and rec["w_max"] == pytest.approx(1.0)
+    w, _ = load_state(tmp_path / "r" / "weights.safetensors")
+    assert set(w) == {"w", "y", "loss", "idx"} and len(w["w"]) == 512  # every training example once
+    assert sorted(w["idx"].tolist()) == list(range(512))
     saved = C.load_yaml(str(tmp_path / "r" / "config.yaml"))[0]
     assert saved["epochs"] == 2 and saved["attack"]["steps"] == 2
     # the model learned the toy task

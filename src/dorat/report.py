@@ -33,7 +33,7 @@ class RunResult:
     metrics: dict[str, Any]
     metrics_file: str
     log: list[dict[str, Any]] = field(default_factory=list)
-    weights: Any = None  # (w, y) tensors of the last epoch, or None
+    weights: Any = None  # the last epoch's per-example tensors {"w", "y", "loss"?, "idx"?} or None
 
     @property
     def reweights(self) -> bool:
@@ -69,8 +69,7 @@ def load_result(run_dir: str | Path, metrics_file: str = "auto", name: str | Non
                 break
     weights = None
     if (d / "weights.safetensors").is_file():
-        t, _ = load_state(d / "weights.safetensors")
-        weights = (t["w"], t["y"])
+        weights, _ = load_state(d / "weights.safetensors")
     return RunResult(name or d.name, d, config, metrics, metrics_file, log, weights)
 
 
@@ -209,7 +208,7 @@ def plot_weights(results: Sequence[RunResult], classes: Sequence[str], path: Pat
         row[1].set_ylabel("weight (1 = uniform)")
         row[1].legend(ncol=2, fontsize=8)
         if r.weights is not None:
-            w = r.weights[0].numpy()
+            w = r.weights["w"].numpy()
             row[2].hist(w, bins=50, color="tab:blue")
             row[2].axvline(1.0, color="grey", lw=1, ls="--", label="uniform")
             row[2].set_yscale("log")
@@ -219,6 +218,46 @@ def plot_weights(results: Sequence[RunResult], classes: Sequence[str], path: Pat
             row[2].legend(title=f"{len(w)} examples, max {w.max():.1f}")
         else:
             row[2].set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_top_weighted(r: RunResult, path: Path, k: int = 24) -> Path | None:
+    """The k training examples with the largest weight in the last epoch, with label, weight
+    and adversarial loss: are they hard, or mislabelled?"""
+    if r.weights is None or "idx" not in r.weights or bool((r.weights["idx"] < 0).any()):
+        return None
+    from dorat import config as cfglib
+    from dorat.data import load_dataset
+    from dorat.data.loader import make_splits
+
+    try:  # the run's training split, rebuilt from its config (skipped if the data is not here)
+        cfg = cfglib.from_dict(r.config, str(r.path / "config.yaml"))
+        data = load_dataset(cfg["dataset"], cfg["data"]["dir"], allow_download=False)
+        train, _ = make_splits(data.x_train, data.y_train, data.num_classes, cfg["seed"],
+                               val_size=cfg["data"]["val_size"],
+                               train_subset=cfg["data"]["train_subset"],
+                               imbalance_ratio=cfg["data"]["imbalance_ratio"])
+    except DoratError:
+        return None
+    w = r.weights["w"]
+    top = w.argsort(descending=True)[:k]
+    plt = _plt()
+    cols = 8
+    rows = (len(top) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, j in zip(axes.flat, top.tolist()):
+        i = int(r.weights["idx"][j])
+        img = train.x[i].float().div(255).permute(1, 2, 0).squeeze(-1).numpy()
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+        loss = f", ℓ {float(r.weights['loss'][j]):.1f}" if "loss" in r.weights else ""
+        ax.set_title(f"{data.classes[int(train.y[i])]}\nw {float(w[j]):.0f}×{loss}", fontsize=9)
+    fig.suptitle(f"{r.name}: the {len(top)} most weighted training examples of the last epoch "
+                 "(label, weight in units of uniform, adversarial loss)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -257,6 +296,10 @@ def figure_lines(results: Sequence[RunResult], out: Path, prefix: str = "",
         plot_weights(results, classes, out / f"{prefix}weights.png")
         lines += ["Weight diagnostics of the reweighting runs (weights in units of the uniform "
                   "weight 1/|B|):", "", f"![weights]({prefix}weights.png)", ""]
+        for r in results:
+            png = f"{prefix}top_weighted_{r.name.replace(' ', '_')}.png"
+            if r.reweights and plot_top_weighted(r, out / png) is not None:
+                lines += [f"![most weighted examples of {r.name}]({png})", ""]
     return lines
 
 

@@ -6,7 +6,8 @@ RUN_DIR layout:
     checkpoint.safetensors  model + optimizer + scheduler + method state, written atomically
     model.safetensors       final weights
     weights.safetensors     the last finished epoch's training weights per example, in units
-                            of the uniform weight 1/|B| ("w"), with the labels ("y")
+                            of the uniform weight 1/|B| ("w"), with labels ("y"), adversarial
+                            losses ("loss") and positions in the training split ("idx")
     metrics.json            final evaluation (SA, RA, per-class, worst class, RA-Tail-30)
 
 Determinism: data order, augmentation and attack noise of epoch e are pure functions of
@@ -148,11 +149,14 @@ class _Stats:
         self.grad_norm_max, self.clipped, self.clip_used = z(), z(), False
         self.w_class = torch.zeros(num_classes, device=device, dtype=torch.float64)
         self.n_class = torch.zeros(num_classes, device=device, dtype=torch.float64)
-        self.w_all: list[torch.Tensor] = []
-        self.y_all: list[torch.Tensor] = []
+        self.w_all: list[torch.Tensor] = []  # per example of the epoch: weight, label, loss,
+        self.y_all: list[torch.Tensor] = []  # and position in the training split
+        self.loss_all: list[torch.Tensor] = []
+        self.idx_all: list[torch.Tensor] = []
 
     def add(self, loss: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
-            logits_adv: torch.Tensor | None, clean_correct: torch.Tensor) -> None:
+            logits_adv: torch.Tensor | None, clean_correct: torch.Tensor,
+            idx: torch.Tensor | None = None) -> None:
         b = len(y)
         self.loss += loss.double().sum()
         if logits_adv is not None:
@@ -167,6 +171,8 @@ class _Stats:
         self.n_class.index_add_(0, y, torch.ones_like(wd))
         self.w_all.append(wd.float())
         self.y_all.append(y)
+        self.loss_all.append(loss.detach().float())
+        self.idx_all.append(idx if idx is not None else torch.full_like(y, -1))
         self.batches += 1
 
     def add_grad_norm(self, norm: torch.Tensor, clip: float) -> None:
@@ -191,10 +197,10 @@ class _Stats:
         maxes = distributed.all_max(d, torch.stack([self.w_max, self.grad_norm_max]))
         self.w_max, self.grad_norm_max = maxes[0], maxes[1]
 
-    def gathered(self, d: distributed.Dist) -> tuple[torch.Tensor, torch.Tensor]:
-        """The epoch's per-example weights and labels of all ranks (on the CPU)."""
-        w, y = torch.cat(self.w_all), torch.cat(self.y_all)
-        return distributed.all_gather_cat(d, w).cpu(), distributed.all_gather_cat(d, y).cpu()
+    def gathered(self, d: distributed.Dist) -> dict[str, torch.Tensor]:
+        """The epoch's per-example weights, labels, losses and split positions of all ranks."""
+        parts = {"w": self.w_all, "y": self.y_all, "loss": self.loss_all, "idx": self.idx_all}
+        return {k: distributed.all_gather_cat(d, torch.cat(v)).cpu() for k, v in parts.items()}
 
     def _ess(self) -> float:
         """Mean over batches of ESS/|B| = (Σw)² / (|B|·Σw²), as in objectives.base.ess_fraction."""
@@ -346,7 +352,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
             o["schedule"], cfg["epochs"] * steps_per_epoch, o["milestones"], o["gamma"]))
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext, stats: _Stats | None) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext, stats: _Stats | None,
+             idx: torch.Tensor | None = None) -> None:
         model, method = self.model, self.method
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -365,7 +372,7 @@ class Trainer:
                 model.eval()
                 clean_correct = self.attack_model(x).argmax(1) == y
                 model.train()
-            stats.add(res.loss, res.weights, y, res.logits_adv, clean_correct)
+            stats.add(res.loss, res.weights, y, res.logits_adv, clean_correct, idx)
 
 
 def _fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int | None,
@@ -407,10 +414,10 @@ def _fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: in
         gen.manual_seed(cfg["seed"] * 1_000_003 + 20 * 7919 + epoch)
         model.train()
         t0 = time.perf_counter()
-        bar = tqdm(batches.epoch(epoch), total=steps_per_epoch, disable=not progress,
+        bar = tqdm(batches.indexed(epoch), total=steps_per_epoch, disable=not progress,
                    desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
-        for i, (x, y) in enumerate(bar):
-            trainer.step(x, y, StepContext(epoch, epochs, epoch * steps_per_epoch + i, gen), stats)
+        for i, (x, y, idx) in enumerate(bar):
+            trainer.step(x, y, StepContext(epoch, epochs, epoch * steps_per_epoch + i, gen), stats, idx)
         bar.close()
         stats.reduce(d)
         summary = stats.summary()
@@ -445,14 +452,13 @@ def _fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: in
     return distributed.broadcast(d, distributed.on_main(d, finish))
 
 
-def _write_epoch(out: Path, record: dict[str, Any], weights: tuple[torch.Tensor, torch.Tensor],
+def _write_epoch(out: Path, record: dict[str, Any], weights: dict[str, torch.Tensor],
                  state: dict[str, Any], cfg: dict[str, Any]) -> None:
     # Log line first, then the checkpoint: after a crash between the two, resume drops the line
     # of the epoch the checkpoint does not hold.
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    save_state(out / "weights.safetensors", {"w": weights[0], "y": weights[1]},
-               meta={"epoch": str(record["epoch"])})
+    save_state(out / "weights.safetensors", weights, meta={"epoch": str(record["epoch"])})
     save_state(out / "checkpoint.safetensors", state,
                meta={"method": cfg["method"], "model": cfg["model"], "dataset": cfg["dataset"]})
 

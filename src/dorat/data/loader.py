@@ -140,6 +140,13 @@ class Batches:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) batches of the epoch, from batch ``start`` on."""
+        for x, y, _ in self.indexed(epoch, start):
+            yield x, y
+
+    def indexed(self, epoch: int, start: int = 0
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(x, y, idx) batches; idx are the examples' positions in the split."""
         n = len(self.split)
         device = self.split.x.device
         order = torch.randperm(n, generator=_gen(self.seed, 10, epoch)) if self.shuffle else None
@@ -161,7 +168,7 @@ class Batches:
             x = self.split.x[sel].float().div_(255)
             if aug:
                 x = self._apply(x, *(a.to(device) for a in aug))
-            yield x, self.split.y[sel]
+            yield x, self.split.y[sel], sel
 
     def _draw(self, m: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
         if self.augment == "none":
