@@ -198,3 +198,32 @@ def test_compare_refuses_a_second_process_on_the_same_out(tmp_path: Path, synthe
     compare(f, out, aggregate_only=True)
     assert not (out / ".compare.lock").exists()
     assert os.path.exists(out / "results.json")
+
+
+def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path: Path, synthetic_npz: Path) -> None:
+    spec = yaml.safe_load(_compare_file(tmp_path, synthetic_npz).read_text())
+    spec["seeds"] = [0]
+    spec["evals"] = []
+    # a learning rate that makes the loss non-finite in the first epoch
+    spec["methods"] = [{"name": "boom", "method": "at", "set": {"optim.lr": 1.0e30,
+                                                               "optim.grad_clip": None}}, "at"]
+    f = tmp_path / "fail.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    logs: list[str] = []
+    compare(f, out, log=logs.append)
+    boom = next(r.path for r in load_grid(f, out).runs if r.name == "boom")
+    assert boom.parent.parent.parent.name.startswith("npz_")  # one directory per dataset
+    assert "diverged" in json.loads((boom / "failed.json").read_text())["error"]
+    assert any("boom/seed0: FAILED" in m for m in logs)
+    agg = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in agg["rows"]}
+    assert rows["boom"]["failed_seeds"] == [0] and rows["boom"]["seeds"] == []
+    assert rows["at"]["seeds"] == [0]
+    assert "| boom | 0 (1 failed) |" in (out / "results.md").read_text()
+    logs.clear()
+    compare(f, out, log=logs.append)  # skipped, not retried
+    assert any("failed earlier" in m and "skipped" in m for m in logs)
+    logs.clear()
+    compare(f, out, log=logs.append, retry_failed=True)
+    assert any("boom/seed0: training" in m for m in logs) and (boom / "failed.json").is_file()

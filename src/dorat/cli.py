@@ -101,6 +101,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--methods", help="comma-separated method names of the file to run now "
                    "(the aggregate still covers every finished run)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="train again the runs that failed before (RUN/failed.json)")
     p.add_argument("--aggregate-only", action="store_true",
                    help="do not train: aggregate whatever runs have finished")
 
@@ -188,7 +190,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from dorat.compare import compare
 
     path = compare(a.file, a.out, a.device, a.data_dir, progress=sys.stderr.isatty(),
-                   aggregate_only=a.aggregate_only,
+                   aggregate_only=a.aggregate_only, retry_failed=a.retry_failed,
                    only=[m for m in a.methods.split(",") if m] if a.methods else None)
     print((Path(a.out) / "results.md").read_text())
     print(f"report: {path}")

@@ -34,6 +34,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -50,6 +51,7 @@ TOP_KEYS = {"title", "base", "set", "datasets", "model", "settings", "methods", 
 METHOD_KEYS = {"name", "method", "set", "settings"}
 EVAL_KEYS = {"name", "attacks", "n", "eps", "steps", "restarts"}
 # may differ between machines and do not change the method (perf.* are execution options)
+FAILED = "failed.json"  # a run that stopped with an error: skipped until --retry-failed
 IGNORED_KEYS = ("device", "data.dir", "log.progress", "perf.channels_last", "perf.compile",
                 "perf.compile_backend", "perf.sync_bn")
 
@@ -175,9 +177,14 @@ def load_grid(path: str | Path, out: str | Path, device: str | None = None,
                 except ConfigError as e:
                     raise ConfigError(f"{path}: run {ds}/{sname}/{m['name']}: {e}") from None
                 runs.append(RunSpec(ds, sname, m["name"], seed, cfg,
-                                    out / "runs" / ds / sname / m["name"] / f"seed{seed}"))
+                                    out / "runs" / _dirname(ds) / sname / m["name"] / f"seed{seed}"))
     title = str(spec.get("title") or f"dorat compare: {path.stem}")
     return Grid(title, runs, evals, groups, names)
+
+
+def _dirname(name: str) -> str:
+    """A dataset name as one directory name (npz:/data/x.npz -> npz_data_x.npz)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "dataset"
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -197,15 +204,20 @@ def _status(run: RunSpec) -> str:
                 "changed since it ran: use a new --out, or delete that run directory to redo it")
     if (p / "metrics.json").is_file():
         return "done"
+    if (p / FAILED).is_file():
+        return "failed"
     if (p / "checkpoint.safetensors").is_file():
         return "resume"
     return "new"
 
 
 def run_grid(grid: Grid, log: Callable[[str], None] | None = None, progress: bool = False,
-             only: Sequence[str] | None = None) -> None:
+             only: Sequence[str] | None = None, retry_failed: bool = False) -> None:
     """Train and evaluate every run of the grid that has not finished yet (only the methods
-    named in ``only``, when given)."""
+    named in ``only``, when given). A run that fails with a user-level error (diverged loss,
+    bad value) is recorded in RUN/failed.json and the grid goes on; failed runs are skipped
+    on later calls unless ``retry_failed``."""
+    from dorat.checkpoint import write_text_atomic
     from dorat.train import train
 
     log = log or (lambda s: print(s, file=sys.stderr))
@@ -221,16 +233,35 @@ def run_grid(grid: Grid, log: Callable[[str], None] | None = None, progress: boo
         if only and r.name not in only:
             continue
         tag = f"[{i + 1}/{len(grid.runs)}] {r.dataset}/{r.setting}/{r.name}/seed{r.seed}"
+        if st == "failed":
+            if not retry_failed:
+                log(f"{tag}: failed earlier ({_failure(r)}); skipped (--retry-failed to try again)")
+                continue
+            (r.path / FAILED).unlink()
+            st = "resume" if (r.path / "checkpoint.safetensors").is_file() else "new"
         if st != "done":
             log(f"{tag}: {'resuming' if st == 'resume' else 'training'}")
             t0 = time.perf_counter()
             r.cfg["log"]["progress"] = "on" if progress else "off"
             for stale in r.path.glob("eval-*.json"):  # belong to an earlier, unfinished model
                 stale.unlink()
-            train(r.cfg, r.path, resume=st == "resume", overwrite=st == "new", log=log)
+            try:
+                train(r.cfg, r.path, resume=st == "resume", overwrite=st == "new", log=log)
+            except DoratError as e:
+                r.path.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(r.path / FAILED, json.dumps({"error": str(e)}, indent=2))
+                log(f"{tag}: FAILED ({e}); recorded in {r.path / FAILED}, going on")
+                continue
             log(f"{tag}: finished in {time.perf_counter() - t0:.0f}s")
         for e in grid.evals:
             _extra_eval(r, e, log, tag, progress)
+
+
+def _failure(r: RunSpec) -> str:
+    try:
+        return str(json.loads((r.path / FAILED).read_text())["error"])
+    except (OSError, ValueError, KeyError):
+        return "unreadable failed.json"
 
 
 def _extra_eval(r: RunSpec, e: dict[str, Any], log: Callable[[str], None], tag: str,
@@ -282,6 +313,7 @@ def aggregate(grid: Grid) -> dict[str, Any]:
             per_class: dict[str, list[list[float]]] = {}
             classes: list[str] = []
             seeds = []
+            failed = [r.seed for r in runs if (r.path / FAILED).is_file()]
             for r in runs:
                 mfile = r.path / "metrics.json"
                 if not mfile.is_file():
@@ -299,10 +331,10 @@ def aggregate(grid: Grid) -> dict[str, Any]:
                         per_class.setdefault(e["name"], []).append(em["per_class"][main_key(em)])
                 for k, v in flat.items():
                     per_seed.setdefault(k, []).append(v)
-            if not seeds:
+            if not seeds and not failed:
                 continue
             rows.append({
-                "dataset": ds, "setting": st, "method": name, "seeds": seeds,
+                "dataset": ds, "setting": st, "method": name, "seeds": seeds, "failed_seeds": failed,
                 "metrics": {k: mean_std(v) for k, v in per_seed.items()},
                 "per_class": {k: [statistics.fmean(c) for c in zip(*v)] for k, v in per_class.items()},
                 "per_class_std": {k: [statistics.stdev(c) if len(c) > 1 else 0.0 for c in zip(*v)]
@@ -366,7 +398,9 @@ def markdown_tables(agg: dict[str, Any], columns: Sequence[str] | None = None) -
                         else f"{100 * ms['mean']:.2f}")
                 is_best = len(rows) > 1 and math.isclose(ms["mean"], best[c] or 0, abs_tol=1e-12)
                 cells.append(f"**{cell}**" if is_best else cell)
-            lines.append(f"| {r['method']} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
+            n_seeds = str(len(r["seeds"])) + (f" ({len(r['failed_seeds'])} failed)"
+                                               if r.get("failed_seeds") else "")
+            lines.append(f"| {r['method']} | {n_seeds} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
@@ -388,11 +422,11 @@ def write_outputs(grid: Grid, out: str | Path) -> Path:
     write_text_atomic(out / "results.md", "\n".join(head + tables))
     lines = head + tables
     for ds, st in grid.groups:
-        rows = [r for r in agg["rows"] if (r["dataset"], r["setting"]) == (ds, st)]
+        rows = [r for r in agg["rows"] if (r["dataset"], r["setting"]) == (ds, st) and r["seeds"]]
         if not rows:
             continue
         tag = f"{ds}-{st}".replace("/", "_")
-        for key in rows[0]["per_class"]:
+        for key in dict.fromkeys(k for r in rows for k in r["per_class"]):
             png = f"per_class_{tag}_{key}.png"
             what = "main evaluation" if key == "main" else f"evaluation '{key}'"
             plot_per_class([(f"{r['method']} (n={len(r['seeds'])})", r["per_class"][key],
@@ -457,7 +491,8 @@ def _alive(pid: int) -> bool:
 
 def compare(path: str | Path, out: str | Path, device: str | None = None, data_dir: str | None = None,
             log: Callable[[str], None] | None = None, progress: bool = False,
-            aggregate_only: bool = False, only: Sequence[str] | None = None) -> Path:
+            aggregate_only: bool = False, only: Sequence[str] | None = None,
+            retry_failed: bool = False) -> Path:
     """Run (or continue) the grid, then aggregate; returns the report's path."""
     grid = load_grid(path, out, device, data_dir)
     out = Path(out)
@@ -467,5 +502,5 @@ def compare(path: str | Path, out: str | Path, device: str | None = None, data_d
         raise DoratError(f"cannot create {out} ({e.strerror}); choose another --out") from None
     with _lock(out):
         if not aggregate_only:
-            run_grid(grid, log, progress, only)
+            run_grid(grid, log, progress, only, retry_failed)
         return write_outputs(grid, out)
