@@ -125,7 +125,7 @@ def test_outputs_get_normal_file_permissions(tmp_path: Path) -> None:
 @pytest.mark.parametrize("opts", [["perf.channels_last=off"], ["perf.amp=bf16"],
                                   ["perf.compile=true", "perf.compile_backend=eager"],
                                   ["perf.channels_last=on", "perf.amp=bf16", "method=done",
-                                   "done.warmup_epochs=0"]])
+                                   "done.warmup_epochs=0"], ["perf.deterministic=true"]])
 def test_gpu_options_train_correctly_on_cpu(tmp_path: Path, synthetic_npz: Path, opts: list[str]) -> None:
     """NCHW vs channels_last (the default on CPU), bf16 autocast and torch.compile change speed,
     not the method: each trains to about the default run's accuracy, and the saved weights load
@@ -140,6 +140,7 @@ def test_gpu_options_train_correctly_on_cpu(tmp_path: Path, synthetic_npz: Path,
 
     run = load_run(tmp_path / "opt", "cpu")  # plain module: no "_orig_mod." keys, NCHW input ok
     assert not any("_orig_mod" in k for k in run.model.state_dict())
+    torch.use_deterministic_algorithms(False)  # perf.deterministic sets a process-wide flag
 
 
 def test_parallel_settings_are_checked() -> None:

@@ -53,7 +53,7 @@ EVAL_KEYS = {"name", "attacks", "n", "eps", "steps", "restarts"}
 # may differ between machines and do not change the method (perf.* are execution options)
 FAILED = "failed.json"  # a run that stopped with an error: skipped until --retry-failed
 IGNORED_KEYS = ("device", "data.dir", "log.progress", "perf.channels_last", "perf.compile",
-                "perf.compile_backend", "perf.sync_bn")
+                "perf.compile_backend", "perf.sync_bn", "perf.deterministic")
 
 
 @dataclass

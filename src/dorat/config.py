@@ -129,6 +129,8 @@ SCHEMA: dict[str, Any] = {
         "compile": Opt(False, "bool", help="torch.compile the model"),
         "compile_backend": Opt("inductor", "str", help="torch.compile backend"),
         "sync_bn": Opt(False, "bool", help="SyncBatchNorm under torchrun (CUDA only)"),
+        "deterministic": Opt(False, "bool", help="torch deterministic algorithms (bitwise-"
+                                                 "reproducible GPU runs, slower; CPU runs already are)"),
     },
     "trades": {"beta": Opt(6.0, "float", _nonneg, help="TRADES/MART-style KL weight beta_T")},
     "mart": {"beta": Opt(6.0, "float", _nonneg, help="MART's KL weight beta_M")},

@@ -333,6 +333,10 @@ class Trainer:
         cfg, model = run.cfg, run.model
         perf, o = cfg["perf"], cfg["optim"]
         self.method, self.grad_clip = run.method, o["grad_clip"]
+        if perf["deterministic"]:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         self.channels_last = use_channels_last(cfg, run.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
