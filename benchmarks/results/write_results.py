@@ -44,6 +44,39 @@ PROTOCOL = """\
 """
 
 
+def plot_sweep(sweep: dict, path: Path) -> bool:
+    """RA-PGD, worst-class and Tail-30 (PGD) on the validation split against DONE's r, with
+    PGD-AT as dashed lines (rows named done-r<value>)."""
+    import re
+
+    from dorat.report import _plt
+
+    pts = sorted((float(m.group(1)), r) for r in sweep["rows"]
+                 if (m := re.fullmatch(r"done-r([0-9.]+)", r["method"])))
+    at = next((r for r in sweep["rows"] if r["method"] == "at"), None)
+    if len(pts) < 2:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.0))
+    for ax, (key, label) in zip(axes, (("ra.pgd", "RA-PGD"), ("tail30.pgd", "RA-Tail-30 (PGD)"),
+                                       ("worst_class.pgd", "worst-class RA (PGD)"))):
+        ax.plot([r for r, _ in pts], [100 * row["metrics"][key]["mean"] for _, row in pts],
+                marker="o", color="tab:orange", label="DONE")
+        if at is not None:
+            ax.axhline(100 * at["metrics"][key]["mean"], color="tab:blue", ls="--", label="PGD-AT")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("r (KL temperature, log scale)")
+        ax.set_ylabel(f"{label} (%)")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("DONE's r on the validation split (seed 0)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", type=Path, required=True)
@@ -60,6 +93,8 @@ def main() -> None:
                   "images)", "", f"{sweep['finished_runs']} of {sweep['total_runs']} sweep runs "
                   "finished.", ""]
         lines += markdown_tables(sweep, SWEEP_COLUMNS)[2:]
+        if plot_sweep(sweep, res / "sweep_r.png"):
+            lines += ["![RA and worst-class RA against r](results/sweep_r.png)", ""]
     if (a.grid / "results.json").is_file():
         grid = json.loads((a.grid / "results.json").read_text())
         shutil.copy(a.grid / "results.json", res / "grid.json")
