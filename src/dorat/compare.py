@@ -500,7 +500,8 @@ def compare(path: str | Path, out: str | Path, device: str | None = None, data_d
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DoratError(f"cannot create {out} ({e.strerror}); choose another --out") from None
+    if aggregate_only:  # reads finished runs only: fine beside a compare that is training
+        return write_outputs(grid, out)
     with _lock(out):
-        if not aggregate_only:
-            run_grid(grid, log, progress, only, retry_failed)
+        run_grid(grid, log, progress, only, retry_failed)
         return write_outputs(grid, out)
