@@ -229,3 +229,17 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path: Path, syntheti
     logs.clear()
     compare(f, out, log=logs.append, retry_failed=True)
     assert any("boom/seed0: training" in m for m in logs) and (boom / "failed.json").is_file()
+
+
+def test_compare_set_can_name_the_dataset_and_null_a_key(tmp_path: Path, synthetic_npz: Path) -> None:
+    f = tmp_path / "g.yaml"
+    f.write_text(yaml.safe_dump({"base": "fmnist-demo", "methods": ["at"],
+                                 "set": {"dataset": f"npz:{synthetic_npz}", "data.train_subset": None},
+                                 "settings": {"plain": {}, "lt": {"data.imbalance_ratio": 4}}},
+                                sort_keys=False))
+    grid = load_grid(f, tmp_path / "o")
+    assert [r.setting for r in grid.runs] == ["plain", "lt"]
+    for r in grid.runs:
+        assert r.cfg["dataset"] == f"npz:{synthetic_npz}" and r.cfg["data"]["train_subset"] is None
+        assert r.path.parts[-4].startswith("npz_")
+    assert grid.runs[1].cfg["data"]["imbalance_ratio"] == 4

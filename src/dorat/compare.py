@@ -132,7 +132,7 @@ def load_grid(path: str | Path, out: str | Path, device: str | None = None,
     seeds = spec.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise ConfigError(f"{path}: seeds must be a list of non-negative integers, got {seeds!r}")
-    base_cfg = cfglib.resolve(base)
+    base_cfg = cfglib.resolve(base, overrides=common)
     datasets = spec.get("datasets") or [base_cfg["dataset"]]
     evals = spec.get("evals") or []
     for e in evals:
@@ -166,13 +166,14 @@ def load_grid(path: str | Path, out: str | Path, device: str | None = None,
             for m in entries:
                 if m.get("settings") and sname not in m["settings"]:
                     continue
-                flags = {**common, "dataset": ds, "method": m["method"], "seed": seed,
-                         **({"model": spec["model"]} if spec.get("model") else {}),
-                         **_mapping(settings[sname], f"{path}: settings.{sname}"),
-                         **_mapping(m.get("set"), f"{path}: {m['name']}.set"),
-                         "device": device, "data.dir": data_dir}
+                # later layers win: common set < dataset/method/seed/model < setting < method set
+                over = {**common, "dataset": ds, "method": m["method"], "seed": seed,
+                        **({"model": spec["model"]} if spec.get("model") else {}),
+                        **_mapping(settings[sname], f"{path}: settings.{sname}"),
+                        **_mapping(m.get("set"), f"{path}: {m['name']}.set")}
                 try:
-                    cfg = cfglib.resolve(base, flags)
+                    cfg = cfglib.resolve(base, {"device": device, "data.dir": data_dir},
+                                         overrides=over)
                     check_method(cfg)
                 except ConfigError as e:
                     raise ConfigError(f"{path}: run {ds}/{sname}/{m['name']}: {e}") from None

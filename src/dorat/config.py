@@ -337,8 +337,10 @@ def resolve(
     config: str | None = None,
     flags: dict[str, Any] | None = None,
     sets: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build a validated config from defaults, a preset, CLI flags and --set items."""
+    """Build a validated config from defaults, a preset, CLI flags (None = not given),
+    --set items and ``overrides`` (dotted keys, applied last, None = null)."""
     layers: list[tuple[dict[str, Any], str | None]] = []  # (values, source named in errors)
     if config:
         data, source = load_yaml(config)
@@ -349,6 +351,7 @@ def resolve(
         key, value = parse_set(item)
         sets_dict[key] = value
     layers.append((sets_dict, None))
+    layers.append((dict(overrides or {}), None))
 
     def build(method_layer: dict[str, Any]) -> dict[str, Any]:
         cfg = defaults()
