@@ -99,11 +99,6 @@ def on_main(d: Dist, fn: Callable[[], T]) -> T | None:
     return result
 
 
-def barrier(d: Dist) -> None:
-    if d.active:
-        dist.barrier()
-
-
 def broadcast(d: Dist, obj: T) -> T:
     """Rank 0's ``obj`` on every rank."""
     if not d.active:

@@ -231,15 +231,12 @@ def plot_top_weighted(r: RunResult, path: Path, k: int = 24) -> Path | None:
         return None
     from dorat import config as cfglib
     from dorat.data import load_dataset
-    from dorat.data.loader import make_splits
+    from dorat.train import run_splits
 
     try:  # the run's training split, rebuilt from its config (skipped if the data is not here)
         cfg = cfglib.from_dict(r.config, str(r.path / "config.yaml"))
         data = load_dataset(cfg["dataset"], cfg["data"]["dir"], allow_download=False)
-        train, _ = make_splits(data.x_train, data.y_train, data.num_classes, cfg["seed"],
-                               val_size=cfg["data"]["val_size"],
-                               train_subset=cfg["data"]["train_subset"],
-                               imbalance_ratio=cfg["data"]["imbalance_ratio"])
+        train, _ = run_splits(cfg, data)
     except DoratError:
         return None
     w = r.weights["w"]

@@ -48,6 +48,7 @@ from dorat.errors import CheckpointError, ConfigError, DoratError
 from dorat.evaluate import ATTACK_NAMES, evaluate, settings_from_config
 from dorat.models import build_model
 from dorat.objectives import Method, StepContext, build_method, check_method
+from dorat.objectives.base import ess_from_moments
 
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.safetensors", "model.safetensors",
              "weights.safetensors", "metrics.json")
@@ -95,16 +96,20 @@ class Run:
     device: torch.device
 
 
+def run_splits(cfg: dict[str, Any], data: Dataset) -> tuple[Split, Split | None]:
+    """The run's training split and held-out validation split, as its config defines them."""
+    d = cfg["data"]
+    return make_splits(data.x_train, data.y_train, data.num_classes, cfg["seed"],
+                       val_size=d["val_size"], train_subset=d["train_subset"],
+                       imbalance_ratio=d["imbalance_ratio"])
+
+
 def prepare(cfg: dict[str, Any], d: distributed.Dist | None = None) -> Run:
     """Validate the config, load data, build model and method. Writes nothing."""
     device = distributed.device_for(d or distributed.Dist(), resolve_device(cfg["device"]))
     check_method(cfg)  # an unknown method fails before data is read
     data = load_dataset(cfg["dataset"], cfg["data"]["dir"], cfg["data"]["download"])
-    train, val = make_splits(
-        data.x_train, data.y_train, data.num_classes, cfg["seed"],
-        val_size=cfg["data"]["val_size"], train_subset=cfg["data"]["train_subset"],
-        imbalance_ratio=cfg["data"]["imbalance_ratio"],
-    )
+    train, val = run_splits(cfg, data)
     if cfg["eval"]["split"] == "val" and val is None:
         raise ConfigError("eval.split=val needs a validation split: set data.val_size (e.g. 5000)")
     method = build_method(cfg, {"num_classes": data.num_classes,
@@ -203,11 +208,11 @@ class _Stats:
         return {k: distributed.all_gather_cat(d, torch.cat(v)).cpu() for k, v in parts.items()}
 
     def _ess(self) -> float:
-        """Mean over batches of ESS/|B| = (Σw)² / (|B|·Σw²), as in objectives.base.ess_fraction."""
+        """Mean over batches of ESS/|B| (each batch the global one under DDP)."""
         if not self.w_moments:
             return 1.0
         m = torch.stack(self.w_moments)
-        return float((m[:, 0] ** 2 / (m[:, 2] * m[:, 1]).clamp_min(1e-300)).mean())
+        return float(ess_from_moments(m[:, 0], m[:, 1], m[:, 2]).mean())
 
     def summary(self) -> dict[str, Any]:
         n = max(self.n, 1)

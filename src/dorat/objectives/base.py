@@ -42,11 +42,17 @@ class LossOutput:
     base: torch.Tensor | None = None
 
 
+def ess_from_moments(sum_w: torch.Tensor, sum_w2: torch.Tensor, n: torch.Tensor | int
+                     ) -> torch.Tensor:
+    """(Σw)² / (|B|·Σw²) from a batch's moments (elementwise, so batches can be stacked)."""
+    return sum_w ** 2 / (sum_w2 * n).clamp_min(1e-300)
+
+
 def ess_fraction(w: torch.Tensor) -> torch.Tensor:
     """Effective sample size of a batch's weights relative to the batch: (Σw)² / (|B|·Σw²),
     1 for uniform weights, 1/|B| when one example takes all (float64 scalar)."""
     wd = w.double()
-    return wd.sum() ** 2 / (wd.pow(2).sum() * len(w)).clamp_min(1e-300)
+    return ess_from_moments(wd.sum(), wd.pow(2).sum(), len(w))
 
 
 class Attack(Protocol):
