@@ -137,6 +137,8 @@ MATRIX: dict[str, tuple] = {
                           "has no metrics.json"),
     "compare-bad-file": (lambda t, r: ["compare", _yaml(t, "methods: [at]\nseedz: [1]\n"), "--out",
                                        str(t / "cmp")], "unknown key(s) seedz"),
+    "compare-bad-yaml": (lambda t, r: ["compare", _yaml(t, "methods:\n  - at\nseeds: [0]\n  - done\n"),
+                                       "--out", str(t / "cmp")], "not valid YAML at line 4, column 3"),
     "data-fetch-unknown": (lambda t, r: ["data", "fetch", "imagenet-xyz"], "unknown dataset"),
 }
 

@@ -326,11 +326,23 @@ def load_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
                 f"presets: {', '.join(preset_names())}"
             )
         text, source = res.read_text(), f"preset {name_or_path}"
+    return parse_yaml(text, source), source
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` with one clear error naming the file, line and column."""
+    import yaml
+
     try:
-        data = yaml.safe_load(text) or {}
+        return yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return data, source
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context = getattr(e, "context", None)
+        what = f"{context}: {what}" if context else what
+        raise ConfigError(f"{source}: not valid YAML{where} ({what}); fix the YAML syntax "
+                          "there (indentation, a missing ':' or quote)") from None
 
 
 def resolve(
