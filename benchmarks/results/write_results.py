@@ -38,7 +38,8 @@ PROTOCOL = """\
 - Evaluation: SA, RA-PGD20 and RA-CW (20 steps) on the full 10,000-image test set (exact
   per-class numbers); the columns marked [aa1000] are PGD-20, CW and AutoAttack standard on
   1,000 stratified test points, where "(all)" is the worst case over the three attacks.
-- DONE's r and warm-up were chosen on the validation split (sweep below), never on the test set.
+- DONE's r, β (normaliser rate), warm-up and lower level were chosen on the validation split
+  (sweep below, by the rule written in its file), never on the test set.
 - Reproduce: `make results` (resumable; the grid is in
   [benchmarks/results/fmnist.yaml](../benchmarks/results/fmnist.yaml)).
 """
@@ -89,7 +90,7 @@ def main() -> None:
     if (a.sweep / "results.json").is_file():
         sweep = json.loads((a.sweep / "results.json").read_text())
         shutil.copy(a.sweep / "results.json", res / "sweep.json")
-        lines += ["## DONE's r on the validation split (seed 0, PGD-20 and CW on 5,000 validation "
+        lines += ["## DONE's r, β, warm-up and lower level on the validation split (seed 0, PGD-20 and CW on 5,000 validation "
                   "images)", "", f"{sweep['finished_runs']} of {sweep['total_runs']} sweep runs "
                   "finished.", ""]
         lines += markdown_tables(sweep, SWEEP_COLUMNS)[2:]
