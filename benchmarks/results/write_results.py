@@ -91,8 +91,8 @@ def main() -> None:
         sweep = json.loads((a.sweep / "results.json").read_text())
         shutil.copy(a.sweep / "results.json", res / "sweep.json")
         lines += ["## DONE's r, β, warm-up and lower level on the validation split (seed 0, "
-                  "PGD-20 and CW on 5,000 validation images)", "", f"{sweep['finished_runs']} of {sweep['total_runs']} sweep runs "
-                  "finished.", ""]
+                  "PGD-20 and CW on 5,000 validation images)", "",
+                  f"{sweep['finished_runs']} of {sweep['total_runs']} sweep runs finished.", ""]
         lines += markdown_tables(sweep, SWEEP_COLUMNS)[2:]
         if plot_sweep(sweep, res / "sweep_r.png"):
             lines += ["![RA and worst-class RA against r](results/sweep_r.png)", ""]
