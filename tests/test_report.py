@@ -243,3 +243,21 @@ def test_compare_set_can_name_the_dataset_and_null_a_key(tmp_path: Path, synthet
         assert r.cfg["dataset"] == f"npz:{synthetic_npz}" and r.cfg["data"]["train_subset"] is None
         assert r.path.parts[-4].startswith("npz_")
     assert grid.runs[1].cfg["data"]["imbalance_ratio"] == 4
+
+
+def test_a_method_can_have_its_own_seeds(tmp_path: Path) -> None:
+    """More seeds for some methods (the finalists of a sweep): the file's seeds come first in
+    the run order, extra seeds after them; a bad per-method list is one clear error."""
+    f = tmp_path / "g.yaml"
+    f.write_text(yaml.safe_dump({"base": "fmnist-demo", "seeds": [3, 0], "methods": [
+        "at", {"name": "d", "method": "done", "seeds": [0, 3, 1, 2]}]}, sort_keys=False))
+    grid = load_grid(f, tmp_path / "o")
+    assert [(r.name, r.seed) for r in grid.runs] == [("at", 3), ("d", 3), ("at", 0), ("d", 0),
+                                                      ("d", 1), ("d", 2)]
+    assert all(r.cfg["seed"] == r.seed and r.path.name == f"seed{r.seed}" for r in grid.runs)
+    for seeds, msg in (([], "non-empty"), ([1, 1], "twice"), ([-1], "non-negative"), (["a"], "integers")):
+        f.write_text(yaml.safe_dump({"base": "fmnist-demo",
+                                     "methods": [{"name": "d", "method": "done", "seeds": seeds}]}))
+        with pytest.raises(ConfigError, match=f"d.seeds.*{msg}"):
+            load_grid(f, tmp_path / "o")
+    assert not (tmp_path / "o").exists()

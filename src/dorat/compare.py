@@ -13,6 +13,7 @@ A compare file (YAML) names the grid:
     methods:                                  # presets, or a named preset with overrides
       - at
       - {name: done-r2, method: done, set: {done.r: 2.0}, settings: [balanced]}
+      - {name: done-r4, method: done, set: {done.r: 4.0}, seeds: [0, 1, 2, 3, 4]}  # own seeds
     seeds: [0, 1, 2]
     evals:                                    # optional extra evaluations per run
       - {name: aa1000, attacks: [pgd, cw, aa], n: 1000}
@@ -48,7 +49,7 @@ from dorat.errors import ConfigError, DoratError
 from dorat.objectives import check_method
 
 TOP_KEYS = {"title", "base", "set", "datasets", "model", "settings", "methods", "seeds", "evals"}
-METHOD_KEYS = {"name", "method", "set", "settings"}
+METHOD_KEYS = {"name", "method", "set", "settings", "seeds"}
 EVAL_KEYS = {"name", "attacks", "n", "eps", "steps", "restarts"}
 # may differ between machines and do not change the method (perf.* are execution options)
 FAILED = "failed.json"  # a run that stopped with an error: skipped until --retry-failed
@@ -124,9 +125,7 @@ def load_grid(path: str | Path, out: str | Path, device: str | None = None,
     methods = spec.get("methods")
     if not methods or not isinstance(methods, list):
         raise ConfigError(f"{path}: methods must be a non-empty list (e.g. [at, done])")
-    seeds = spec.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise ConfigError(f"{path}: seeds must be a list of non-negative integers, got {seeds!r}")
+    seeds = _seeds(spec.get("seeds", [0]), f"{path}: seeds")
     base_cfg = cfglib.resolve(base, overrides=common)
     datasets = spec.get("datasets") or [base_cfg["dataset"]]
     evals = spec.get("evals") or []
@@ -144,6 +143,8 @@ def load_grid(path: str | Path, out: str | Path, device: str | None = None,
             raise ConfigError(f"{path}: a method entry is a preset name or a mapping with 'method' "
                               f"and optional {', '.join(sorted(METHOD_KEYS - {'method'}))}; got {m!r}")
         m.setdefault("name", m["method"])
+        # a method may have its own seeds (e.g. more seeds for the finalists of a sweep)
+        m["seeds"] = _seeds(m["seeds"], f"{path}: {m['name']}.seeds") if "seeds" in m else seeds
         bad = set(m.get("settings") or []) - set(settings)
         if bad:
             raise ConfigError(f"{path}: method {m['name']} names unknown setting(s) {', '.join(bad)}")
@@ -156,10 +157,10 @@ def load_grid(path: str | Path, out: str | Path, device: str | None = None,
     out = Path(out)
     # Seeds outermost: the first pass gives every method one finished run, so a grid stopped
     # early already compares all methods.
-    for seed in seeds:
+    for seed in sorted(set().union(*(m["seeds"] for m in entries)), key=_order(seeds)):
         for ds, sname in groups:
             for m in entries:
-                if m.get("settings") and sname not in m["settings"]:
+                if m.get("settings") and sname not in m["settings"] or seed not in m["seeds"]:
                     continue
                 # later layers win: common set < dataset/method/seed/model < setting < method set
                 over = {**common, "dataset": ds, "method": m["method"], "seed": seed,
@@ -176,6 +177,20 @@ def load_grid(path: str | Path, out: str | Path, device: str | None = None,
                                     out / "runs" / _dirname(ds) / sname / m["name"] / f"seed{seed}"))
     title = str(spec.get("title") or f"dorat compare: {path.stem}")
     return Grid(title, runs, evals, groups, names)
+
+
+def _seeds(v: Any, where: str) -> list[int]:
+    if not isinstance(v, list) or not v or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                   and s >= 0 for s in v):
+        raise ConfigError(f"{where} must be a non-empty list of non-negative integers, got {v!r}")
+    if len(set(v)) != len(v):
+        raise ConfigError(f"{where} lists a seed twice: {v!r}")
+    return v
+
+
+def _order(seeds: list[int]) -> Callable[[int], tuple[int, int]]:
+    """The file's seeds in their order first, then seeds only some methods have, ascending."""
+    return lambda s: (seeds.index(s), 0) if s in seeds else (len(seeds), s)
 
 
 def _dirname(name: str) -> str:
