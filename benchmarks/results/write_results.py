@@ -46,8 +46,8 @@ PROTOCOL = """\
 
 
 def plot_sweep(sweep: dict, path: Path) -> bool:
-    """RA-PGD, worst-class and Tail-30 (PGD) on the validation split against DONE's r, with
-    PGD-AT as dashed lines (rows named done-r<value>)."""
+    """RA-PGD, Tail-30 and worst-class RA on the validation split against DONE's r (rows
+    named done-r<value>), mean ± std over each row's seeds, PGD-AT as a dashed line and band."""
     import re
 
     from dorat.report import _plt
@@ -58,20 +58,28 @@ def plot_sweep(sweep: dict, path: Path) -> bool:
     if len(pts) < 2:
         return False
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.0))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     for ax, (key, label) in zip(axes, (("ra.pgd", "RA-PGD"), ("tail30.pgd", "RA-Tail-30 (PGD)"),
-                                       ("worst_class.pgd", "worst-class RA (PGD)"))):
-        ax.plot([r for r, _ in pts], [100 * row["metrics"][key]["mean"] for _, row in pts],
-                marker="o", color="tab:orange", label="DONE")
+                                       ("tail30.worst", "RA-Tail-30 (PGD+CW): the rule"),
+                                       ("worst_class.worst", "worst-class RA (PGD+CW)"))):
+        ax.errorbar([r for r, _ in pts], [100 * row["metrics"][key]["mean"] for _, row in pts],
+                    yerr=[100 * row["metrics"][key]["std"] for _, row in pts], marker="o",
+                    capsize=3, color="tab:orange", label="DONE (mean ± std over its seeds)")
+        for r, row in pts:
+            ax.annotate(f"n={len(row['seeds'])}", (r, 100 * row["metrics"][key]["mean"]),
+                        textcoords="offset points", xytext=(4, -12), fontsize=7)
         if at is not None:
-            ax.axhline(100 * at["metrics"][key]["mean"], color="tab:blue", ls="--", label="PGD-AT")
+            m, sd = (100 * at["metrics"][key][k] for k in ("mean", "std"))
+            ax.axhline(m, color="tab:blue", ls="--", label=f"PGD-AT (r = ∞, n={len(at['seeds'])})")
+            if sd > 0:
+                ax.axhspan(m - sd, m + sd, color="tab:blue", alpha=0.12)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("r (KL temperature, log scale)")
         ax.set_ylabel(f"{label} (%)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("DONE's r on the validation split (seed 0)")
+    fig.suptitle("DONE's r on the validation split")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
