@@ -86,6 +86,20 @@ def plot_sweep(sweep: dict, path: Path) -> bool:
     return True
 
 
+def seed_view(agg: dict, seed: int) -> dict:
+    """The aggregate restricted to one seed (rows without it dropped), so that rows with one
+    and with several seeds are not compared mean against single run."""
+    rows = []
+    for r in agg["rows"]:
+        if seed not in r["seeds"]:
+            continue
+        i = r["seeds"].index(seed)
+        metrics = {k: {**v, "mean": v["values"][i], "std": 0.0, "n": 1, "values": [v["values"][i]]}
+                   for k, v in r["metrics"].items() if len(v["values"]) == len(r["seeds"])}
+        rows.append({**r, "seeds": [seed], "failed_seeds": [], "metrics": metrics})
+    return {**agg, "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", type=Path, required=True)
@@ -98,10 +112,15 @@ def main() -> None:
     if (a.sweep / "results.json").is_file():
         sweep = json.loads((a.sweep / "results.json").read_text())
         shutil.copy(a.sweep / "results.json", res / "sweep.json")
-        lines += ["## DONE's r, β, warm-up and lower level on the validation split (seed 0, "
-                  "PGD-20 and CW on 5,000 validation images)", "",
-                  f"{sweep['finished_runs']} of {sweep['total_runs']} sweep runs finished.", ""]
-        lines += markdown_tables(sweep, SWEEP_COLUMNS)[2:]
+        lines += ["## DONE's r, β, warm-up and lower level on the validation split", "",
+                  "PGD-20 and CW on the 5,000 held-out validation images. "
+                  f"{sweep['finished_runs']} of {sweep['total_runs']} sweep runs finished.", "",
+                  "### Every candidate, seed 0", ""]
+        lines += markdown_tables(seed_view(sweep, 0), SWEEP_COLUMNS)[2:]
+        finalists = {**sweep, "rows": [r for r in sweep["rows"] if len(r["seeds"]) > 1]}
+        if finalists["rows"]:
+            lines += ["### The finalists, seeds 0-2 (mean ± std): what the rule was applied to", ""]
+            lines += markdown_tables(finalists, SWEEP_COLUMNS)[2:]
         if plot_sweep(sweep, res / "sweep_r.png"):
             lines += ["![RA and worst-class RA against r](results/sweep_r.png)", ""]
     if (a.grid / "results.json").is_file():
