@@ -261,3 +261,13 @@ def test_a_method_can_have_its_own_seeds(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=f"d.seeds.*{msg}"):
             load_grid(f, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name,runs", [("fmnist.yaml", 60), ("fmnist-sweep.yaml", 23)])
+def test_results_compare_files_are_valid(tmp_path: Path, name: str, runs: int) -> None:
+    """The grid and sweep behind docs/RESULTS.md parse and every run's config validates."""
+    f = Path(__file__).parent.parent / "benchmarks" / "results" / name
+    grid = load_grid(f, tmp_path / "o")
+    assert len(grid.runs) == runs and len({r.path for r in grid.runs}) == runs
+    assert all(r.cfg["epochs"] == 8 and r.cfg["attack"]["eps"] == 0.1 for r in grid.runs)
+    assert not (tmp_path / "o").exists()
