@@ -20,10 +20,8 @@ import torch.nn.functional as F
 
 from dorat.attacks.barrier import Barrier, barrier_attack
 from dorat.attacks.pgd import pgd
-from dorat.checkpoint import load_weights
-from dorat.config import load_yaml
-from dorat.data import load_dataset
-from dorat.models import build_model
+from dorat.objectives.methods import BARRIER_GD_LR
+from dorat.train import load_run
 
 
 def main() -> None:
@@ -32,34 +30,31 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     a = ap.parse_args()
     torch.manual_seed(0)
-    ds = load_dataset("fashion-mnist")
-    x = ds.x_test[: a.n].float() / 255
-    y = ds.y_test[: a.n]
     print("| trained with | attack | robust acc. | CE | mean abs(δ)/ε | pixels > 0.9 ε |")
     print("|---|---|---|---|---|---|")
-    for run in ("done-r2", "done-r2-barrier"):
-        d = a.sweep / "runs" / "fashion-mnist" / "default" / run / "seed0"
-        cfg, _ = load_yaml(str(d / "config.yaml"))
+    for name in ("done-r2", "done-r2-barrier"):
+        run = load_run(a.sweep / "runs" / "fashion-mnist" / "default" / name / "seed0")
+        model, cfg = run.model, run.cfg
+        x = run.data.x_test[: a.n].to(run.device).float() / 255
+        y = run.data.y_test[: a.n].to(run.device)
         eps, alpha = cfg["attack"]["eps"], cfg["attack"]["alpha"]
-        model = build_model(cfg["model"], *ds.shape[:1], ds.shape[1], ds.num_classes)
-        load_weights(d / "model.safetensors", model)
-        model.eval()
         bar = Barrier(eps, cfg["done"]["barrier_c"], cfg["done"]["barrier_lambda"])
-        g = torch.Generator().manual_seed(0)
+        lr = cfg["done"]["barrier_lr"] or BARRIER_GD_LR  # as the barrier-gd lower level trains
+        g = torch.Generator(run.device).manual_seed(0)
         attacks = {
             "PGD-5": partial(pgd, eps=eps, alpha=alpha, steps=5, generator=g),
-            "barrier-GD-5": partial(barrier_attack, barrier=bar, steps=5, lr=100.0, generator=g),
-            "barrier-GD-20": partial(barrier_attack, barrier=bar, steps=20, lr=100.0, generator=g),
+            "barrier-GD-5": partial(barrier_attack, barrier=bar, steps=5, lr=lr, generator=g),
+            "barrier-GD-20": partial(barrier_attack, barrier=bar, steps=20, lr=lr, generator=g),
             "PGD-20": partial(pgd, eps=eps, alpha=eps / 4, steps=20, generator=g),
         }
-        for name, attack in attacks.items():
+        for attack_name, attack in attacks.items():
             x_adv = attack(model, x, y).x_adv
             rel = (x_adv - x).abs() / eps
             with torch.no_grad():
                 logits = model(x_adv)
             acc = (logits.argmax(1) == y).float().mean()
             ce = F.cross_entropy(logits, y)
-            print(f"| {run} | {name} | {100 * acc:.1f}% | {ce:.3f} | {rel.mean():.2f} | "
+            print(f"| {name} | {attack_name} | {100 * acc:.1f}% | {ce:.3f} | {rel.mean():.2f} | "
                   f"{100 * (rel > 0.9).float().mean():.1f}% |")
 
 

@@ -331,8 +331,6 @@ def load_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
 
 def parse_yaml(text: str, source: str) -> Any:
     """``yaml.safe_load`` with one clear error naming the file, line and column."""
-    import yaml
-
     try:
         return yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
