@@ -271,3 +271,29 @@ def test_results_compare_files_are_valid(tmp_path: Path, name: str, runs: int) -
     assert len(grid.runs) == runs and len({r.path for r in grid.runs}) == runs
     assert all(r.cfg["epochs"] == 8 and r.cfg["attack"]["eps"] == 0.1 for r in grid.runs)
     assert not (tmp_path / "o").exists()
+
+
+def test_results_pair_done_with_pgd_at_and_the_best_baseline_by_seed() -> None:
+    """RESULTS.md's paired table: differences on the seeds both rows have, won-tied-lost, and
+    the best baseline chosen per metric by its mean."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "write_results", Path(__file__).parent.parent / "benchmarks" / "results" / "write_results.py")
+    wr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wr)
+
+    def row(method: str, seeds: list[int], aa: list[float]) -> dict:
+        return {"setting": "balanced", "method": method, "seeds": seeds,
+                "metrics": {"aa1000:ra.aa": {"mean": sum(aa) / len(aa), "std": 0.01, "values": aa}}}
+
+    grid = {"rows": [row("at", [0, 1, 2], [0.70, 0.71, 0.72]),
+                     row("mart", [0, 1], [0.74, 0.73]),
+                     row("done", [0, 1, 2], [0.71, 0.73, 0.72])]}
+    lines = wr.paired_lines(grid, "balanced")
+    assert len(lines) == 2 + 2 + 1  # header, vs at, vs mart (best), blank
+    vs_at, vs_best = lines[2], lines[3]
+    assert "| at |" in vs_at and "s0: +1.00, s1: +2.00, s2: +0.00" in vs_at
+    assert "| +1.00 ± 1.00 | 2-1-0 | 1.00 |" in vs_at
+    assert "mart (best)" in vs_best and "s0: −3.00, s1: +0.00 | −1.50 ± 2.12 | 0-1-1" in vs_best
+    assert wr.paired_lines({"rows": grid["rows"][:2]}, "balanced") == []

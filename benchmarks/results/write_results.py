@@ -86,6 +86,53 @@ def plot_sweep(sweep: dict, path: Path) -> bool:
     return True
 
 
+PAIRED = [("aa1000:ra.aa", "RA-AA"), ("aa1000:worst_class.worst", "worst class (all)"),
+          ("aa1000:tail30.worst", "Tail-30 (all)")]
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:+.2f}".replace("-", "−")
+
+
+def paired_lines(grid: dict, setting: str) -> list[str]:
+    """Each DONE variant against PGD-AT and against the best baseline (highest mean over its
+    seeds) on RA-AA, worst-class and Tail-30 under all attacks: the difference on every seed both
+    have, its mean ± std, the seeds won, tied and lost, and the baseline's own seed spread."""
+    rows = [r for r in grid["rows"] if r["setting"] == setting]
+    done = [r for r in rows if r["method"].startswith("done")]
+    base = [r for r in rows if not r["method"].startswith("done")]
+    if not done or not base:
+        return []
+    out = ["| DONE variant | metric | vs | difference (points), per seed | mean ± std | "
+           "seeds won-tied-lost | baseline seed std |", "|---|---|---|---|---|---|---|"]
+    for d in done:
+        for key, label in PAIRED:
+            have = [b for b in base if key in b["metrics"]]
+            if key not in d["metrics"] or not have:
+                continue
+            best = max(have, key=lambda b: b["metrics"][key]["mean"])
+            against = [b for b in have if b["method"] == "at"]
+            against += [best] if best["method"] != "at" else []
+            for b in against:
+                common = [s for s in d["seeds"] if s in b["seeds"]]
+                if not common:
+                    continue
+                diff = [d["metrics"][key]["values"][d["seeds"].index(s)]
+                        - b["metrics"][key]["values"][b["seeds"].index(s)] for s in common]
+                mean = sum(diff) / len(diff)
+                spread = ""
+                if len(diff) > 1:
+                    spread = f" ± {100 * (sum((x - mean) ** 2 for x in diff) / (len(diff) - 1)) ** 0.5:.2f}"
+                record = (f"{sum(x > 1e-9 for x in diff)}-{sum(abs(x) <= 1e-9 for x in diff)}-"
+                          f"{sum(x < -1e-9 for x in diff)}")
+                bsd = f"{100 * b['metrics'][key]['std']:.2f}" if len(b["seeds"]) > 1 else ""
+                per_seed = ", ".join(f"s{s}: {_pts(x)}" for s, x in zip(common, diff))
+                vs = b["method"] + (" (best)" if b is best else "")
+                out.append(f"| {d['method']} | {label} | {vs} | {per_seed} | {_pts(mean)}{spread} | "
+                           f"{record} | {bsd} |")
+    return out + [""]
+
+
 def seed_view(agg: dict, seed: int) -> dict:
     """The aggregate restricted to one seed (rows without it dropped), so that rows with one
     and with several seeds are not compared mean against single run."""
@@ -129,6 +176,13 @@ def main() -> None:
         lines += ["## Test results", "", f"{grid['finished_runs']} of {grid['total_runs']} runs "
                   "finished; a table with fewer than 3 seeds in a row is partial.", ""]
         lines += markdown_tables(grid, GRID_COLUMNS)
+        for setting in ("balanced", "longtail"):
+            paired = paired_lines(grid, setting)
+            if paired:
+                lines += [f"### DONE against PGD-AT and the best baseline, {setting}, paired by seed", "",
+                          "The best baseline is the non-DONE method with the highest mean on that "
+                          "metric; a difference counts as established only if it is larger than "
+                          "the seed spread and has the same sign on every seed.", ""] + paired
         for setting in ("balanced", "longtail"):
             rows = [r for r in grid["rows"] if r["setting"] == setting]
             if not rows:
