@@ -116,6 +116,15 @@ def test_compare_runs_skips_resumes_and_aggregates(tmp_path: Path, synthetic_npz
             assert row["metrics"][key]["std"] == pytest.approx(statistics.stdev(vals))
         cw = [json.loads((r.path / "eval-cw40.json").read_text())["ra"]["cw"] for r in runs]
         assert row["metrics"]["cw40:ra.cw"]["mean"] == pytest.approx(statistics.fmean(cw))
+        last = [json.loads((r.path / "log.jsonl").read_text().splitlines()[-1]) for r in runs]
+        w = row["weights"]
+        assert w["ess"]["values"] == pytest.approx([e["ess"] for e in last])
+        assert w["w_max"]["mean"] == pytest.approx(statistics.fmean(e["w_max"] for e in last))
+        assert w["class_mean"] == pytest.approx([statistics.fmean(c) for c in
+                                                 zip(*(e["w_class_mean"] for e in last))])
+        if row["method"] == "at":
+            assert w["ess"]["mean"] == pytest.approx(1.0)
+            assert w["class_mean"] == pytest.approx([1.0] * len(row["classes"]))
     md = (out / "results.md").read_text()
     assert "RA-CW [cw40]" in md
     assert report.name == "report.md" and "per_class_" in report.read_text()
@@ -275,7 +284,7 @@ def test_results_compare_files_are_valid(tmp_path: Path, name: str, runs: int) -
 
 def test_results_pair_done_with_pgd_at_and_the_best_baseline_by_seed() -> None:
     """RESULTS.md's paired table: differences on the seeds both rows have, won-tied-lost, and
-    the best baseline chosen per metric by its mean."""
+    the best baseline chosen per metric by its mean; and the weights table."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -297,3 +306,13 @@ def test_results_pair_done_with_pgd_at_and_the_best_baseline_by_seed() -> None:
     assert "| +1.00 ± 1.00 | 2-1-0 | 1.00 |" in vs_at
     assert "mart (best)" in vs_best and "s0: −3.00, s1: +0.00 | −1.50 ± 2.12 | 0-1-1" in vs_best
     assert wr.paired_lines({"rows": grid["rows"][:2]}, "balanced") == []
+
+    def weighted(method: str, ess: float, cls: list[float]) -> dict:
+        return {"setting": "balanced", "method": method, "classes": ["a", "b", "c", "d"],
+                "weights": {"ess": {"mean": ess, "std": 0.0, "n": 1}, "w_max": {"mean": 3.0},
+                            "class_mean": cls}}
+
+    lines = wr.weights_lines({"rows": [weighted("at", 1.0, [1.0] * 4),
+                                       weighted("gairat", 0.5, [0.5, 2.0, 1.0, 0.25])]}, "balanced")
+    assert len(lines) == 4 and "| at |" not in "".join(lines)  # unweighted rows are left out
+    assert lines[2] == "| gairat | 0.500 | 3.00 | b 2.00, c 1.00, a 0.50 | d 0.25, a 0.50, c 1.00 | 8.00 |"

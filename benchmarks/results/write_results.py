@@ -133,6 +133,26 @@ def paired_lines(grid: dict, setting: str) -> list[str]:
     return out + [""]
 
 
+def weights_lines(grid: dict, setting: str) -> list[str]:
+    """What every reweighting method's weights were in its last training epoch: effective sample
+    size, largest weight, and the classes with the highest and lowest mean weight."""
+    rows = [r for r in grid["rows"] if r["setting"] == setting and r.get("weights")
+            and r["weights"]["ess"]["mean"] < 0.9999 and r["weights"].get("class_mean")]
+    if not rows:
+        return []
+    out = ["| method | ESS (fraction of the batch) | largest weight | heaviest classes | "
+           "lightest classes | class max/min |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        w = r["weights"]
+        cm = sorted(zip(w["class_mean"], r["classes"]), reverse=True)
+        ess = f"{w['ess']['mean']:.3f}" + (f" ± {w['ess']['std']:.3f}" if w["ess"]["n"] > 1 else "")
+        heavy = ", ".join(f"{c} {v:.2f}" for v, c in cm[:3])
+        light = ", ".join(f"{c} {v:.2f}" for v, c in cm[:-4:-1])
+        out.append(f"| {r['method']} | {ess} | {w['w_max']['mean']:.2f} | {heavy} | {light} | "
+                   f"{cm[0][0] / max(cm[-1][0], 1e-12):.2f} |")
+    return out + [""]
+
+
 def seed_view(agg: dict, seed: int) -> dict:
     """The aggregate restricted to one seed (rows without it dropped), so that rows with one
     and with several seeds are not compared mean against single run."""
@@ -183,6 +203,14 @@ def main() -> None:
                           "The best baseline is the non-DONE method with the highest mean on that "
                           "metric; a difference counts as established only if it is larger than "
                           "the seed spread and has the same sign on every seed.", ""] + paired
+        for setting in ("balanced", "longtail"):
+            wl = weights_lines(grid, setting)
+            if wl:
+                lines += [f"### What the weights did, {setting} (last training epoch, mean over seeds)",
+                          "", "Class columns: the mean weight of a class's training examples (uniform "
+                          "training = 1). GAIRAT and DONE normalise the weights to mean 1 in a batch; "
+                          "MAIL (3·sigmoid, as in its official code) and WMMR do not, so their scale "
+                          "also lowers or raises the step size.", ""] + wl
         for setting in ("balanced", "longtail"):
             rows = [r for r in grid["rows"] if r["setting"] == setting]
             if not rows:

@@ -310,9 +310,24 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "n": len(vals), "values": vals}
 
 
+def _weights_summary(last_epochs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Mean ± std over seeds of the last epoch's ESS and largest weight, and the per-class mean
+    weight averaged over seeds (None when no run logged weights)."""
+    if not last_epochs:
+        return None
+    out: dict[str, Any] = {"ess": mean_std([e["ess"] for e in last_epochs]),
+                           "w_max": mean_std([e["w_max"] for e in last_epochs])}
+    classes = [e["w_class_mean"] for e in last_epochs if e.get("w_class_mean")]
+    if classes and len({len(c) for c in classes}) == 1:
+        out["class_mean"] = [statistics.fmean(c) for c in zip(*classes)]
+    return out
+
+
 def aggregate(grid: Grid) -> dict[str, Any]:
-    """Mean ± std over seeds of every metric, per (dataset, setting, method)."""
-    from dorat.report import main_key
+    """Mean ± std over seeds of every metric, per (dataset, setting, method), and what the
+    instance weights were in the last training epoch (``weights``: effective sample size, the
+    largest weight, each class's mean weight; 1 everywhere for unweighted methods)."""
+    from dorat.report import main_key, read_log
 
     rows = []
     for ds, st in grid.groups:
@@ -322,6 +337,7 @@ def aggregate(grid: Grid) -> dict[str, Any]:
                 continue
             per_seed: dict[str, list[float]] = {}
             per_class: dict[str, list[list[float]]] = {}
+            last_epochs: list[dict[str, Any]] = []
             classes: list[str] = []
             seeds = []
             failed = [r.seed for r in runs if (r.path / FAILED).is_file()]
@@ -342,6 +358,9 @@ def aggregate(grid: Grid) -> dict[str, Any]:
                         per_class.setdefault(e["name"], []).append(em["per_class"][main_key(em)])
                 for k, v in flat.items():
                     per_seed.setdefault(k, []).append(v)
+                log = read_log(r.path)
+                if log and "ess" in log[-1]:
+                    last_epochs.append(log[-1])
             if not seeds and not failed:
                 continue
             rows.append({
@@ -351,6 +370,7 @@ def aggregate(grid: Grid) -> dict[str, Any]:
                 "per_class_std": {k: [statistics.stdev(c) if len(c) > 1 else 0.0 for c in zip(*v)]
                                   for k, v in per_class.items()},
                 "classes": classes,
+                "weights": _weights_summary(last_epochs),
             })
     return {"title": grid.title, "rows": rows, "total_runs": len(grid.runs),
             "finished_runs": sum((r.path / "metrics.json").is_file() for r in grid.runs)}

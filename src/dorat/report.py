@@ -60,17 +60,23 @@ def load_result(run_dir: str | Path, metrics_file: str = "auto", name: str | Non
         config = yaml.safe_load((d / "config.yaml").read_text())
     except (ValueError, yaml.YAMLError) as e:
         raise DoratError(f"cannot read the results in {d}: {e}") from None
-    log = []
+    log = read_log(d)
+    weights = None
+    if (d / "weights.safetensors").is_file():
+        weights, _ = load_state(d / "weights.safetensors")
+    return RunResult(name or d.name, d, config, metrics, metrics_file, log, weights)
+
+
+def read_log(d: Path) -> list[dict[str, Any]]:
+    """The epochs of RUN_DIR/log.jsonl (none if it is missing), up to a torn last line."""
+    log: list[dict[str, Any]] = []
     if (d / "log.jsonl").is_file():
         for line in (d / "log.jsonl").read_text().splitlines():
             try:
                 log.append(json.loads(line))
             except ValueError:
                 break
-    weights = None
-    if (d / "weights.safetensors").is_file():
-        weights, _ = load_state(d / "weights.safetensors")
-    return RunResult(name or d.name, d, config, metrics, metrics_file, log, weights)
+    return log
 
 
 def pct(v: float | None) -> str:
