@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from dorat.compare import markdown_tables
+from dorat.compare import markdown_tables, mean_std
 from dorat.report import plot_per_class
 
 HERE = Path(__file__).parent
@@ -121,16 +121,14 @@ def paired_lines(grid: dict, setting: str) -> list[str]:
                     continue
                 diff = [d["metrics"][key]["values"][d["seeds"].index(s)]
                         - b["metrics"][key]["values"][b["seeds"].index(s)] for s in common]
-                mean = sum(diff) / len(diff)
-                spread = ""
-                if len(diff) > 1:
-                    spread = f" ± {100 * (sum((x - mean) ** 2 for x in diff) / (len(diff) - 1)) ** 0.5:.2f}"
-                record = (f"{sum(x > 1e-9 for x in diff)}-{sum(abs(x) <= 1e-9 for x in diff)}-"
-                          f"{sum(x < -1e-9 for x in diff)}")
+                ms = mean_std(diff)
+                spread = f" ± {100 * ms['std']:.2f}" if ms["n"] > 1 else ""
+                signs = [0 if abs(x) <= 1e-9 else 1 if x > 0 else -1 for x in diff]
+                record = f"{signs.count(1)}-{signs.count(0)}-{signs.count(-1)}"
                 bsd = f"{100 * b['metrics'][key]['std']:.2f}" if len(b["seeds"]) > 1 else ""
                 per_seed = ", ".join(f"s{s}: {_pts(x)}" for s, x in zip(common, diff))
                 vs = b["method"] + (" (best)" if b is best else "")
-                out.append(f"| {d['method']} | {label} | {vs} | {per_seed} | {_pts(mean)}{spread} | "
+                out.append(f"| {d['method']} | {label} | {vs} | {per_seed} | {_pts(ms['mean'])}{spread} | "
                            f"{record} | {bsd} |")
     return out + [""]
 
