@@ -25,7 +25,8 @@ demo: data
 	$(PY) -m dorat compare demo --out runs/demo
 
 # The multi-seed comparison behind docs/RESULTS.md: many hours on 2 CPU cores; resumable (run it
-# again after a stop), partial tables are written as runs finish. OUT=dir to place the runs.
+# again after a stop, on any clone: finished runs are committed under benchmarks/results/grid).
+# WORKERS=N processes share it (default 2); OUT=dir to place the runs elsewhere.
 results: data
 	PY=$(PY) bash benchmarks/results/run.sh
 

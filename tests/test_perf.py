@@ -36,3 +36,17 @@ def test_perf_smoke_produces_every_row(tmp_path: Path) -> None:
     text = doc.read_text()
     assert "old table" not in text and "intro" in text and "after" in text
     assert text.count(perf.MARK_BEGIN) == 1 and "| reference |" in text
+
+
+def test_workers_benchmark_smoke(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("workers", ROOT / "benchmarks" / "workers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    doc = tmp_path / "PERF.md"
+    doc.write_text(f"# Perf\n\n{mod.MARK_BEGIN}\nold\n{mod.MARK_END}\n\nafter\n")
+    r = mod.main(["--smoke", "--runs", "2", "--rounds", "1", "--doc", str(doc)])
+    assert len(r["seconds"]["1"]) == len(r["seconds"]["2"]) == 1
+    assert r["median_seconds"]["1"] > 0 and r["median_seconds"]["2"] > 0
+    assert math.isclose(r["speedup"], r["median_seconds"]["1"] / r["median_seconds"]["2"])
+    text = doc.read_text()
+    assert "old" not in text and "`--workers 2`" in text and text.endswith("after\n")

@@ -187,28 +187,83 @@ def test_aggregate_with_missing_seed_uses_finished_ones(tmp_path: Path, syntheti
     assert agg["rows"][0]["metrics"]["sa"]["std"] == 0.0 and agg["finished_runs"] == 1
 
 
-def test_compare_refuses_a_second_process_on_the_same_out(tmp_path: Path, synthetic_npz: Path) -> None:
-    import os
+def test_compare_processes_share_out_through_run_locks(tmp_path: Path, synthetic_npz: Path) -> None:
     import subprocess
     import sys
 
     f = _compare_file(tmp_path, synthetic_npz)
     out = tmp_path / "out"
-    out.mkdir()
+    held = load_grid(f, out).runs[0]
+    held.path.mkdir(parents=True)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    logs: list[str] = []
     try:
-        (out / ".compare.lock").write_text(str(sleeper.pid))  # a live compare holds OUT
-        with pytest.raises(ConfigError, match=f"another dorat compare \\(pid {sleeper.pid}\\)"):
-            compare(f, out, only=["nonexistent-method-is-never-reached"])
-        compare(f, out, aggregate_only=True)  # reading beside a running compare is fine
-        assert (out / ".compare.lock").read_text() == str(sleeper.pid)
+        (held.path / ".compare.lock").write_text(str(sleeper.pid))  # a live compare works on it
+        compare(f, out, only=["at"], log=logs.append)
+        assert any(f"at/seed0: another compare (pid {sleeper.pid})" in m for m in logs)
+        assert not (held.path / "metrics.json").exists()  # left to the other process
+        assert (held.path / ".compare.lock").read_text() == str(sleeper.pid)
+        other = next(r for r in load_grid(f, out).runs if r.name == "at" and r.seed == 1)
+        assert (other.path / "metrics.json").is_file() and not (other.path / ".compare.lock").exists()
+        rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+        assert rows["at"]["seeds"] == [1]
     finally:
         sleeper.kill()
         sleeper.wait()
     # its process is gone (killed): the stale lock is taken over, and released afterwards
-    compare(f, out, only=["at"])
-    assert not (out / ".compare.lock").exists()
-    assert os.path.exists(out / "results.json")
+    logs.clear()
+    compare(f, out, only=["at"], log=logs.append)
+    assert any("at/seed0: training" in m for m in logs)
+    assert (held.path / "metrics.json").is_file() and not (held.path / ".compare.lock").exists()
+
+
+def test_compare_workers_split_the_grid(tmp_path: Path, synthetic_npz: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """--workers 2: two processes on one OUT; every run is trained exactly once, by one of them,
+    and the parent aggregates all of them."""
+    f = _compare_file(tmp_path, synthetic_npz)
+    out = tmp_path / "out"
+    assert main(["compare", str(f), "--out", str(out), "--workers", "2"]) == 0
+    err = capsys.readouterr().err
+    trained = re.findall(r"\[(w[12])\] \[\d/4\] \S+/default/(\S+): training", err)
+    assert sorted(r for _, r in trained) == ["at/seed0", "at/seed1", "done-w0/seed0", "done-w0/seed1"]
+    assert {w for w, _ in trained} == {"w1", "w2"}  # both took part
+    agg = json.loads((out / "results.json").read_text())
+    assert agg["finished_runs"] == 4 and all(r["seeds"] == [0, 1] for r in agg["rows"])
+    assert not list(out.rglob(".compare.lock"))
+
+
+def test_worker_env_splits_the_cpu_threads() -> None:
+    import os
+
+    from dorat.compare import worker_env
+
+    cores = len(os.sched_getaffinity(0))
+    env = worker_env(0, 2, "cpu", {"PATH": "/bin"})
+    assert env["OMP_NUM_THREADS"] == str(max(1, cores // 2)) and env["PATH"] == "/bin"
+    assert worker_env(1, 4 * cores, "cpu", {})["OMP_NUM_THREADS"] == "1"
+    assert "CUDA_VISIBLE_DEVICES" not in worker_env(0, 2, "cpu", {})
+
+
+def test_a_finished_run_without_its_model_is_trained_again_for_a_missing_eval(
+        tmp_path: Path, synthetic_npz: Path) -> None:
+    """The grid keeps only small result files in git: on a new machine a run that has
+    metrics.json but lost both its model and an extra evaluation is redone, not a crash."""
+    f = _compare_file(tmp_path, synthetic_npz)
+    out = tmp_path / "out"
+    compare(f, out, only=["at"], log=lambda s: None)
+    kept, lost = [r for r in load_grid(f, out).runs if r.name == "at"]
+    for r in (kept, lost):
+        for heavy in r.path.glob("*.safetensors"):
+            heavy.unlink()
+    (lost.path / "eval-cw40.json").unlink()
+    before = (kept.path / "metrics.json").read_text()
+    logs: list[str] = []
+    compare(f, out, only=["at"], log=logs.append)
+    assert any("at/seed1: finished, but its model file is gone" in m for m in logs)
+    assert not any("at/seed0" in m for m in logs)  # complete without its model: untouched
+    assert (kept.path / "metrics.json").read_text() == before
+    assert (lost.path / "eval-cw40.json").is_file() and (lost.path / "model.safetensors").is_file()
 
 
 def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path: Path, synthetic_npz: Path) -> None:

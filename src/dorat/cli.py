@@ -91,7 +91,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="run a grid of methods x seeds and aggregate", description=(
         "Train and evaluate every run a compare file names (datasets, settings, methods with "
-        "overrides, seeds), one after another; finished runs are skipped and interrupted ones "
+        "overrides, seeds); finished runs are skipped and interrupted ones "
         "resumed, so it can be restarted at any time. Writes OUT/results.json, OUT/results.md "
         "(mean ± std over seeds) and OUT/report.md with plots. See `dorat.compare` for the file "
         "format; bundled files: demo."))
@@ -105,6 +105,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                    help="train again the runs that failed before (RUN/failed.json)")
     p.add_argument("--aggregate-only", action="store_true",
                    help="do not train: aggregate whatever runs have finished")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run the grid in N processes (default 1): on CPU each gets cores/N threads, "
+                        "with CUDA each gets one GPU in turn. Several compare commands on the same "
+                        "--out also share the grid (each run is locked while one works on it)")
+    p.add_argument("--no-aggregate", action="store_true", help=argparse.SUPPRESS)  # a worker
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -189,9 +194,14 @@ def cmd_report(a: argparse.Namespace) -> int:
 def cmd_compare(a: argparse.Namespace) -> int:
     from dorat.compare import compare
 
-    path = compare(a.file, a.out, a.device, a.data_dir, progress=sys.stderr.isatty(),
-                   aggregate_only=a.aggregate_only, retry_failed=a.retry_failed,
-                   only=[m for m in a.methods.split(",") if m] if a.methods else None)
+    if a.workers < 1:
+        raise DoratError(f"--workers must be at least 1, got {a.workers}")
+    path = compare(a.file, a.out, a.device, a.data_dir, progress=sys.stderr.isatty() and a.workers == 1
+                   and not a.no_aggregate, aggregate_only=a.aggregate_only, retry_failed=a.retry_failed,
+                   only=[m for m in a.methods.split(",") if m] if a.methods else None,
+                   workers=a.workers, aggregate=not a.no_aggregate)
+    if a.no_aggregate:
+        return 0
     print((Path(a.out) / "results.md").read_text())
     print(f"report: {path}")
     return 0

@@ -18,11 +18,19 @@ A compare file (YAML) names the grid:
     evals:                                    # optional extra evaluations per run
       - {name: aa1000, attacks: [pgd, cw, aa], n: 1000}
 
-Runs go to OUT/runs/<dataset>/<setting>/<name>/seed<k>, one after another, seeds outermost. A finished run
+Runs go to OUT/runs/<dataset>/<setting>/<name>/seed<k>, seeds outermost. A finished run
 (metrics.json present) is skipped, an interrupted one resumed from its checkpoint, so the
 command can be stopped and restarted at any time. A run whose saved config differs from what
 the compare file now asks for is an error (results would silently mix). Each extra evaluation
-writes RUN/eval-<name>.json, also skipped when present.
+writes RUN/eval-<name>.json, also skipped when present. A finished run whose model file is gone
+(e.g. only its small result files were kept in git) but that still misses an extra evaluation
+is trained again.
+
+Several compare processes may share one OUT: each run is taken under its own lock
+(RUN/.compare.lock), so they split the grid between them. ``workers=N`` (``--workers N``)
+starts N such processes and splits the machine between them: on CPU each gets cores/N threads
+(small models use 2 single-threaded processes better than one with 2 threads), with CUDA
+each gets one GPU in turn.
 
 Aggregation: for every (dataset, setting, method) and every metric, the mean and sample std
 (ddof = 1) over the seeds that finished; OUT/results.json, OUT/results.md (best mean per column
@@ -53,6 +61,7 @@ METHOD_KEYS = {"name", "method", "set", "settings", "seeds"}
 EVAL_KEYS = {"name", "attacks", "n", "eps", "steps", "restarts"}
 # may differ between machines and do not change the method (perf.* are execution options)
 FAILED = "failed.json"  # a run that stopped with an error: skipped until --retry-failed
+LOCK = ".compare.lock"  # RUN/.compare.lock: the pid of the compare process working on that run
 IGNORED_KEYS = ("device", "data.dir", "log.progress", "perf.channels_last", "perf.compile",
                 "perf.compile_backend", "perf.sync_bn", "perf.deterministic")
 
@@ -227,10 +236,8 @@ def run_grid(grid: Grid, log: Callable[[str], None] | None = None, progress: boo
     """Train and evaluate every run of the grid that has not finished yet (only the methods
     named in ``only``, when given). A run that fails with a user-level error (diverged loss,
     bad value) is recorded in RUN/failed.json and the grid goes on; failed runs are skipped
-    on later calls unless ``retry_failed``."""
-    from dorat.checkpoint import write_text_atomic
-    from dorat.train import train
-
+    on later calls unless ``retry_failed``. A run that another live compare process holds
+    (RUN/.compare.lock) is left to it."""
     log = log or (lambda s: print(s, file=sys.stderr))
     unknown = sorted(set(only or []) - set(grid.names))
     if unknown:
@@ -244,28 +251,56 @@ def run_grid(grid: Grid, log: Callable[[str], None] | None = None, progress: boo
         if only and r.name not in only:
             continue
         tag = f"[{i + 1}/{len(grid.runs)}] {r.dataset}/{r.setting}/{r.name}/seed{r.seed}"
-        if st == "failed":
-            if not retry_failed:
-                log(f"{tag}: failed earlier ({_failure(r)}); skipped (--retry-failed to try again)")
+        if st == "failed" and not retry_failed:
+            log(f"{tag}: failed earlier ({_failure(r)}); skipped (--retry-failed to try again)")
+            continue
+        if st == "done" and not _missing_evals(r, grid.evals):
+            continue
+        with _run_lock(r.path) as holder:
+            if holder:
+                log(f"{tag}: another compare (pid {holder}) is running it; left to that one")
                 continue
-            (r.path / FAILED).unlink()
-            st = "resume" if (r.path / "checkpoint.safetensors").is_file() else "new"
-        if st != "done":
-            log(f"{tag}: {'resuming' if st == 'resume' else 'training'}")
-            t0 = time.perf_counter()
-            r.cfg["log"]["progress"] = "on" if progress else "off"
-            for stale in r.path.glob("eval-*.json"):  # belong to an earlier, unfinished model
-                stale.unlink()
-            try:
-                train(r.cfg, r.path, resume=st == "resume", overwrite=st == "new", log=log)
-            except DoratError as e:
-                r.path.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(r.path / FAILED, json.dumps({"error": str(e)}, indent=2))
-                log(f"{tag}: FAILED ({e}); recorded in {r.path / FAILED}, going on")
+            st = _status(r)  # again, under the lock: another process may have finished it
+            if st == "failed" and not retry_failed:
+                log(f"{tag}: failed in another compare ({_failure(r)}); skipped")
                 continue
-            log(f"{tag}: finished in {time.perf_counter() - t0:.0f}s")
-        for e in grid.evals:
-            _extra_eval(r, e, log, tag, progress)
+            _do_run(r, grid.evals, st, tag, log, progress)
+
+
+def _missing_evals(r: RunSpec, evals: Sequence[dict[str, Any]]) -> list[str]:
+    return [e["name"] for e in evals if not (r.path / f"eval-{e['name']}.json").is_file()]
+
+
+def _do_run(r: RunSpec, evals: Sequence[dict[str, Any]], st: str, tag: str,
+            log: Callable[[str], None], progress: bool) -> None:
+    """Train (or resume) one run, then its missing extra evaluations. Holds the run's lock."""
+    from dorat.checkpoint import write_text_atomic
+    from dorat.train import train
+
+    if st == "failed":  # only reached with retry_failed
+        (r.path / FAILED).unlink()
+        st = "resume" if (r.path / "checkpoint.safetensors").is_file() else "new"
+    missing = _missing_evals(r, evals)
+    if st == "done" and missing and not (r.path / "model.safetensors").is_file():
+        log(f"{tag}: finished, but its model file is gone and evaluation(s) {', '.join(missing)} "
+            "are missing: training it again")
+        st = "new"
+    if st != "done":
+        log(f"{tag}: {'resuming' if st == 'resume' else 'training'}")
+        t0 = time.perf_counter()
+        r.cfg["log"]["progress"] = "on" if progress else "off"
+        for stale in r.path.glob("eval-*.json"):  # belong to an earlier, unfinished model
+            stale.unlink()
+        try:
+            train(r.cfg, r.path, resume=st == "resume", overwrite=st == "new", log=log)
+        except DoratError as e:
+            r.path.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(r.path / FAILED, json.dumps({"error": str(e)}, indent=2))
+            log(f"{tag}: FAILED ({e}); recorded in {r.path / FAILED}, going on")
+            return
+        log(f"{tag}: finished in {time.perf_counter() - t0:.0f}s")
+    for e in evals:
+        _extra_eval(r, e, log, tag, progress)
 
 
 def _failure(r: RunSpec) -> str:
@@ -485,10 +520,15 @@ def write_outputs(grid: Grid, out: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def _lock(out: Path) -> Iterator[None]:
-    """One compare per OUT at a time: two would train the same runs into the same directories.
+def _run_lock(path: Path) -> Iterator[int]:
+    """Hold RUN/.compare.lock while one process trains and evaluates that run. Yields 0 when
+    this process holds it, else the pid of the live process that does (nothing is done then).
     A lock left by a process that died (kill -9, a reboot) is taken over."""
-    lock = out / ".compare.lock"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DoratError(f"cannot create {path} ({e.strerror}); choose another --out") from None
+    lock = path / LOCK
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -499,13 +539,13 @@ def _lock(out: Path) -> Iterator[None]:
             except (OSError, ValueError):
                 pid = 0
             if pid and pid != os.getpid() and _alive(pid):
-                raise ConfigError(f"another dorat compare (pid {pid}) is running on {out}; wait for it "
-                                  f"or stop it (it resumes where it stopped)") from None
+                yield pid
+                return
             lock.unlink(missing_ok=True)  # stale
     with os.fdopen(fd, "w") as f:
         f.write(str(os.getpid()))
     try:
-        yield
+        yield 0
     finally:
         lock.unlink(missing_ok=True)
 
@@ -523,16 +563,78 @@ def _alive(pid: int) -> bool:
 def compare(path: str | Path, out: str | Path, device: str | None = None, data_dir: str | None = None,
             log: Callable[[str], None] | None = None, progress: bool = False,
             aggregate_only: bool = False, only: Sequence[str] | None = None,
-            retry_failed: bool = False) -> Path:
-    """Run (or continue) the grid, then aggregate; returns the report's path."""
+            retry_failed: bool = False, workers: int = 1, aggregate: bool = True) -> Path:
+    """Run (or continue) the grid, then aggregate; returns the report's path. ``workers`` > 1
+    runs the grid in that many processes (see the module docstring); ``aggregate=False`` only
+    trains (what each worker does)."""
     grid = load_grid(path, out, device, data_dir)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DoratError(f"cannot create {out} ({e.strerror}); choose another --out") from None
-    if aggregate_only:  # reads finished runs only: fine beside a compare that is training
-        return write_outputs(grid, out)
-    with _lock(out):
-        run_grid(grid, log, progress, only, retry_failed)
-        return write_outputs(grid, out)
+    if not aggregate_only:  # aggregating only reads finished runs: fine beside a running compare
+        if workers > 1:
+            for r in grid.runs:
+                _status(r)  # a config mismatch is one error here, not one per worker
+            _run_workers(path, out, workers, device, data_dir, only, retry_failed, log)
+        else:
+            run_grid(grid, log, progress, only, retry_failed)
+    return write_outputs(grid, out) if aggregate else out / "report.md"
+
+
+def worker_env(k: int, workers: int, device: str | None,
+               environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of worker k of ``workers``: its share of the CPU threads, and on CUDA
+    machines one GPU (round robin over the visible ones)."""
+    env = dict(os.environ if environ is None else environ)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env["OMP_NUM_THREADS"] = str(max(1, cores // workers))
+    if device in (None, "auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            visible = env.get("CUDA_VISIBLE_DEVICES")
+            ids = ([v for v in visible.split(",") if v.strip()] if visible
+                   else [str(i) for i in range(torch.cuda.device_count())])
+            env["CUDA_VISIBLE_DEVICES"] = ids[k % len(ids)]
+    return env
+
+
+def _run_workers(path: str | Path, out: Path, workers: int, device: str | None,
+                 data_dir: str | None, only: Sequence[str] | None, retry_failed: bool,
+                 log: Callable[[str], None] | None) -> None:
+    """Start ``workers`` `dorat compare` processes on the same OUT (the run locks split the
+    grid between them), pass their messages on with a [wK] prefix, and wait for all."""
+    import subprocess
+    import threading
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    cmd = [sys.executable, "-m", "dorat", "compare", str(find_compare_file(path)), "--out", str(out),
+           "--no-aggregate"]
+    cmd += ["--device", device] if device else []
+    cmd += ["--data-dir", data_dir] if data_dir else []
+    cmd += ["--methods", ",".join(only)] if only else []
+    cmd += ["--retry-failed"] if retry_failed else []
+    procs, pumps = [], []
+    for k in range(workers):
+        p = subprocess.Popen(cmd, env=worker_env(k, workers, device), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, bufsize=1)
+        procs.append(p)
+
+        def pump(p: subprocess.Popen = p, k: int = k) -> None:
+            assert p.stderr is not None
+            for line in p.stderr:
+                log(f"[w{k + 1}] {line.rstrip()}")
+
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        pumps.append(t)
+    codes = [p.wait() for p in procs]
+    for t in pumps:
+        t.join()
+    bad = [(k + 1, c) for k, c in enumerate(codes) if c != 0]
+    if bad:
+        raise DoratError("compare worker(s) " + ", ".join(f"w{k} (exit {c})" for k, c in bad)
+                         + " stopped; their messages are above. Run the same command again: "
+                         "finished runs are kept and interrupted ones resume")
