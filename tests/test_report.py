@@ -217,6 +217,36 @@ def test_compare_processes_share_out_through_run_locks(tmp_path: Path, synthetic
     assert (held.path / "metrics.json").is_file() and not (held.path / ".compare.lock").exists()
 
 
+def test_run_lock_tells_a_live_owner_from_a_dead_or_reused_pid(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from dorat.compare import _run_lock, _start_time
+
+    run = tmp_path / "run"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = _start_time(sleeper.pid)
+        run.mkdir()
+        (run / ".compare.lock").write_text(" ".join([str(sleeper.pid), *start]))
+        with _run_lock(run) as holder:
+            assert holder == sleeper.pid  # alive: left alone
+        assert (run / ".compare.lock").is_file()
+        if start:  # Linux: the same pid with another start time is a reused pid, the lock stale
+            (run / ".compare.lock").write_text(f"{sleeper.pid} {int(start[0]) + 1}")
+            with _run_lock(run) as holder:
+                assert holder == 0
+                assert (run / ".compare.lock").read_text().split()[0] == str(os.getpid())
+            assert not (run / ".compare.lock").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    (run / ".compare.lock").write_text("not a pid")  # garbage: stale
+    with _run_lock(run) as holder:
+        assert holder == 0
+
+
 def test_compare_workers_split_the_grid(tmp_path: Path, synthetic_npz: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     """--workers 2: two processes on one OUT; every run is trained exactly once, by one of them,

@@ -523,7 +523,8 @@ def write_outputs(grid: Grid, out: str | Path) -> Path:
 def _run_lock(path: Path) -> Iterator[int]:
     """Hold RUN/.compare.lock while one process trains and evaluates that run. Yields 0 when
     this process holds it, else the pid of the live process that does (nothing is done then).
-    A lock left by a process that died (kill -9, a reboot) is taken over."""
+    A lock left by a process that died (kill -9, a reboot) is taken over; the lock names the
+    process by pid and start time, so a reused pid does not keep a dead lock alive."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -535,29 +536,45 @@ def _run_lock(path: Path) -> Iterator[int]:
             break
         except FileExistsError:
             try:
-                pid = int(lock.read_text().strip() or "0")
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                yield pid
+                owner = lock.read_text().split()
+                age = time.time() - lock.stat().st_mtime
+            except OSError:
+                continue  # released meanwhile: try again
+            if not owner and age < 10:  # created, not written yet: its owner is writing it
+                time.sleep(0.1)
+                continue
+            if owner and owner[0].isdigit() and _alive(int(owner[0]), owner[1:2]):
+                yield int(owner[0])
                 return
             lock.unlink(missing_ok=True)  # stale
     with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
+        f.write(" ".join([str(os.getpid()), *_start_time(os.getpid())]))
     try:
         yield 0
     finally:
         lock.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def _start_time(pid: int) -> list[str]:
+    """The process's start time in clock ticks since boot (Linux), else nothing."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return [stat.rsplit(")", 1)[1].split()[19]]  # field 22; the name in (...) may hold spaces
+
+
+def _alive(pid: int, start: list[str] | None = None) -> bool:
+    if pid == os.getpid():
+        return False  # our own lock, left by an earlier call that died in this process
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    now = _start_time(pid)
+    return not (start and now and start != now)  # the pid was reused by another process
 
 
 def compare(path: str | Path, out: str | Path, device: str | None = None, data_dir: str | None = None,
