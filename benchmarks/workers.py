@@ -28,6 +28,9 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from perf import write_doc  # noqa: E402  (one marker-block writer for every benchmark)
+
 MARK_BEGIN, MARK_END = "<!-- workers:begin -->", "<!-- workers:end -->"
 
 
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md = markdown(result)
     print(md)
     if a.doc:
-        write_doc(Path(a.doc), md)
+        write_doc(Path(a.doc), md, MARK_BEGIN, MARK_END)
     return result
 
 
@@ -107,16 +110,6 @@ def markdown(r: dict[str, Any]) -> str:
         f"`python benchmarks/workers.py` — {what}; {r['cores']} cores; median of {r['rounds']} "
         "interleaved rounds.", "",
         "| grid run as | median wall time (s) | rounds (s) | speed-up |", "|---|---|---|---|", *rows])
-
-
-def write_doc(path: Path, md: str) -> None:
-    text = path.read_text()
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + MARK_BEGIN + "\n" + md + "\n" + MARK_END + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + MARK_BEGIN + "\n" + md + "\n" + MARK_END + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,25 @@ def test_autoattack_is_seeded_and_leaves_global_rng_alone() -> None:
     assert torch.equal(after, torch.rand(3))  # AutoAttack's reseeding did not leak
 
 
+def test_autoattack_runs_with_frozen_weights_and_finds_the_same_points() -> None:
+    """The adapter freezes the parameters (input gradients only): what it finds equals a plain
+    pyautoattack call, no weight gradient is left behind, and requires_grad is restored."""
+    from pyautoattack import AutoAttack
+
+    x, y = grey_levels(n_per=3)
+    x = x.float() / 255
+    model = MeanReader().eval()
+    ours = autoattack_correct(model, x, y, eps=0.05, seed=1, budget=FAST_AA)
+    assert 0 < int(ours.sum()) < len(y)  # some points robust, some broken
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    plain = AutoAttack(model, eps=0.05, norm="Linf", seed=1, version="standard", device=x.device)
+    aa_mod._apply_budget(plain, FAST_AA)
+    x_adv, _ = plain.run_standard_evaluation(x, y, batch_size=len(y))
+    with torch.no_grad():
+        assert torch.equal(ours, model(x_adv).argmax(1) == y)
+    assert any(p.grad is not None for p in model.parameters())  # what freezing avoids
+
+
 def test_adapter_accepts_the_git_autoattack_package(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {}
 

@@ -50,3 +50,15 @@ def test_workers_benchmark_smoke(tmp_path: Path) -> None:
     assert math.isclose(r["speedup"], r["median_seconds"]["1"] / r["median_seconds"]["2"])
     text = doc.read_text()
     assert "old" not in text and "`--workers 2`" in text and text.endswith("after\n")
+
+
+def test_autoattack_benchmark_smoke(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("aa_bench", ROOT / "benchmarks" / "autoattack.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    doc = tmp_path / "PERF.md"
+    doc.write_text(f"# Perf\n\n{mod.MARK_BEGIN}\nold\n{mod.MARK_END}\n")
+    r = mod.main(["--smoke", "--n", "16", "--rounds", "2", "--doc", str(doc)])
+    assert r["same_points"] and r["n"] == 16
+    assert all(len(v) == 2 and min(v) > 0 for v in r["seconds"].values())
+    assert "dorat adapter, weights frozen" in doc.read_text() and "old" not in doc.read_text()
