@@ -263,6 +263,15 @@ def test_compare_workers_split_the_grid(tmp_path: Path, synthetic_npz: Path,
     assert not list(out.rglob(".compare.lock"))
 
 
+def test_compare_checks_methods_before_writing_or_starting_workers(tmp_path: Path,
+                                                                   synthetic_npz: Path) -> None:
+    f = _compare_file(tmp_path, synthetic_npz)
+    for workers in (1, 2):
+        with pytest.raises(ConfigError, match="--methods names nope, not in the compare file"):
+            compare(f, tmp_path / "out", only=["nope"], workers=workers)
+        assert not (tmp_path / "out").exists()
+
+
 def test_worker_env_splits_the_cpu_threads() -> None:
     import os
 

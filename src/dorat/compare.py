@@ -239,11 +239,7 @@ def run_grid(grid: Grid, log: Callable[[str], None] | None = None, progress: boo
     on later calls unless ``retry_failed``. A run that another live compare process holds
     (RUN/.compare.lock) is left to it."""
     log = log or (lambda s: print(s, file=sys.stderr))
-    unknown = sorted(set(only or []) - set(grid.names))
-    if unknown:
-        raise ConfigError(f"--methods names {', '.join(unknown)}, not in the compare file "
-                          f"(it has {', '.join(grid.names)})")
-    statuses = [_status(r) for r in grid.runs]  # validate every run before training any
+    statuses = _validate(grid, only)
     todo = sum(s != "done" for s in statuses)
     log(f"{grid.title}: {len(grid.runs)} runs, {len(grid.runs) - todo} finished, {todo} to go"
         + (f" (running only {', '.join(only)})" if only else ""))
@@ -265,6 +261,15 @@ def run_grid(grid: Grid, log: Callable[[str], None] | None = None, progress: boo
                 log(f"{tag}: failed in another compare ({_failure(r)}); skipped")
                 continue
             _do_run(r, grid.evals, st, tag, log, progress)
+
+
+def _validate(grid: Grid, only: Sequence[str] | None) -> list[str]:
+    """Check ``only`` and every run's saved config before anything trains; the runs' statuses."""
+    unknown = sorted(set(only or []) - set(grid.names))
+    if unknown:
+        raise ConfigError(f"--methods names {', '.join(unknown)}, not in the compare file "
+                          f"(it has {', '.join(grid.names)})")
+    return [_status(r) for r in grid.runs]
 
 
 def _missing_evals(r: RunSpec, evals: Sequence[dict[str, Any]]) -> list[str]:
@@ -586,14 +591,14 @@ def compare(path: str | Path, out: str | Path, device: str | None = None, data_d
     trains (what each worker does)."""
     grid = load_grid(path, out, device, data_dir)
     out = Path(out)
+    if not aggregate_only:
+        _validate(grid, only)  # before anything is written, and once, not once per worker
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DoratError(f"cannot create {out} ({e.strerror}); choose another --out") from None
     if not aggregate_only:  # aggregating only reads finished runs: fine beside a running compare
         if workers > 1:
-            for r in grid.runs:
-                _status(r)  # a config mismatch is one error here, not one per worker
             _run_workers(path, out, workers, device, data_dir, only, retry_failed, log)
         else:
             run_grid(grid, log, progress, only, retry_failed)
