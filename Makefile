@@ -22,7 +22,7 @@ data: $(STAMP)
 
 # PGD-AT vs DONE on real Fashion-MNIST; finished runs are kept, so a second call only re-reports.
 demo: data
-	$(PY) -m dorat compare demo --out runs/demo
+	$(PY) -m dorat compare demo --out runs/demo --workers 2
 
 # The multi-seed comparison behind docs/RESULTS.md: many hours on 2 CPU cores; resumable (run it
 # again after a stop, on any clone: finished runs are committed under benchmarks/results/grid).
