@@ -13,7 +13,6 @@ their order, and the result checks that both found the same robust points.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from perf import write_doc  # noqa: E402  (one marker-block writer for every benchmark)
+from perf import publish  # noqa: E402  (one way to print and write results for every benchmark)
 
 MARK_BEGIN, MARK_END = "<!-- autoattack:begin -->", "<!-- autoattack:end -->"
 
@@ -109,12 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "speedup": med[names[0]] / med[names[1]],
               "same_points": bool(torch.equal(found[names[0]], found[names[1]])),
               "robust_accuracy": float(found[names[1]].float().mean())}
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2))
-    md = markdown(result)
-    print(md)
-    if a.doc:
-        write_doc(Path(a.doc), md, MARK_BEGIN, MARK_END)
+    publish(result, markdown(result), a.json, a.doc, MARK_BEGIN, MARK_END)
     return result
 
 

@@ -260,13 +260,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rows": rows, "targets": targets,
     }
-    md = markdown(result)
-    print(md)
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2))
-    if a.doc:
-        write_doc(Path(a.doc), md, *((MARK_ALL_BEGIN, MARK_ALL_END) if a.all_methods else
-                                     (MARK_BEGIN, MARK_END)))
+    publish(result, markdown(result), a.json, a.doc,
+            *((MARK_ALL_BEGIN, MARK_ALL_END) if a.all_methods else (MARK_BEGIN, MARK_END)))
     if tmp is not None:
         tmp.cleanup()
     return result
@@ -294,6 +289,17 @@ def markdown(r: dict[str, Any]) -> str:
         measured = (f"{1 / t['ratio']:.2f}× reference" if k == "at" else f"{t['ratio']:.2f}× at")
         lines.append(f"| {what} | {measured} | {'yes' if t['met'] else '**no**'} |")
     return "\n".join(lines)
+
+
+def publish(result: dict[str, Any], md: str, json_path: str | None, doc: str | None,
+            begin: str, end: str) -> None:
+    """What every benchmark does with its result: print the table, write the JSON (--json) and
+    put the table between the markers in a Markdown file (--doc)."""
+    print(md)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    if doc:
+        write_doc(Path(doc), md, begin, end)
 
 
 def write_doc(path: Path, md: str, begin: str = MARK_BEGIN, end: str = MARK_END) -> None:

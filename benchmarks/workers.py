@@ -15,7 +15,6 @@ reported; the speed-up is the ratio of medians.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from perf import write_doc  # noqa: E402  (one marker-block writer for every benchmark)
+from perf import publish  # noqa: E402  (one way to print and write results for every benchmark)
 
 MARK_BEGIN, MARK_END = "<!-- workers:begin -->", "<!-- workers:end -->"
 
@@ -87,12 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"cores": cores, "runs": a.runs, "rounds": a.rounds, "smoke": a.smoke,
               "seconds": times, "median_seconds": med,
               "speedup": med["1"] / med[str(a.workers)], "workers": a.workers}
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2))
-    md = markdown(result)
-    print(md)
-    if a.doc:
-        write_doc(Path(a.doc), md, MARK_BEGIN, MARK_END)
+    publish(result, markdown(result), a.json, a.doc, MARK_BEGIN, MARK_END)
     return result
 
 

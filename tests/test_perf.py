@@ -11,15 +11,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _perf():
-    spec = importlib.util.spec_from_file_location("perf", ROOT / "benchmarks" / "perf.py")
+def _bench(name: str = "perf"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     return mod
 
 
 def test_perf_smoke_produces_every_row(tmp_path: Path) -> None:
-    perf = _perf()
+    perf = _bench()
     doc = tmp_path / "PERF.md"
     doc.write_text(f"# Perf\n\nintro\n\n{perf.MARK_BEGIN}\nold table\n{perf.MARK_END}\n\nafter\n")
     r = perf.main(["--smoke", "--json", str(tmp_path / "p.json"), "--doc", str(doc)])
@@ -39,9 +39,7 @@ def test_perf_smoke_produces_every_row(tmp_path: Path) -> None:
 
 
 def test_workers_benchmark_smoke(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("workers", ROOT / "benchmarks" / "workers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    mod = _bench("workers")
     doc = tmp_path / "PERF.md"
     doc.write_text(f"# Perf\n\n{mod.MARK_BEGIN}\nold\n{mod.MARK_END}\n\nafter\n")
     r = mod.main(["--smoke", "--runs", "2", "--rounds", "1", "--doc", str(doc)])
@@ -53,9 +51,7 @@ def test_workers_benchmark_smoke(tmp_path: Path) -> None:
 
 
 def test_autoattack_benchmark_smoke(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("aa_bench", ROOT / "benchmarks" / "autoattack.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    mod = _bench("autoattack")
     doc = tmp_path / "PERF.md"
     doc.write_text(f"# Perf\n\n{mod.MARK_BEGIN}\nold\n{mod.MARK_END}\n")
     r = mod.main(["--smoke", "--n", "16", "--rounds", "2", "--doc", str(doc)])
