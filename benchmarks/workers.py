@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from dorat.compare import available_cores
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from perf import publish  # noqa: E402  (one way to print and write results for every benchmark)
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--doc", help="replace the block between the workers markers in this file")
     a = ap.parse_args(argv)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = available_cores()  # what compare splits between its workers
     times: dict[str, list[float]] = {"1": [], str(a.workers): []}
     with tempfile.TemporaryDirectory() as tmp:
         grid = grid_file(Path(tmp), a.smoke, a.runs)

@@ -605,13 +605,17 @@ def compare(path: str | Path, out: str | Path, device: str | None = None, data_d
     return write_outputs(grid, out) if aggregate else out / "report.md"
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def worker_env(k: int, workers: int, device: str | None,
                environ: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of worker k of ``workers``: its share of the CPU threads, and on CUDA
     machines one GPU (round robin over the visible ones)."""
     env = dict(os.environ if environ is None else environ)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    env["OMP_NUM_THREADS"] = str(max(1, cores // workers))
+    env["OMP_NUM_THREADS"] = str(max(1, available_cores() // workers))
     if device in (None, "auto", "cuda"):
         import torch
 
