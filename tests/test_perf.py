@@ -1,12 +1,19 @@
-"""benchmarks/perf.py in smoke mode: every row and target is produced and the doc block is
-replaced in place (speed is not asserted here; docs/PERFORMANCE.md holds the real run)."""
+"""The benchmarks in smoke mode: every row and target is produced and the doc block is replaced
+in place (speed is not asserted here; docs/PERFORMANCE.md holds the real runs); and the
+process-wide allocator setting (dorat.runtime) they measure."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,3 +65,69 @@ def test_autoattack_benchmark_smoke(tmp_path: Path) -> None:
     assert r["same_points"] and r["n"] == 16
     assert all(len(v) == 2 and min(v) > 0 for v in r["seconds"].values())
     assert "dorat adapter, weights frozen" in doc.read_text() and "old" not in doc.read_text()
+
+
+def test_allocator_benchmark_smoke(tmp_path: Path) -> None:
+    mod = _bench("allocator")
+    doc = tmp_path / "PERF.md"
+    doc.write_text(f"# Perf\n\n{mod.MARK_BEGIN}\nold\n{mod.MARK_END}\n")
+    r = mod.main(["--smoke", "--rounds", "1", "--threads", "1", "--doc", str(doc)])
+    # the allocator changes where memory comes from, never a number
+    assert r["bitwise_identical"]
+    assert set(r["speedup"]) == set(mod.PARTS) and all(v > 0 for v in r["speedup"].values())
+    states = r["allocator"]
+    assert states["glibc defaults (DORAT_MALLOC=system)"].startswith("left alone")
+    if platform.libc_ver()[0] == "glibc":
+        assert states["dorat (tune_allocator)"] == "tuned"
+    assert "| eval PGD-20 + CW |" in doc.read_text() and "old" not in doc.read_text()
+
+
+_FAULTS = """
+import resource, sys, torch
+from dorat.runtime import tune_allocator
+state = tune_allocator()
+def churn():
+    for _ in range(20):  # a 48 MiB activation, made and freed as every forward pass does
+        torch.ones(12 * 2**20).sum()
+churn()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(state, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tune_allocator acts on glibc only")
+def test_tune_allocator_stops_the_page_fault_churn() -> None:
+    def faults(setting: str) -> tuple[str, int]:
+        env = {**os.environ, "DORAT_MALLOC": setting}
+        out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+        return " ".join(out[:-1]), int(out[-1])
+
+    (s_sys, f_sys), (s_ours, f_ours) = faults("system"), faults("auto")
+    assert s_sys == "left alone (DORAT_MALLOC=system)" and s_ours == "tuned"
+    assert f_sys > 20 * 12 * 2**20 * 4 // 4096 // 2  # glibc maps (and faults in) every block anew
+    assert f_ours < f_sys // 20  # the freed block is reused
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({"DORAT_MALLOC": "system"}, "DORAT_MALLOC=system"),
+    ({"DORAT_MALLOC": "fast"}, "is not one of auto, system"),
+    ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, "another allocator"),
+    ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "from the environment"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, "from the environment"),
+])
+def test_tune_allocator_respects_the_users_choice(environ: dict[str, str], expected: str) -> None:
+    from dorat.runtime import _reason_to_skip
+
+    reason = _reason_to_skip(environ)
+    assert reason is not None and reason.startswith("left alone") and expected in reason
+
+
+def test_the_cli_tunes_the_allocator(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import dorat.runtime
+    from dorat.cli import main
+
+    calls: list[int] = []
+    monkeypatch.setattr(dorat.runtime, "tune_allocator", lambda: calls.append(1) or "tuned")
+    assert main(["data", "list"]) == 0 and calls == [1]
