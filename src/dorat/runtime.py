@@ -25,7 +25,6 @@ glibc's own malloc variables (``MALLOC_*_``, ``GLIBC_TUNABLES=glibc.malloc...``)
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 import sys
@@ -66,7 +65,7 @@ def tune_allocator(environ: Mapping[str, str] | None = None) -> str:
     reason = _reason_to_skip(os.environ if environ is None else environ)
     if reason is None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc = ctypes.CDLL(None)  # the process's own symbols: glibc's mallopt (no ldconfig run)
             ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP) == 1
         except (OSError, AttributeError):
             ok = False
