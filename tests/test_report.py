@@ -178,12 +178,23 @@ def test_compare_file_errors(tmp_path: Path) -> None:
 
 
 def test_aggregate_with_missing_seed_uses_finished_ones(tmp_path: Path, synthetic_npz: Path) -> None:
+    from dorat.compare import _extra_eval
+
     f = _compare_file(tmp_path, synthetic_npz)
     grid = load_grid(f, tmp_path / "out")
     r = grid.runs[0]
     train(r.cfg, r.path, log=lambda s: None)
+    # trained, but its extra evaluation (cw40) is not written yet: not aggregated, so that no
+    # column of the row averages over other seeds than the rest
+    agg = aggregate(grid)
+    assert agg["finished_runs"] == 0 and len(agg["rows"]) == 1
+    row = agg["rows"][0]
+    assert row["seeds"] == [] and row["pending_seeds"] == [0] and row["metrics"] == {}
+    assert "| at | 0 (1 evaluating) |" in "\n".join(markdown_tables(agg))
+    _extra_eval(r, grid.evals[0], lambda s: None, "t", False)
     agg = aggregate(grid)
     assert len(agg["rows"]) == 1 and agg["rows"][0]["seeds"] == [0]
+    assert agg["rows"][0]["pending_seeds"] == [] and "cw40:ra.cw" in agg["rows"][0]["metrics"]
     assert agg["rows"][0]["metrics"]["sa"]["std"] == 0.0 and agg["finished_runs"] == 1
 
 

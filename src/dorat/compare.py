@@ -240,7 +240,7 @@ def run_grid(grid: Grid, log: Callable[[str], None] | None = None, progress: boo
     (RUN/.compare.lock) is left to it."""
     log = log or (lambda s: print(s, file=sys.stderr))
     statuses = _validate(grid, only)
-    todo = sum(s != "done" for s in statuses)
+    todo = sum(not _finished(r, grid.evals) for r in grid.runs)
     log(f"{grid.title}: {len(grid.runs)} runs, {len(grid.runs) - todo} finished, {todo} to go"
         + (f" (running only {', '.join(only)})" if only else ""))
     for i, (r, st) in enumerate(zip(grid.runs, statuses)):
@@ -274,6 +274,12 @@ def _validate(grid: Grid, only: Sequence[str] | None) -> list[str]:
 
 def _missing_evals(r: RunSpec, evals: Sequence[dict[str, Any]]) -> list[str]:
     return [e["name"] for e in evals if not (r.path / f"eval-{e['name']}.json").is_file()]
+
+
+def _finished(r: RunSpec, evals: Sequence[dict[str, Any]]) -> bool:
+    """Trained, evaluated, and every extra evaluation written: only such runs are aggregated,
+    so each mean in a row is over the same seeds."""
+    return (r.path / "metrics.json").is_file() and not _missing_evals(r, evals)
 
 
 def _do_run(r: RunSpec, evals: Sequence[dict[str, Any]], st: str, tag: str,
@@ -381,11 +387,12 @@ def aggregate(grid: Grid) -> dict[str, Any]:
             classes: list[str] = []
             seeds = []
             failed = [r.seed for r in runs if (r.path / FAILED).is_file()]
+            pending = [r.seed for r in runs
+                       if (r.path / "metrics.json").is_file() and not _finished(r, grid.evals)]
             for r in runs:
-                mfile = r.path / "metrics.json"
-                if not mfile.is_file():
-                    continue
-                m = json.loads(mfile.read_text())
+                if not _finished(r, grid.evals):
+                    continue  # a run whose extra evaluations are not all written waits
+                m = json.loads((r.path / "metrics.json").read_text())
                 seeds.append(r.seed)
                 classes = m["classes"]
                 flat = flat_metrics(m)
@@ -401,10 +408,11 @@ def aggregate(grid: Grid) -> dict[str, Any]:
                 log = read_log(r.path)
                 if log and "ess" in log[-1]:
                     last_epochs.append(log[-1])
-            if not seeds and not failed:
+            if not seeds and not failed and not pending:
                 continue
             rows.append({
                 "dataset": ds, "setting": st, "method": name, "seeds": seeds, "failed_seeds": failed,
+                "pending_seeds": pending,
                 "metrics": {k: mean_std(v) for k, v in per_seed.items()},
                 "per_class": {k: [statistics.fmean(c) for c in zip(*v)] for k, v in per_class.items()},
                 "per_class_std": {k: [statistics.stdev(c) if len(c) > 1 else 0.0 for c in zip(*v)]
@@ -413,7 +421,7 @@ def aggregate(grid: Grid) -> dict[str, Any]:
                 "weights": _weights_summary(last_epochs),
             })
     return {"title": grid.title, "rows": rows, "total_runs": len(grid.runs),
-            "finished_runs": sum((r.path / "metrics.json").is_file() for r in grid.runs)}
+            "finished_runs": sum(_finished(r, grid.evals) for r in grid.runs)}
 
 
 LABELS = {"sa": "SA", "ra.pgd": "RA-PGD", "ra.cw": "RA-CW", "ra.aa": "RA-AA", "ra.worst": "RA-worst",
@@ -469,8 +477,10 @@ def markdown_tables(agg: dict[str, Any], columns: Sequence[str] | None = None) -
                         else f"{100 * ms['mean']:.2f}")
                 is_best = len(rows) > 1 and math.isclose(ms["mean"], best[c] or 0, abs_tol=1e-12)
                 cells.append(f"**{cell}**" if is_best else cell)
-            n_seeds = str(len(r["seeds"])) + (f" ({len(r['failed_seeds'])} failed)"
-                                               if r.get("failed_seeds") else "")
+            n_seeds = str(len(r["seeds"])) + "".join(
+                f" ({len(r[k])} {what})" for k, what in (("failed_seeds", "failed"),
+                                                         ("pending_seeds", "evaluating"))
+                if r.get(k))
             lines.append(f"| {r['method']} | {n_seeds} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -509,14 +519,14 @@ def write_outputs(grid: Grid, out: str | Path) -> Path:
         firsts = []
         for name in grid.names:
             done = [r for r in grid.runs if (r.dataset, r.setting, r.name) == (ds, st, name)
-                    and (r.path / "metrics.json").is_file()]
+                    and _finished(r, grid.evals)]
             if done:
                 firsts.append(load_result(done[0].path, "metrics.json", name=f"{name} s{done[0].seed}"))
         if firsts:
             lines += [f"Training curves and weights (first seed of each method, {ds}/{st}):", ""]
             lines += figure_lines(firsts, out, prefix=f"{tag}_", per_class=False)
     failed_checks = check_lines([load_result(r.path, "metrics.json", name=f"{r.name} s{r.seed}")
-                                 for r in grid.runs if (r.path / "metrics.json").is_file()])
+                                 for r in grid.runs if _finished(r, grid.evals)])
     lines += (["## Sanity checks that failed", ""] + failed_checks + [""]) if failed_checks else [
         "All sanity checks of the finished runs passed (or none ran).", ""]
     path = out / "report.md"
