@@ -250,7 +250,7 @@ def run_grid(grid: Grid, log: Callable[[str], None] | None = None, progress: boo
         if st == "failed" and not retry_failed:
             log(f"{tag}: failed earlier ({_failure(r)}); skipped (--retry-failed to try again)")
             continue
-        if st == "done" and not _missing_evals(r, grid.evals):
+        if _finished(r, grid.evals):
             continue
         with _run_lock(r.path) as holder:
             if holder:
@@ -386,23 +386,22 @@ def aggregate(grid: Grid) -> dict[str, Any]:
             last_epochs: list[dict[str, Any]] = []
             classes: list[str] = []
             seeds = []
+            pending = []  # trained, but an extra evaluation is not written yet: left out
             failed = [r.seed for r in runs if (r.path / FAILED).is_file()]
-            pending = [r.seed for r in runs
-                       if (r.path / "metrics.json").is_file() and not _finished(r, grid.evals)]
             for r in runs:
                 if not _finished(r, grid.evals):
-                    continue  # a run whose extra evaluations are not all written waits
+                    if (r.path / "metrics.json").is_file():
+                        pending.append(r.seed)
+                    continue
                 m = json.loads((r.path / "metrics.json").read_text())
                 seeds.append(r.seed)
                 classes = m["classes"]
                 flat = flat_metrics(m)
                 per_class.setdefault("main", []).append(m["per_class"][main_key(m)])
-                for e in grid.evals:
-                    ef = r.path / f"eval-{e['name']}.json"
-                    if ef.is_file():
-                        em = json.loads(ef.read_text())
-                        flat.update(flat_metrics(em, f"{e['name']}:"))
-                        per_class.setdefault(e["name"], []).append(em["per_class"][main_key(em)])
+                for e in grid.evals:  # all written: the run is finished
+                    em = json.loads((r.path / f"eval-{e['name']}.json").read_text())
+                    flat.update(flat_metrics(em, f"{e['name']}:"))
+                    per_class.setdefault(e["name"], []).append(em["per_class"][main_key(em)])
                 for k, v in flat.items():
                     per_seed.setdefault(k, []).append(v)
                 log = read_log(r.path)
