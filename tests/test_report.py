@@ -377,7 +377,8 @@ def test_a_method_can_have_its_own_seeds(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("name,runs", [("fmnist.yaml", 60), ("fmnist-sweep.yaml", 23)])
+@pytest.mark.parametrize("name,runs", [("fmnist.yaml", 60), ("fmnist-sweep.yaml", 23),
+                                            ("fmnist-longtail-sweep.yaml", 8)])
 def test_results_compare_files_are_valid(tmp_path: Path, name: str, runs: int) -> None:
     """The grid and sweep behind docs/RESULTS.md parse and every run's config validates."""
     f = Path(__file__).parent.parent / "benchmarks" / "results" / name
@@ -387,15 +388,21 @@ def test_results_compare_files_are_valid(tmp_path: Path, name: str, runs: int) -
     assert not (tmp_path / "o").exists()
 
 
-def test_results_pair_done_with_pgd_at_and_the_best_baseline_by_seed() -> None:
-    """RESULTS.md's paired table: differences on the seeds both rows have, won-tied-lost, and
-    the best baseline chosen per metric by its mean; and the weights table."""
+def _write_results():
+    """benchmarks/results/write_results.py as a module (it is a script, not part of dorat)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
         "write_results", Path(__file__).parent.parent / "benchmarks" / "results" / "write_results.py")
     wr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(wr)
+    return wr
+
+
+def test_results_pair_done_with_pgd_at_and_the_best_baseline_by_seed() -> None:
+    """RESULTS.md's paired table: differences on the seeds both rows have, won-tied-lost, and
+    the best baseline chosen per metric by its mean; and the weights table."""
+    wr = _write_results()
 
     def row(method: str, seeds: list[int], aa: list[float]) -> dict:
         return {"setting": "balanced", "method": method, "seeds": seeds,
@@ -421,3 +428,18 @@ def test_results_pair_done_with_pgd_at_and_the_best_baseline_by_seed() -> None:
                                        weighted("gairat", 0.5, [0.5, 2.0, 1.0, 0.25])]}, "balanced")
     assert len(lines) == 4 and "| at |" not in "".join(lines)  # unweighted rows are left out
     assert lines[2] == "| gairat | 0.500 | 3.00 | b 2.00, c 1.00, a 0.50 | d 0.25, a 0.50, c 1.00 | 8.00 |"
+
+
+def test_results_aggregates_come_from_the_runs_else_from_the_committed_copy(tmp_path: Path) -> None:
+    """write_results.py reads RUNS/results.json and refreshes the copy in docs/results/; where
+    the runs are not on this machine it falls back to that committed copy, else skips."""
+    wr = _write_results()
+    runs, committed = tmp_path / "runs", tmp_path / "docs" / "sweep.json"
+    committed.parent.mkdir()
+    assert wr.load_aggregate(runs, committed) is None and not committed.exists()
+    runs.mkdir()
+    (runs / "results.json").write_text(json.dumps({"rows": [], "finished_runs": 3}))
+    assert wr.load_aggregate(runs, committed)["finished_runs"] == 3
+    assert json.loads(committed.read_text())["finished_runs"] == 3
+    (runs / "results.json").unlink()
+    assert wr.load_aggregate(runs, committed)["finished_runs"] == 3

@@ -10,7 +10,8 @@
 # WORKERS processes share the grid (default 2: on 2 CPU cores two single-threaded workers
 # train faster than one two-threaded process; on GPUs each worker takes one GPU in turn).
 # The r sweep on the validation split ran once; its aggregate is docs/results/sweep.json.
-# SWEEP=1 runs it again into $OUT/sweep first (23 runs).
+# SWEEP=1 runs it again into $OUT/sweep first (23 runs), and the long-tailed check of r
+# (fmnist-longtail-sweep.yaml, 8 runs) into $OUT/sweep-longtail.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 HERE=benchmarks/results
@@ -18,6 +19,7 @@ OUT=${OUT:-$HERE}
 WORKERS=${WORKERS:-2}
 if [ "${SWEEP:-0}" = 1 ]; then
   $PY -m dorat compare $HERE/fmnist-sweep.yaml --out "$OUT/sweep" --workers "$WORKERS" ${DEVICE:+--device $DEVICE}
+  $PY -m dorat compare $HERE/fmnist-longtail-sweep.yaml --out "$OUT/sweep-longtail" --workers "$WORKERS" ${DEVICE:+--device $DEVICE}
 fi
 $PY -m dorat compare $HERE/fmnist.yaml --out "$OUT/grid" --workers "$WORKERS" ${DEVICE:+--device $DEVICE}
-$PY $HERE/write_results.py --sweep "$OUT/sweep" --grid "$OUT/grid" --out docs
+$PY $HERE/write_results.py --sweep "$OUT/sweep" --sweep-longtail "$OUT/sweep-longtail" --grid "$OUT/grid" --out docs

@@ -4,10 +4,11 @@
         --grid benchmarks/results/grid --out docs
 
 Copies the aggregated JSON to docs/results/ (committed), regenerates the per-class plots there
-and writes RESULTS.md: the protocol, the r sweep on the validation split, the two tables
-(balanced, long-tailed) and the hand-written discussion in benchmarks/results/discussion.md.
-Safe to run on a partial grid: the tables say how many runs have finished. Without the sweep's
-runs (it ran once, on another machine) the sweep section comes from docs/results/sweep.json.
+and writes RESULTS.md: the protocol, the r sweep on the validation split (and the later check
+of r under long-tailed training, --sweep-longtail), the two tables (balanced, long-tailed) and
+the hand-written discussion in benchmarks/results/discussion.md. Safe to run on a partial grid:
+the tables say how many runs have finished. Where an aggregate's runs are not here (the sweep
+ran once, on another machine) its section comes from the committed copy in docs/results/.
 """
 
 from __future__ import annotations
@@ -155,6 +156,21 @@ def weights_lines(grid: dict, setting: str) -> list[str]:
     return out + [""]
 
 
+def load_aggregate(runs: Path, committed: Path) -> dict | None:
+    """A compare aggregate: RUNS/results.json, copied to ``committed`` (docs/results/), or, when
+    its runs are not here (a sweep that ran once, on another machine), the committed copy."""
+    src = runs / "results.json"
+    if not src.is_file():
+        if not committed.is_file():
+            return None
+        print(f"no runs in {runs}: using the committed {committed}")
+        src = committed
+    agg = json.loads(src.read_text())
+    if src != committed:
+        shutil.copy(src, committed)
+    return agg
+
+
 def seed_view(agg: dict, seed: int) -> dict:
     """The aggregate restricted to one seed (rows without it dropped), so that rows with one
     and with several seeds are not compared mean against single run."""
@@ -172,20 +188,15 @@ def seed_view(agg: dict, seed: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", type=Path, required=True)
+    ap.add_argument("--sweep-longtail", type=Path, default=HERE / "sweep-longtail")
     ap.add_argument("--grid", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path("docs"))
     a = ap.parse_args()
     res = a.out / "results"
     res.mkdir(parents=True, exist_ok=True)
     lines = ["# Results: DONE against the reweighting baselines on Fashion-MNIST", "", PROTOCOL]
-    sweep_json = a.sweep / "results.json"
-    if not sweep_json.is_file() and (res / "sweep.json").is_file():
-        sweep_json = res / "sweep.json"  # the sweep ran once; its aggregate is committed
-        print(f"no sweep runs in {a.sweep}: the sweep section comes from {sweep_json}")
-    if sweep_json.is_file():
-        sweep = json.loads(sweep_json.read_text())
-        if sweep_json != res / "sweep.json":
-            shutil.copy(sweep_json, res / "sweep.json")
+    sweep = load_aggregate(a.sweep, res / "sweep.json")
+    if sweep is not None:
         lines += ["## DONE's r, β, warm-up and lower level on the validation split", "",
                   "PGD-20 and CW on the 5,000 held-out validation images. "
                   f"{sweep['finished_runs']} of {sweep['total_runs']} sweep runs finished.", "",
@@ -197,9 +208,27 @@ def main() -> None:
             lines += markdown_tables(finalists, SWEEP_COLUMNS)[2:]
         if plot_sweep(sweep, res / "sweep_r.png"):
             lines += ["![RA and worst-class RA against r](results/sweep_r.png)", ""]
-    if (a.grid / "results.json").is_file():
-        grid = json.loads((a.grid / "results.json").read_text())
-        shutil.copy(a.grid / "results.json", res / "grid.json")
+    lt = load_aggregate(a.sweep_longtail, res / "sweep-longtail.json")
+    if lt is not None:
+        lines += ["### Long-tailed training (ρ = 10): r checked afterwards on the validation split",
+                  "", "Run when the long-tailed test runs showed no method lifting the rarest weak "
+                  "class ([benchmarks/results/fmnist-longtail-sweep.yaml]"
+                  "(../benchmarks/results/fmnist-longtail-sweep.yaml) says why and what). The "
+                  "validation split is balanced, like the test set. "
+                  f"{lt['finished_runs']} of {lt['total_runs']} runs finished.", ""]
+        lines += markdown_tables(lt, SWEEP_COLUMNS)[2:]
+        setting = lt["rows"][0]["setting"] if lt["rows"] else ""
+        lines += weights_lines(lt, setting)
+        rows = [r for r in lt["rows"] if "main" in r["per_class"]]
+        if rows:
+            plot_per_class([(f"{r['method']} (n={len(r['seeds'])})", r["per_class"]["main"],
+                             r["per_class_std"]["main"] if len(r["seeds"]) > 1 else None)
+                            for r in rows], rows[0]["classes"], res / "sweep_longtail_per_class.png",
+                           "Long-tailed training: per-class robust accuracy on the validation split "
+                           "(worst of PGD-20 and CW)", "robust accuracy (%)")
+            lines += ["![long-tailed sweep, per class](results/sweep_longtail_per_class.png)", ""]
+    grid = load_aggregate(a.grid, res / "grid.json")
+    if grid is not None:
         lines += ["## Test results", "", f"{grid['finished_runs']} of {grid['total_runs']} runs "
                   "finished; a table with fewer than 3 seeds in a row is partial.", ""]
         lines += markdown_tables(grid, GRID_COLUMNS)
