@@ -85,6 +85,25 @@ def test_large_r_reproduces_pgd_at_gradient(synthetic_npz: Path) -> None:
     assert torch.allclose(grads["done"], grads["at"], rtol=1e-4, atol=1e-7)
 
 
+def test_class_prior_uniform_centres_the_class_ball_on_the_balanced_distribution() -> None:
+    """done.class_prior=uniform: at large r the class level gives class-balanced weights
+    (example of class c: |B| / (C n_c,B) / |B|) whatever the training frequencies; the
+    default keeps the training prior (uniform weights)."""
+    y = torch.tensor([0, 0, 0, 1, 1, 2])
+    loss = torch.tensor([1.0, 1.2, 0.8, 2.0, 2.2, 0.1], dtype=torch.float64)
+    info = {"num_classes": 3, "class_counts": [300, 200, 100]}
+    for prior, expect in (("train", [1 / 6] * 6),
+                          ("uniform", [1 / 9] * 3 + [1 / 6] * 2 + [1 / 3])):
+        cfg = C.resolve(None, {"method": "done-class"},
+                        ["done.r=1e9", "done.beta=1", "done.warmup_epochs=0",
+                         f"done.class_prior={prior}"])
+        weighting = build_method(cfg, info).weighting
+        w = _w(weighting, loss, y)
+        assert torch.allclose(w, torch.tensor(expect, dtype=torch.float64), rtol=1e-6), prior
+    with pytest.raises(C.ConfigError, match="class_prior"):
+        C.resolve(None, {"method": "done-class"}, ["done.class_prior=test"])
+
+
 def test_class_level_weights() -> None:
     y = torch.tensor([0, 0, 0, 1, 1, 2])
     loss = torch.tensor([1.0, 1.2, 0.8, 2.0, 2.2, 0.1], dtype=torch.float64)

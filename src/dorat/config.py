@@ -156,6 +156,11 @@ SCHEMA: dict[str, Any] = {
         "beta": Opt(0.2, "float", _beta, help="running-average rate of the normaliser u_t"),
         "warmup_epochs": Opt(1, "int", _nonneg, help="plain AT epochs before reweighting"),
         "level": Opt("instance", "str", _choice("instance", "class", "mixed")),
+        "class_prior": Opt("train", "str", _choice("train", "uniform"),
+                           help="class and mixed levels: the centre of the KL ball over classes, "
+                                "the training class frequencies or uniform (the balanced test "
+                                "distribution: on long-tailed data, class-balanced weights at "
+                                "large r); not in the paper"),
         "target_ess": Opt(None, "float", lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
                           optional=True, help="adapt r between epochs to this ESS/|B|"),
         "max_weight": Opt(None, "float", lambda v: None if v >= 1 else "must be >= 1", optional=True,

@@ -149,7 +149,9 @@ BARRIER_GD_LR = 100.0
 def _kl_dro(cfg: dict[str, Any], info: dict[str, Any]) -> KLDROWeighting:
     d = cfg["done"]
     return KLDROWeighting(d["r"], d["beta"], d["warmup_epochs"], d["level"],
-                          info.get("num_classes", 10), info.get("class_counts"), d["target_ess"],
+                          info.get("num_classes", 10),
+                          info.get("class_counts") if d["class_prior"] == "train" else None,
+                          d["target_ess"],
                           d["max_weight"])
 
 
