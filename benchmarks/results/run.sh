@@ -11,7 +11,7 @@
 # train faster than one two-threaded process; on GPUs each worker takes one GPU in turn).
 # The r sweep on the validation split ran once; its aggregate is docs/results/sweep.json.
 # SWEEP=1 runs it again into $OUT/sweep first (23 runs), and the long-tailed check of r
-# (fmnist-longtail-sweep.yaml, 11 runs) into $OUT/sweep-longtail.
+# (fmnist-longtail-sweep.yaml, 20 runs) into $OUT/sweep-longtail.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 HERE=benchmarks/results
