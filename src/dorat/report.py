@@ -140,9 +140,11 @@ def plot_per_class(series: Sequence[tuple[str, Sequence[float], Sequence[float] 
     k = max(1, len(series))
     width = 0.8 / k
     fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * len(classes) + 1.2 * k), 4.8))
+    # the default cycle repeats after 10 colours: more series than that take tab20's 20
+    colors = plt.get_cmap("tab20").colors if k > 10 else [None] * k
     for j, (label, vals, err) in enumerate(series):
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(classes))]
-        ax.bar(xs, [100 * v for v in vals], width, label=label,
+        ax.bar(xs, [100 * v for v in vals], width, label=label, color=colors[j % len(colors)],
                yerr=[100 * e for e in err] if err is not None else None, capsize=2)
     ax.set_xticks(range(len(classes)))
     ax.set_xticklabels(classes, rotation=30, ha="right")
