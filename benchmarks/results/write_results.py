@@ -212,7 +212,7 @@ def main() -> None:
     if lt is not None:
         lines += ["### Long-tailed training (ρ = 10): r checked afterwards on the validation split",
                   "", "Run when the long-tailed test runs showed no method lifting the weak rare classes "
-                  "class ([benchmarks/results/fmnist-longtail-sweep.yaml]"
+                  "([benchmarks/results/fmnist-longtail-sweep.yaml]"
                   "(../benchmarks/results/fmnist-longtail-sweep.yaml) says why and what). The "
                   "validation split is balanced, like the test set. "
                   f"{lt['finished_runs']} of {lt['total_runs']} runs finished.", ""]
