@@ -136,10 +136,11 @@ def paired_lines(grid: dict, setting: str) -> list[str]:
     return out + [""]
 
 
-def weights_lines(grid: dict, setting: str) -> list[str]:
+def weights_lines(grid: dict, setting: str | None = None) -> list[str]:
     """What every reweighting method's weights were in its last training epoch: effective sample
-    size, largest weight, and the classes with the highest and lowest mean weight."""
-    rows = [r for r in grid["rows"] if r["setting"] == setting and r.get("weights")
+    size, largest weight, and the classes with the highest and lowest mean weight (the rows of
+    one setting, or all rows)."""
+    rows = [r for r in grid["rows"] if setting in (None, r["setting"]) and r.get("weights")
             and r["weights"]["ess"]["mean"] < 0.9999 and r["weights"].get("class_mean")]
     if not rows:
         return []
@@ -154,6 +155,18 @@ def weights_lines(grid: dict, setting: str) -> list[str]:
         out.append(f"| {r['method']} | {ess} | {w['w_max']['mean']:.2f} | {heavy} | {light} | "
                    f"{cm[0][0] / max(cm[-1][0], 1e-12):.2f} |")
     return out + [""]
+
+
+def plot_rows(rows: list[dict], key: str, path: Path, title: str, ylabel: str) -> bool:
+    """Per-class robust accuracy of every row that has evaluation ``key`` (mean over its seeds,
+    ± std where it has several) as one grouped-bar plot; False if no row has it."""
+    rows = [r for r in rows if key in r["per_class"]]
+    if not rows:
+        return False
+    plot_per_class([(f"{r['method']} (n={len(r['seeds'])})", r["per_class"][key],
+                     r["per_class_std"][key] if len(r["seeds"]) > 1 else None) for r in rows],
+                   rows[0]["classes"], path, title, ylabel)
+    return True
 
 
 def load_aggregate(runs: Path, committed: Path) -> dict | None:
@@ -217,15 +230,10 @@ def main() -> None:
                   "validation split is balanced, like the test set. "
                   f"{lt['finished_runs']} of {lt['total_runs']} runs finished.", ""]
         lines += markdown_tables(lt, SWEEP_COLUMNS)[2:]
-        setting = lt["rows"][0]["setting"] if lt["rows"] else ""
-        lines += weights_lines(lt, setting)
-        rows = [r for r in lt["rows"] if "main" in r["per_class"]]
-        if rows:
-            plot_per_class([(f"{r['method']} (n={len(r['seeds'])})", r["per_class"]["main"],
-                             r["per_class_std"]["main"] if len(r["seeds"]) > 1 else None)
-                            for r in rows], rows[0]["classes"], res / "sweep_longtail_per_class.png",
-                           "Long-tailed training: per-class robust accuracy on the validation split "
-                           "(worst of PGD-20 and CW)", "robust accuracy (%)")
+        lines += weights_lines(lt)
+        if plot_rows(lt["rows"], "main", res / "sweep_longtail_per_class.png",
+                     "Long-tailed training: per-class robust accuracy on the validation split "
+                     "(worst of PGD-20 and CW)", "robust accuracy (%)"):
             lines += ["![long-tailed sweep, per class](results/sweep_longtail_per_class.png)", ""]
     grid = load_aggregate(a.grid, res / "grid.json")
     if grid is not None:
@@ -254,16 +262,11 @@ def main() -> None:
                 continue
             for key, what in (("main", "PGD-20 + CW, full test set"),
                               ("aa1000", "worst of PGD, CW, AutoAttack; 1,000 points")):
-                rows_k = [r for r in rows if key in r["per_class"]]
-                if not rows_k:
-                    continue
                 png = f"per_class_{setting}_{key}.png"
-                plot_per_class([(f"{r['method']} (n={len(r['seeds'])})", r["per_class"][key],
-                                 r["per_class_std"][key] if len(r["seeds"]) > 1 else None)
-                                for r in rows_k], rows_k[0]["classes"], res / png,
-                               f"Fashion-MNIST {setting}: per-class robust accuracy ({what})",
-                               "robust accuracy (%), mean over seeds")
-                lines += [f"![{setting} {key}](results/{png})", ""]
+                if plot_rows(rows, key, res / png,
+                             f"Fashion-MNIST {setting}: per-class robust accuracy ({what})",
+                             "robust accuracy (%), mean over seeds"):
+                    lines += [f"![{setting} {key}](results/{png})", ""]
     disc = HERE / "discussion.md"
     if disc.is_file():
         lines += [disc.read_text()]
