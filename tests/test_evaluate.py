@@ -107,3 +107,58 @@ def test_restarts_never_raise_accuracy(tmp_path: Path, synthetic_npz: Path) -> N
     three, _ = evaluate(run.model, run.data.x_test, run.data.y_test, run.data.classes, ["pgd"],
                         EvalSettings(eps=0.05, steps=3, restarts=3))
     assert three["ra"]["pgd"] <= one["ra"]["pgd"]
+
+
+@needs_fmnist
+def test_interrupted_evaluation_resumes_bitwise(trained_fmnist, tmp_path: Path,  # noqa: ANN001
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """An evaluation killed mid-way resumes from its journal after the last finished (batch,
+    attack) step and gives the table an uninterrupted evaluation gives; a journal of other
+    settings is ignored, and the journal is gone once the table is complete."""
+    import dataclasses
+    import shutil
+
+    import dorat.evaluate as E
+
+    run, *_ = trained_fmnist
+    idx = stratified_subset(run.data.y_test, 200, 10, seed=0)
+    x, y = run.data.x_test[idx], run.data.y_test[idx]
+    s = EvalSettings(eps=0.1, steps=3, batch_size=64,
+                     aa_budget={"iters": 3, "queries": 20, "targets": 2})
+    attacks, cpu = ["pgd", "cw", "aa"], torch.device("cpu")
+    full = E.run_attacks(run.model, x, y, attacks, s, cpu)
+    # the test can tell: PGD's random starts (the generator the journal saves) change the table
+    other_seed = E.run_attacks(run.model, x, y, ["pgd"], dataclasses.replace(s, seed=1), cpu)
+    assert not torch.equal(other_seed["pgd"], full["pgd"])
+
+    real, calls = E._attack_batch, []
+
+    def attack(*a, fail_at: int | None = None, **k):  # noqa: ANN002, ANN003, ANN202
+        if len(calls) == fail_at:
+            raise RuntimeError("killed")
+        calls.append(a[1])
+        return real(*a, **k)
+
+    journal = tmp_path / ".eval.partial.safetensors"
+    monkeypatch.setattr(E, "_attack_batch", lambda *a, **k: attack(*a, fail_at=5, **k))
+    with pytest.raises(RuntimeError, match="killed"):
+        E.run_attacks(run.model, x, y, attacks, s, cpu, journal=journal)
+    assert journal.is_file() and calls == ["pgd", "cw", "aa", "pgd", "cw"]
+
+    # other settings: the journal is not theirs, everything runs (4 batches x 3 attacks)
+    calls.clear()
+    monkeypatch.setattr(E, "_attack_batch", attack)
+    shutil.copy(journal, tmp_path / "copy.safetensors")
+    E.run_attacks(run.model, x, y, attacks, dataclasses.replace(s, steps=4), cpu,
+                  journal=tmp_path / "copy.safetensors")
+    assert len(calls) == 12 and not (tmp_path / "copy.safetensors").exists()
+
+    calls.clear()
+    msgs: list[str] = []
+    resumed = E.run_attacks(run.model, x, y, attacks, s, cpu, journal=journal, log=msgs.append)
+    assert calls == ["aa"] + ["pgd", "cw", "aa"] * 2  # batch 1's AutoAttack, then batches 2-3
+    assert "after 7 of 16" in msgs[0]
+    assert set(resumed) == set(full)
+    for k in full:
+        assert torch.equal(resumed[k], full[k]), k
+    assert not journal.exists()

@@ -324,7 +324,7 @@ def _failure(r: RunSpec) -> str:
 def _extra_eval(r: RunSpec, e: dict[str, Any], log: Callable[[str], None], tag: str,
                 progress: bool) -> None:
     from dorat.checkpoint import write_text_atomic
-    from dorat.train import evaluate_run, load_run
+    from dorat.train import JOURNAL, evaluate_run, load_run
 
     target = r.path / f"eval-{e['name']}.json"
     if target.is_file():
@@ -333,7 +333,8 @@ def _extra_eval(r: RunSpec, e: dict[str, Any], log: Callable[[str], None], tag: 
     over["data.dir"] = r.cfg["data"]["dir"]
     log(f"{tag}: evaluation '{e['name']}' ({', '.join(e.get('attacks', r.cfg['eval']['attacks']))})")
     run = load_run(r.path, r.cfg["device"], over)
-    metrics = evaluate_run(run, progress=progress, log=log)
+    metrics = evaluate_run(run, progress=progress, log=log,
+                           journal=r.path / JOURNAL.format(name=f"eval-{e['name']}"))
     write_text_atomic(target, json.dumps(metrics, indent=2))
 
 

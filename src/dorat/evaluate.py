@@ -7,9 +7,13 @@ only if it survives every attack).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,6 +83,32 @@ def check_attacks(attacks: Sequence[str]) -> None:
         raise ConfigError(f"attack list {','.join(attacks)} names an attack twice")
 
 
+def _journal_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[str],
+                 settings: EvalSettings) -> str:
+    """What an evaluation journal belongs to: the settings, the attacks, the exact points and
+    the model's weights. A journal with another key is ignored."""
+    h = hashlib.sha256(json.dumps({"attacks": list(attacks), "settings": dataclasses.asdict(settings)},
+                                  sort_keys=True, default=str).encode())
+    for t in (x, y, *model.state_dict().values()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{t.dtype}{t.numel()}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_journal(path: Path, key: str) -> dict[str, Any] | None:
+    from dorat.checkpoint import load_state
+    from dorat.errors import CheckpointError
+
+    if not path.is_file():
+        return None
+    try:
+        state, _ = load_state(path)
+    except CheckpointError:
+        return None  # torn or foreign: start over (it is rewritten after the first step)
+    return state if state.get("key") == key else None
+
+
 def run_attacks(
     model: nn.Module,
     x: torch.Tensor,
@@ -88,11 +118,20 @@ def run_attacks(
     device: torch.device,
     progress: bool = False,
     notes: list[str] | None = None,
+    journal: Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The per-example table: {"clean": bool[n], attack: bool[n], ..., "worst": bool[n]}.
 
     Attacks run batch by batch, each attack on the whole batch (AutoAttack itself attacks only
     the examples still correct). ``notes`` collects warnings AutoAttack raises about the model.
+
+    With ``journal`` (a file path) the table so far and the attack generator's state are saved
+    after every (batch, attack) step, and a later call on the same model, points, attacks and
+    settings resumes after the last saved step: an interrupted AutoAttack evaluation loses at
+    most one batch, and the resumed table is bitwise the one an uninterrupted call gives
+    (AutoAttack reseeds itself per batch; PGD and CW draw from the saved generator). The
+    journal is deleted when the table is complete.
     """
     check_attacks(attacks)
     if settings.eps < 0:
@@ -103,23 +142,54 @@ def run_attacks(
     table = {k: torch.zeros(len(y), dtype=torch.bool) for k in ["clean", *attacks]}
     bs = settings.batch_size
     n_batches = math.ceil(len(y) / bs)
-    bar = tqdm(total=n_batches * (1 + len(attacks)), desc="eval", disable=not progress,
-               leave=False, unit="batch")
+    steps = ["clean", *attacks]
+    total = n_batches * len(steps)
+    key, done = "", 0
+    if journal is not None:
+        key = _journal_key(model, x, y, attacks, settings)
+        saved = _read_journal(journal, key)
+        if saved is not None:
+            done = int(saved["done"])
+            table = {k: v.clone() for k, v in saved["table"].items()}
+            g.set_state(saved["generator"].to(torch.uint8))
+            notes.extend(m for m in saved["notes"] if m not in notes)
+            if log is not None:
+                log(f"resuming the evaluation after {done} of {total} (batch, attack) steps "
+                    f"({journal.name})")
+
+    def save(step: int) -> None:
+        if journal is not None:
+            from dorat.checkpoint import save_state
+
+            save_state(journal, {"key": key, "done": step, "table": table,
+                                 "generator": g.get_state(), "notes": list(notes)})
+
+    bar = tqdm(total=total, initial=done, desc="eval", disable=not progress, leave=False,
+               unit="batch")
     with mode(model, False):
         for b in range(n_batches):
+            if (b + 1) * len(steps) <= done:
+                continue
             xb = x[b * bs:(b + 1) * bs].to(device).float().div_(255)
             if settings.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yb = y[b * bs:(b + 1) * bs].to(device)
-            with torch.no_grad():
-                table["clean"][b * bs:b * bs + len(yb)] = (model(xb).argmax(1) == yb).cpu()
-            bar.update()
-            for a in attacks:
+            for j, a in enumerate(steps):
+                step = b * len(steps) + j
+                if step < done:
+                    continue
                 bar.set_postfix_str(a)
-                table[a][b * bs:b * bs + len(yb)] = _attack_batch(
-                    model, a, xb, yb, settings, g, notes).cpu()
+                if a == "clean":
+                    with torch.no_grad():
+                        out = model(xb).argmax(1) == yb
+                else:
+                    out = _attack_batch(model, a, xb, yb, settings, g, notes)
+                table[a][b * bs:b * bs + len(yb)] = out.cpu()
+                save(step + 1)
                 bar.update()
     bar.close()
+    if journal is not None:
+        journal.unlink(missing_ok=True)
     if attacks:
         worst = table["clean"].clone()
         for a in attacks:
@@ -171,17 +241,19 @@ def evaluate(
     progress: bool = False,
     checks: bool = False,
     check_n: int = 200,
+    journal: Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Evaluate ``model`` on (a stratified subset of) the test set; returns (metrics, table).
 
     With ``checks`` the sanity checks of dorat.checks run too (the ε sweep on ``check_n``
-    stratified points) and land in ``metrics["checks"]``."""
+    stratified points) and land in ``metrics["checks"]``. ``journal``: see run_attacks."""
     settings = settings or EvalSettings(eps=0.1)
     device = torch.device(device)
     idx = stratified_subset(y_test, n, len(classes), settings.seed)
     x, y = x_test[idx], y_test[idx]
     notes: list[str] = []
-    table = run_attacks(model, x, y, attacks, settings, device, progress, notes)
+    table = run_attacks(model, x, y, attacks, settings, device, progress, notes, journal, log)
     metrics = metrics_from_table(table, y, classes)
     metrics["settings"] = {
         "eps": settings.eps, "norm": settings.norm, "steps": settings.steps,

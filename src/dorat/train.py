@@ -52,6 +52,9 @@ from dorat.objectives.base import ess_from_moments
 
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.safetensors", "model.safetensors",
              "weights.safetensors", "metrics.json")
+# An evaluation's progress while it runs (RUN/.metrics.partial.safetensors,
+# RUN/.eval-NAME.partial.safetensors): resumed after an interruption, deleted when it is done.
+JOURNAL = ".{name}.partial.safetensors"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -296,7 +299,7 @@ def train(
                         tmp.unlink(missing_ok=True)
             _ensure_writable(out)
             if overwrite and not resume:
-                for f in RUN_FILES:
+                for f in (*RUN_FILES, JOURNAL.format(name="metrics")):
                     (out / f).unlink(missing_ok=True)
             if not resume:
                 write_text_atomic(out / "config.yaml", cfglib.dump(cfg))
@@ -494,8 +497,12 @@ def eval_split(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def evaluate_run(run: Run, progress: bool = False,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Evaluate the run's model as its ``eval`` config says (attacks, split, subset)."""
+                 log: Callable[[str], None] | None = None,
+                 journal: Path | None = None) -> dict[str, Any]:
+    """Evaluate the run's model as its ``eval`` config says (attacks, split, subset).
+
+    ``journal``: a file the evaluation saves its progress in and resumes from (see
+    dorat.evaluate.run_attacks); deleted when the attacks are done."""
     cfg = run.cfg
     settings = settings_from_config(cfg)
     if log is not None:
@@ -512,7 +519,7 @@ def evaluate_run(run: Run, progress: bool = False,
     x, y = eval_split(run)
     metrics, _ = evaluate(run.model, x, y, run.data.classes, cfg["eval"]["attacks"], settings,
                           cfg["eval"]["n"], run.device, progress, checks=cfg["eval"]["checks"],
-                          check_n=cfg["eval"]["check_n"])
+                          check_n=cfg["eval"]["check_n"], journal=journal, log=log)
     metrics["split"] = cfg["eval"]["split"]
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
     metrics["method"] = cfg["method"]
@@ -524,6 +531,6 @@ def evaluate_run(run: Run, progress: bool = False,
 
 def final_evaluation(run: Run, out: Path, progress: bool, log: Callable[[str], None]
                      ) -> dict[str, Any]:
-    metrics = evaluate_run(run, progress, log)
+    metrics = evaluate_run(run, progress, log, journal=out / JOURNAL.format(name="metrics"))
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
