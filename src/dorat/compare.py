@@ -539,7 +539,8 @@ def _run_lock(path: Path) -> Iterator[int]:
     """Hold RUN/.compare.lock while one process trains and evaluates that run. Yields 0 when
     this process holds it, else the pid of the live process that does (nothing is done then).
     A lock left by a process that died (kill -9, a reboot) is taken over; the lock names the
-    process by pid and start time, so a reused pid does not keep a dead lock alive."""
+    process by pid and start time, so a reused pid does not keep a dead lock alive, and a dead
+    process its parent has not reaped yet (a zombie) holds no lock."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -570,13 +571,18 @@ def _run_lock(path: Path) -> Iterator[int]:
         lock.unlink(missing_ok=True)
 
 
-def _start_time(pid: int) -> list[str]:
-    """The process's start time in clock ticks since boot (Linux), else nothing."""
+def _proc_stat(pid: int) -> list[str]:
+    """Fields 3... of /proc/PID/stat (Linux; the name in (...) may hold spaces), else nothing."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return []
-    return [stat.rsplit(")", 1)[1].split()[19]]  # field 22; the name in (...) may hold spaces
+
+
+def _start_time(pid: int) -> list[str]:
+    """The process's start time in clock ticks since boot (Linux), else nothing."""
+    stat = _proc_stat(pid)
+    return stat[19:20]  # field 22
 
 
 def _alive(pid: int, start: list[str] | None = None) -> bool:
@@ -588,7 +594,10 @@ def _alive(pid: int, start: list[str] | None = None) -> bool:
         return False
     except PermissionError:
         pass
-    now = _start_time(pid)
+    stat = _proc_stat(pid)
+    if stat[:1] == ["Z"]:
+        return False  # exited, not yet reaped by its parent (a killed compare worker)
+    now = stat[19:20]
     return not (start and now and start != now)  # the pid was reused by another process
 
 
