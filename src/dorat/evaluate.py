@@ -84,10 +84,12 @@ def check_attacks(attacks: Sequence[str]) -> None:
 
 
 def _journal_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[str],
-                 settings: EvalSettings) -> str:
-    """What an evaluation journal belongs to: the settings, the attacks, the exact points and
-    the model's weights. A journal with another key is ignored."""
-    h = hashlib.sha256(json.dumps({"attacks": list(attacks), "settings": dataclasses.asdict(settings)},
+                 settings: EvalSettings, device: torch.device) -> str:
+    """What an evaluation journal belongs to: the settings, the attacks, the device (whose
+    generator it saved), the exact points and the model's weights. A journal with another key
+    is ignored."""
+    h = hashlib.sha256(json.dumps({"attacks": list(attacks), "device": device.type,
+                                   "settings": dataclasses.asdict(settings)},
                                   sort_keys=True, default=str).encode())
     for t in (x, y, *model.state_dict().values()):
         t = t.detach().cpu().contiguous().reshape(-1)
@@ -146,7 +148,7 @@ def run_attacks(
     total = n_batches * len(steps)
     key, done = "", 0
     if journal is not None:
-        key = _journal_key(model, x, y, attacks, settings)
+        key = _journal_key(model, x, y, attacks, settings, device)
         saved = _read_journal(journal, key)
         if saved is not None:
             done = int(saved["done"])
