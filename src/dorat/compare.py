@@ -579,10 +579,12 @@ def _proc_stat(pid: int) -> list[str]:
         return []
 
 
+_START = slice(19, 20)  # field 22 of /proc/PID/stat, the start time, as a 0- or 1-item list
+
+
 def _start_time(pid: int) -> list[str]:
     """The process's start time in clock ticks since boot (Linux), else nothing."""
-    stat = _proc_stat(pid)
-    return stat[19:20]  # field 22
+    return _proc_stat(pid)[_START]
 
 
 def _alive(pid: int, start: list[str] | None = None) -> bool:
@@ -597,7 +599,7 @@ def _alive(pid: int, start: list[str] | None = None) -> bool:
     stat = _proc_stat(pid)
     if stat[:1] == ["Z"]:
         return False  # exited, not yet reaped by its parent (a killed compare worker)
-    now = stat[19:20]
+    now = stat[_START]
     return not (start and now and start != now)  # the pid was reused by another process
 
 
