@@ -293,13 +293,14 @@ def train(
             state, _ = load_state(out / "checkpoint.safetensors")
 
         def setup_dir() -> None:
+            files = (*RUN_FILES, JOURNAL.format(name="metrics"))
             if resume:
-                for name in RUN_FILES:  # temporary files of writes a crash interrupted
+                for name in files:  # temporary files of writes a crash interrupted
                     for tmp in out.glob(f".{name}.*.tmp"):
                         tmp.unlink(missing_ok=True)
             _ensure_writable(out)
             if overwrite and not resume:
-                for f in (*RUN_FILES, JOURNAL.format(name="metrics")):
+                for f in files:
                     (out / f).unlink(missing_ok=True)
             if not resume:
                 write_text_atomic(out / "config.yaml", cfglib.dump(cfg))
