@@ -234,7 +234,7 @@ def test_run_lock_tells_a_live_owner_from_a_dead_or_reused_pid(tmp_path: Path) -
     import sys
     import time
 
-    from dorat.compare import _run_lock, _start_time
+    from dorat.compare import _proc_stat, _run_lock, _start_time
 
     run = tmp_path / "run"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -257,8 +257,7 @@ def test_run_lock_tells_a_live_owner_from_a_dead_or_reused_pid(tmp_path: Path) -
     if start:  # Linux: a worker that exited but is not reaped yet (a zombie) holds no lock
         done = subprocess.Popen([sys.executable, "-c", "pass"])
         start = _start_time(done.pid)
-        while _start_time(done.pid) and Path(f"/proc/{done.pid}/stat").read_text().rsplit(
-                ")", 1)[1].split()[0] != "Z":
+        while (stat := _proc_stat(done.pid)) and stat[0] != "Z":
             time.sleep(0.05)
         (run / ".compare.lock").write_text(" ".join([str(done.pid), *start]))
         with _run_lock(run) as holder:
