@@ -141,10 +141,10 @@ def run_attacks(
     notes = notes if notes is not None else []
     g = torch.Generator(device=device)
     g.manual_seed(settings.seed)
-    table = {k: torch.zeros(len(y), dtype=torch.bool) for k in ["clean", *attacks]}
+    steps = ["clean", *attacks]
+    table = {k: torch.zeros(len(y), dtype=torch.bool) for k in steps}
     bs = settings.batch_size
     n_batches = math.ceil(len(y) / bs)
-    steps = ["clean", *attacks]
     total = n_batches * len(steps)
     key, done = "", 0
     if journal is not None:
