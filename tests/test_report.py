@@ -428,6 +428,8 @@ def test_results_pair_done_with_pgd_at_and_the_best_baseline_by_seed() -> None:
     assert "| +1.00 ± 1.00 | 2-1-0 | 1.00 |" in vs_at
     assert "mart (best)" in vs_best and "s0: −3.00, s1: +0.00 | −1.50 ± 2.12 | 0-1-1" in vs_best
     assert wr.paired_lines({"rows": grid["rows"][:2]}, "balanced") == []
+    # a mean of +x and −x is a float a hair below zero: it is printed as +0.00, never −0.00
+    assert wr._pts(-1e-17) == "+0.00" and wr._pts(-0.0123) == "−1.23"
 
     def weighted(method: str, ess: float, cls: list[float]) -> dict:
         return {"setting": "balanced", "method": method, "classes": ["a", "b", "c", "d"],

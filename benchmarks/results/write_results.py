@@ -94,7 +94,8 @@ PAIRED = [("aa1000:ra.aa", "RA-AA"), ("aa1000:worst_class.worst", "worst class (
 
 
 def _pts(x: float) -> str:
-    return f"{100 * x:+.2f}".replace("-", "−")
+    v = round(100 * x, 2) + 0.0  # + 0.0 turns a rounded −0.0 into 0.0 (no "−0.00" in a table)
+    return f"{v:+.2f}".replace("-", "−")
 
 
 def paired_lines(grid: dict, setting: str) -> list[str]:
