@@ -35,6 +35,11 @@ PROTOCOL = """\
   0.025), 8 epochs, batch 128, SGD momentum 0.9, lr 0.05 cosine, weight decay 5e-4, gradient
   norm clipped at 5, on a 30,000-image stratified subset of the 55,000 training images left
   after holding out a 5,000-image stratified validation split.
+- Cost on this 2-core CPU machine: a PGD-AT epoch takes 76 s alone (2 threads), so one run is
+  about 10 minutes on the balanced subset, twice the 5 minutes aimed at. The long-tailed subset
+  is 12,257 images, so a run there is about 4 minutes. The grid ran two single-threaded runs at
+  a time: balanced PGD-AT and DONE took 14–31 minutes each, and done-cid 55–75. AutoAttack on
+  1,000 points took 16–107 minutes per run (median 35).
 - Two settings: the balanced subset, and a long-tailed one (ρ = 10, n_c = n_max·ρ^(−c/9));
   the test set stays balanced.
 - Seeds 0, 1, 2 per method and setting; mean ± sample std.
