@@ -47,7 +47,7 @@ def child(a: argparse.Namespace) -> None:
     from dorat.attacks.autoattack import autoattack_correct
     from dorat.cli import main as cli
     from dorat.evaluate import stratified_subset
-    from dorat.train import load_run
+    from dorat.run import load_run
 
     work = Path(a.child)
     sets = (["--config", str(ROOT / "benchmarks/results/base.yaml"), "--set", "eval.checks=false",

@@ -8,7 +8,7 @@ PGD-10 at eps 0.1, step 0.025, all CPU threads by default):
   step also computes weight gradients), then a separate training step;
 * dorat ``at`` (and ``at-nchw``: the same without the channels-last default), ``done``,
   ``done`` with ``hypergrad=diag``, ``done-cid`` (barrier lower level + CG-5), ``trades``
-  (``--all-methods``: every preset): each through ``dorat.train.Trainer`` (the loop `dorat train` runs,
+  (``--all-methods``: every preset): each through ``dorat.trainer.Trainer`` (the loop `dorat train` runs,
   including its per-epoch statistics) fed by ``dorat.data.loader.Batches``.
 
 Timing is interleaved: every round runs ``--steps`` training steps of each contender, in a
@@ -42,28 +42,30 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from dorat import config as C
+from dorat.config import Config
 from dorat.data.loader import Batches
 from dorat.evaluate import EvalSettings, run_attacks
 from dorat.models import build_model
 from dorat.objectives import StepContext
-from dorat.train import Trainer, _Stats, prepare
+from dorat.run import prepare
+from dorat.trainer import Trainer, _Stats
 
 CONTENDERS = {  # name -> (method, extra config)
     "at": ("at", []),
     "at-nchw": ("at", ["perf.channels_last=off"]),  # what channels-last (the default) buys
-    "done": ("done", ["done.warmup_epochs=0"]),
-    "done-diag": ("done", ["done.warmup_epochs=0", "done.hypergrad=diag"]),
-    "done-cid": ("done-cid", ["done.warmup_epochs=0", "done.cg_iters=5"]),
+    "done": ("done", ["done.warmup=0"]),
+    "done-diag": ("done", ["done.warmup=0", "method.hypergrad=diag"]),
+    "done-cid": ("done-cid", ["done.warmup=0", "hypergrad.cg_iters=5"]),
     "trades": ("trades", []),
 }
 MORE = {  # --all-methods: every other preset (burn-ins off, so the reweighting is what is timed)
-    "done-class": ("done-class", ["done.warmup_epochs=0"]),
-    "done-trades": ("done-trades", ["done.warmup_epochs=0"]),
+    "done-class": ("done-class", ["done.warmup=0"]),
+    "done-trades": ("done-trades", ["done.warmup=0"]),
     "mart": ("mart", []),
     "fat": ("fat", []),
-    "gairat": ("gairat", ["gairat.burn_in=0"]),
-    "mail-at": ("mail-at", ["mail.burn_in=0"]),
-    "mail-trades": ("mail-trades", ["mail.burn_in=0"]),
+    "gairat": ("gairat", ["gairat.warmup=0"]),
+    "mail-at": ("mail-at", ["mail.warmup=0"]),
+    "mail-trades": ("mail-trades", ["mail.warmup=0"]),
     "wmmr": ("wmmr", []),
 }
 TARGETS = {  # contender -> (compared with, upper bound on the step-time ratio)
@@ -120,16 +122,16 @@ class Reference:
 class Dorat:
     """One dorat method through the real training loop (Trainer.step + Batches + stats)."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.run = prepare(cfg)
-        self.batches = Batches(self.run.train.to(self.run.device), cfg["batch_size"], shuffle=True,
-                               seed=cfg["seed"])
+        self.batches = Batches(self.run.train.to(self.run.device), cfg.batch_size, shuffle=True,
+                               seed=cfg.seed)
         self.trainer = Trainer(self.run, len(self.batches))
         self.stats = _Stats(self.run.data.num_classes, self.run.device)
         self.gen = torch.Generator(device=self.run.device).manual_seed(0)
         self.epoch, self.i = 0, 0
         self.it = self.batches.epoch(0)
-        self.run.method.weighting.start_epoch(0)
+        self.run.method.weighting.start_epoch(0, 1)
 
     def step(self) -> None:
         try:
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     at = contenders["at"].run
     torch.manual_seed(0)
     c, h, _ = at.data.shape
-    ref_model = build_model(at.cfg["model"], c, h, at.data.num_classes).to(at.device)
+    ref_model = build_model(at.cfg.model, c, h, at.data.num_classes).to(at.device)
     contenders = {"reference": Reference(ref_model, at.train.x, at.train.y, a.batch_size, 0.1, 0.025,
                                          a.attack_steps, at.device), **contenders}
     device = at.device

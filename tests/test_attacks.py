@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dorat.attacks import attack_loss, fgsm, pgd
+from dorat.attacks import PGDSpec, attack_loss, fgsm, pgd
 from dorat.models import build_model
 
 
@@ -25,7 +25,7 @@ def test_pgd_stays_in_ball_and_box(norm: str) -> None:
     y = torch.randint(0, 10, (16,))
     eps = 0.3 if norm == "linf" else 2.0
     g = torch.Generator().manual_seed(0)
-    r = pgd(model, x, y, eps, eps / 4, 7, norm=norm, generator=g)
+    r = pgd(model, x, y, PGDSpec(eps, eps / 4, 7, norm=norm), generator=g)
     d = r.x_adv - x
     if norm == "linf":
         assert d.abs().max() <= eps + 1e-6
@@ -47,7 +47,7 @@ def test_pgd_on_linear_model_reaches_closed_form_worst_case() -> None:
     w = lin.weight[0] - lin.weight[1]
     b = lin.bias[0] - lin.bias[1]
     expected = nn.functional.softplus(-(x @ w + b) + eps * w.abs().sum())
-    r = pgd(lin, x, y, eps, eps / 4, 10, generator=torch.Generator().manual_seed(0))
+    r = pgd(lin, x, y, PGDSpec(eps, eps / 4, 10), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(r.loss, expected.detach(), rtol=1e-5, atol=1e-6)
     # the optimum is the corner x - eps·sign(w)
     assert torch.allclose(r.x_adv, x - eps * w.sign().detach(), atol=1e-6)
@@ -59,11 +59,11 @@ def test_attack_restores_mode_and_grad_flags_even_on_error() -> None:
     model[1].bias.requires_grad_(False)
     x, y = torch.rand(5, 4), torch.randint(0, 3, (5,))
     stats = model[2].running_mean.clone()
-    pgd(model, x, y, 0.1, 0.05, 3, train_mode=False)
+    pgd(model, x, y, PGDSpec(0.1, 0.05, 3, train_mode=False))
     assert model.training and torch.equal(stats, model[2].running_mean)
     assert model[1].weight.requires_grad and not model[1].bias.requires_grad
     with pytest.raises(ValueError):
-        pgd(model, x, y, 0.1, 0.05, 3, loss="nope")
+        pgd(model, x, y, PGDSpec(0.1, 0.05, 3, loss="nope"))
     assert model.training and model[1].weight.requires_grad
 
 
@@ -80,7 +80,7 @@ def test_params_do_not_require_grad_during_attack() -> None:
             return self.lin(x)
 
     m = Probe()
-    pgd(m, torch.rand(2, 4), torch.tensor([0, 1]), 0.1, 0.05, 2)
+    pgd(m, torch.rand(2, 4), torch.tensor([0, 1]), PGDSpec(0.1, 0.05, 2))
     assert seen and not any(seen) and m.lin.weight.requires_grad
     assert m.lin.weight.grad is None
 
@@ -94,13 +94,14 @@ def test_first_wrong_kappa_and_early_stop() -> None:
 
     x = torch.full((1, 10), 0.3)  # sum 3; each linf step of 0.1 adds 1.0 to the sum
     y = torch.tensor([0])
-    r = pgd(Thresh(), x, y, eps=0.5, alpha=0.1, steps=8, rand_init=False)
+    r = pgd(Thresh(), x, y, PGDSpec(eps=0.5, alpha=0.1, steps=8, random_start=False))
     # iterate t has sum 3 + t (capped at 8 by eps): a tie at t = 3 is still correct, wrong from t = 4
     assert r.first_wrong.item() == 4 and r.kappa.item() == 4 and not r.correct.item()
     assert r.x_adv.sum().item() == pytest.approx(8.0)
-    stopped = pgd(Thresh(), x, y, eps=0.5, alpha=0.1, steps=8, rand_init=False, early_stop_tau=0)
+    stopped = pgd(Thresh(), x, y, PGDSpec(eps=0.5, alpha=0.1, steps=8, random_start=False, early_stop_tau=0))
     assert stopped.x_adv.sum().item() == pytest.approx(7.0)  # frozen at the first wrong iterate
-    tau2 = pgd(Thresh(), x, y, eps=0.5, alpha=0.1, steps=8, rand_init=False, early_stop_tau=1)
+    tau2 = pgd(Thresh(), x, y, PGDSpec(eps=0.5, alpha=0.1, steps=8, random_start=False,
+                                   early_stop_tau=1))
     assert tau2.x_adv.sum().item() == pytest.approx(8.0)
 
 

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from dorat.attacks import AttackResult
 from dorat.cli import main
+from dorat.objectives.attacks import FATAttack, PGDKLAttack
 from dorat.objectives.base import LossOutput, StepContext
-from dorat.objectives.parts import MARTLoss, PGDAttack, TRADESLoss
+from dorat.objectives.losses import MARTLoss, TRADESLoss
 from dorat.objectives.weightings import GAIRATWeighting, MAILWeighting, WMMRWeighting
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
@@ -42,7 +43,9 @@ def _pm_by_hand() -> list[float]:
 def test_gairat_weights_by_hand() -> None:
     kappa = torch.tensor([0, 5, 10])
     info = AttackResult(LOGITS, torch.zeros(3, dtype=torch.long), kappa)
-    w = GAIRATWeighting(steps=10, lam=-1.0).weights(_out(), Y, info, _ctx())
+    wt = GAIRATWeighting(lam=-1.0)
+    wt.steps = 10  # K, the training attack's steps (bind reads attack.steps)
+    w = wt.weights(_out(), Y, info, _ctx())
     raw = [(math.tanh(-1.0 + 5 * (1 - 2 * k / 10)) + 1) / 2 for k in (0, 5, 10)]
     expect = [r / sum(raw) for r in raw]  # mean 1 in the batch, then 1/|B| units
     assert w.tolist() == pytest.approx(expect, rel=1e-6, abs=1e-8)  # float32 tanh near −1
@@ -62,8 +65,8 @@ def test_wmmr_weights_by_hand() -> None:
 
 
 @pytest.mark.parametrize("weighting,switch", [
-    (GAIRATWeighting(10, burn_in=0.5), 5), (MAILWeighting(burn_in=0.625), 6),
-    (WMMRWeighting(burn_in=0.3), 3)])
+    (GAIRATWeighting(warmup="50%"), 5), (MAILWeighting(warmup=0.625), 6),
+    (WMMRWeighting(warmup="30%"), 3), (WMMRWeighting(warmup=4), 4)])
 def test_burn_in_switches_at_documented_epoch(weighting, switch: int) -> None:  # noqa: ANN001
     info = AttackResult(LOGITS, torch.zeros(3, dtype=torch.long), torch.tensor([0, 5, 10]))
     for epoch in range(10):
@@ -107,11 +110,11 @@ def test_mart_loss_direct_formula() -> None:
 
 
 def test_fat_dynamic_tau_and_kl_attack() -> None:
-    a = PGDAttack(0.1, 0.02, 5, tau=0, tau_schedule=((50 / 120, 1), (90 / 120, 2)))
+    a = FATAttack(eps=0.1, alpha=0.02, steps=5, tau=0, dynamic_tau=True)
     assert [a.tau_at(_ctx(e, 120)) for e in (0, 49, 50, 89, 90, 119)] == [0, 0, 1, 1, 2, 2]
     m = _Lin()
     x, y = torch.rand(6, 4) * 0.5 + 0.25, torch.randint(0, 3, (6,))
-    kl_attack = PGDAttack(0.1, 0.03, 5, loss="kl", init="normal")
+    kl_attack = PGDKLAttack(eps=0.1, alpha=0.03, steps=5)
     r = kl_attack(m, x, y, StepContext(0, 1, 0, torch.Generator().manual_seed(0)))
     with torch.no_grad():
         p, q = F.softmax(m(x), 1), F.softmax(m(r.x_adv), 1)
@@ -128,7 +131,7 @@ def test_every_preset_trains_through_the_cli(method: str, tmp_path: Path, synthe
     code = main(["train", "--method", method, "--dataset", f"npz:{synthetic_npz}", "--epochs", "2",
                  "--out", str(out), "--set", "attack.steps=2", "--set", "eval.n=40",
                  "--set", "attack.eps=0.3", "--set", "attack.alpha=0.15",
-                 "--set", "eval.steps=2", "--set", "gairat.burn_in=0.5", "--set", "mail.burn_in=0.5"])
+                 "--set", "eval.steps=2", "--set", "gairat.warmup=50%", "--set", "mail.warmup=0.5"])
     assert code == 0, capsys.readouterr().err
     m = json.loads((out / "metrics.json").read_text())
     assert 0 <= m["ra"]["pgd"] <= m["sa"] <= 1 and m["method"] == method

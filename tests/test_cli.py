@@ -253,4 +253,5 @@ def test_eval_refuses_weights_of_another_model(tmp_path: Path, capsys: pytest.Ca
 def test_console_entry_point_runs() -> None:
     r = subprocess.run([sys.executable, "-m", "dorat", "train", "--list-keys"], capture_output=True,
                        text=True, check=True)
-    assert "attack.eps = 0.1" in r.stdout
+    assert "attack.eps: float = 0.1  # threat radius" in r.stdout
+    assert "method.weighting: str = 'uniform'" in r.stdout and "done.warmup: epochs|N% = 1" in r.stdout

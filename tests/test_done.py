@@ -20,7 +20,16 @@ from dorat.objectives import StepContext, build_method
 from dorat.objectives.base import LossOutput
 from dorat.objectives.done import KLDROWeighting
 from dorat.objectives.hypergrad import implicit_term
-from dorat.train import train
+from dorat.run import train
+
+
+def _kl(r: float, beta: float = 0.2, num_classes: int = 10, class_prior: list[float] | None = None,
+        **kw: object) -> KLDROWeighting:
+    """A bound KL-DRO weighting (what build_method does with the data's facts)."""
+    kw.setdefault("warmup", 0)
+    wt = KLDROWeighting(r, beta, **kw)  # type: ignore[arg-type]
+    wt.bind({"num_classes": num_classes, "class_counts": class_prior})
+    return wt
 
 
 def _w(weighting: KLDROWeighting, loss: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -31,14 +40,14 @@ def _w(weighting: KLDROWeighting, loss: torch.Tensor, y: torch.Tensor | None = N
 def test_beta_1_full_batch_gives_exact_softmax() -> None:
     loss = torch.tensor([0.1, 2.0, 0.5, 3.3, 1.2], dtype=torch.float64)
     for r in (0.3, 1.0, 7.0):
-        w = _w(KLDROWeighting(r, beta=1.0), loss)
+        w = _w(_kl(r, beta=1.0), loss)
         assert torch.allclose(w, torch.softmax(loss / r, 0), rtol=1e-12, atol=0)
 
 
 def test_huge_loss_over_r_stays_finite_with_exact_ratios() -> None:
     r = 1e-3
     loss = torch.tensor([10.0, 9.99, 9.995, 0.0, 5.0], dtype=torch.float64)  # ℓ/r up to 1e4
-    wt = KLDROWeighting(r, beta=0.3)
+    wt = _kl(r, beta=0.3)
     _w(wt, torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64))  # a stale u first
     w = _w(wt, loss)
     assert torch.isfinite(w).all() and (w >= 0).all()
@@ -46,13 +55,13 @@ def test_huge_loss_over_r_stays_finite_with_exact_ratios() -> None:
     assert math.log(w[0] / w[1]) == pytest.approx((10.0 - 9.99) / r, rel=1e-9)
     assert math.log(w[0] / w[2]) == pytest.approx((10.0 - 9.995) / r, rel=1e-9)
     assert w[3] == 0.0  # exp(-1e4) underflows to exactly 0, not NaN
-    f32 = _w(KLDROWeighting(1e-2, beta=0.5), torch.tensor([100.0, 99.0, 0.0]))
+    f32 = _w(_kl(1e-2, beta=0.5), torch.tensor([100.0, 99.0, 0.0]))
     assert torch.isfinite(f32).all() and f32.dtype == torch.float32
 
 
 def test_running_normaliser_converges_to_population_mean() -> None:
     r, beta = 2.0, 0.05
-    wt = KLDROWeighting(r, beta)
+    wt = _kl(r, beta)
     torch.manual_seed(0)
     # losses ~ Gamma(k=2, rate=1.5): E[exp(ℓ/r)] = (1 − 1/(r·rate))^(−k)
     stream = torch.distributions.Gamma(torch.tensor(2.0), torch.tensor(1.5)).sample((2000, 128))
@@ -68,12 +77,12 @@ def test_running_normaliser_converges_to_population_mean() -> None:
 
 
 def test_large_r_reproduces_pgd_at_gradient(synthetic_npz: Path) -> None:
-    from dorat.train import prepare
+    from dorat.run import prepare
 
     grads = {}
     for method in ("at", "done"):
         cfg = C.resolve(None, {"dataset": f"npz:{synthetic_npz}", "method": method},
-                        ["done.r=1e6", "done.warmup_epochs=0", "attack.steps=3"])
+                        ["done.r=1e6", "done.warmup=0", "attack.steps=3"])
         run = prepare(cfg)
         x = run.train.x[:64].float() / 255
         y = run.train.y[:64]
@@ -95,7 +104,7 @@ def test_class_prior_uniform_centres_the_class_ball_on_the_balanced_distribution
     for prior, expect in (("train", [1 / 6] * 6),
                           ("uniform", [1 / 9] * 3 + [1 / 6] * 2 + [1 / 3])):
         cfg = C.resolve(None, {"method": "done-class"},
-                        ["done.r=1e9", "done.beta=1", "done.warmup_epochs=0",
+                        ["done.r=1e9", "done.beta=1", "done.warmup=0",
                          f"done.class_prior={prior}"])
         weighting = build_method(cfg, info).weighting
         w = _w(weighting, loss, y)
@@ -109,16 +118,16 @@ def test_class_level_weights() -> None:
     loss = torch.tensor([1.0, 1.2, 0.8, 2.0, 2.2, 0.1], dtype=torch.float64)
     prior = [3.0, 2.0, 1.0]
     # r → ∞: π = prior, every example gets 1/|B| when the batch matches the prior
-    w = _w(KLDROWeighting(1e9, 1.0, level="class", num_classes=3, class_prior=prior), loss, y)
+    w = _w(_kl(1e9, 1.0, level="class", num_classes=3, class_prior=prior), loss, y)
     assert torch.allclose(w, torch.full((6,), 1 / 6, dtype=torch.float64), rtol=1e-6)
     r = 0.5
-    w = _w(KLDROWeighting(r, 1.0, level="class", num_classes=3, class_prior=prior), loss, y)
+    w = _w(_kl(r, 1.0, level="class", num_classes=3, class_prior=prior), loss, y)
     L = torch.tensor([1.0, 2.1, 0.1], dtype=torch.float64)
     pi = torch.softmax(torch.log(torch.tensor(prior, dtype=torch.float64) / 6) + L / r, 0)
     expect = pi[y] / torch.tensor([3, 3, 3, 2, 2, 1], dtype=torch.float64)
     assert torch.allclose(w, expect, rtol=1e-10)
     assert torch.allclose(w[:3], w[0].expand(3))  # same class, same weight
-    mixed = _w(KLDROWeighting(r, 1.0, level="mixed", num_classes=3, class_prior=prior), loss, y)
+    mixed = _w(_kl(r, 1.0, level="mixed", num_classes=3, class_prior=prior), loss, y)
     # class totals as in class level; inside a class, softmax of ℓ/r
     for c in range(3):
         assert mixed[y == c].sum() == pytest.approx(float(w[y == c].sum()), rel=1e-10)
@@ -127,21 +136,23 @@ def test_class_level_weights() -> None:
 
 
 def test_warmup_is_uniform_and_switches_on_time() -> None:
-    wt = KLDROWeighting(0.5, 0.5, warmup_epochs=2)
+    wt = _kl(0.5, 0.5, warmup=2)
     loss = torch.tensor([0.1, 3.0])
     for epoch, reweighted in [(0, False), (1, False), (2, True), (3, True)]:
-        wt.start_epoch(epoch)
-        w = _w(wt, loss)
+        wt.start_epoch(epoch, 4)
+        w = wt.weights(LossOutput(loss, None), torch.zeros(2, dtype=torch.long), None,
+                       StepContext(epoch, 4, 0))
+        assert wt.epoch_log()["reweighting"] == reweighted
         assert (w[1] > w[0]) == reweighted, epoch
         assert wt.log_u is not None  # the normaliser keeps tracking during warm-up
 
 
 def test_target_ess_adapts_r() -> None:
-    wt = KLDROWeighting(0.05, 0.5, target_ess=0.5)
+    wt = _kl(0.05, 0.5, target_ess=0.5)
     g = torch.Generator().manual_seed(0)
     rs = []
     for epoch in range(12):
-        wt.start_epoch(epoch)
+        wt.start_epoch(epoch, 12)
         for _ in range(20):
             _w(wt, torch.rand(128, generator=g) * 3)
         rs.append(wt.r)
@@ -264,7 +275,7 @@ def test_done_resume_equals_uninterrupted_including_u(tmp_path: Path, synthetic_
 
 @pytest.mark.parametrize("method,sets", [
     ("done", []), ("done-cid", []), ("done-class", []),
-    ("done", ["done.hypergrad=diag"]), ("done", ["done.level=mixed", "done.warmup_epochs=1"]),
+    ("done", ["done.hypergrad=diag"]), ("done", ["done.level=mixed", "done.warmup=1"]),
     ("done-cid", ["done.lower=barrier-adam"]),
 ])
 def test_done_variants_train_and_log_diagnostics(tmp_path: Path, synthetic_npz: Path, method: str,
@@ -277,7 +288,7 @@ def test_done_variants_train_and_log_diagnostics(tmp_path: Path, synthetic_npz: 
     assert 0 < rec["ess"] <= 1 and len(rec["w_class_mean"]) == 4
     saved = C.load_yaml(str(tmp_path / "r" / "config.yaml"))[0]
     if method == "done-cid":
-        assert saved["done"]["hypergrad"] == "cg" and saved["done"]["lower"].startswith("barrier")
+        assert saved["method"]["hypergrad"] == "cg" and saved["method"]["attack"].startswith("barrier")
 
 
 def test_cifar_shaped_smoke(tmp_path: Path) -> None:
@@ -295,8 +306,9 @@ def test_cifar_shaped_smoke(tmp_path: Path) -> None:
 
 
 def test_preset_overrides_can_be_overridden() -> None:
-    cfg = C.resolve(None, {"method": "done-cid"}, ["done.hypergrad=diag"])
-    assert cfg["done"]["lower"] == "barrier-gd" and cfg["done"]["hypergrad"] == "diag"
+    cfg = C.resolve(None, {"method": "done-cid"}, ["done.hypergrad=diag"])  # the old key: an alias
+    assert cfg.method.attack == "barrier-gd" and cfg.method.hypergrad == "diag"
+    assert cfg.method.name == "barrier-gd×ce×kl-dro×diag"  # no longer the preset: says what it is
     assert build_method(cfg).describe()["hypergrad"] == "diag"
     with pytest.raises(Exception, match="beta"):
         C.resolve(None, {"method": "done"}, ["done.beta=1.5"])
@@ -312,7 +324,7 @@ _losses = st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1, max_size=40)
 def test_weights_finite_nonnegative_monotone_shift_invariant(first: list[float], batch: list[float],
                                                              r: float, beta: float,
                                                              shift: float) -> None:
-    wt = KLDROWeighting(r, beta, warmup_epochs=0)
+    wt = _kl(r, beta, warmup=0)
     _w(wt, torch.tensor(first, dtype=torch.float64))
     loss = torch.tensor(batch, dtype=torch.float64)
     w = _w(wt, loss)
@@ -320,15 +332,15 @@ def test_weights_finite_nonnegative_monotone_shift_invariant(first: list[float],
     order = torch.argsort(loss)
     assert (w[order].diff() >= -1e-15).all()  # a larger loss never gets a smaller weight
     # with u re-estimated on the batch itself (beta = 1), adding a constant changes nothing
-    a = _w(KLDROWeighting(r, 1.0, warmup_epochs=0), loss)
-    b = _w(KLDROWeighting(r, 1.0, warmup_epochs=0), loss + shift)
+    a = _w(_kl(r, 1.0, warmup=0), loss)
+    b = _w(_kl(r, 1.0, warmup=0), loss + shift)
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-300)
 
 
 def test_max_weight_caps_only_the_largest_weights() -> None:
     loss = torch.tensor([0.1, 0.2, 0.3, 5.0, 9.0], dtype=torch.float64)
-    free = _w(KLDROWeighting(1.0, 1.0, warmup_epochs=0), loss)
-    capped = _w(KLDROWeighting(1.0, 1.0, warmup_epochs=0, max_weight=1.5), loss)
+    free = _w(_kl(1.0, 1.0, warmup=0), loss)
+    capped = _w(_kl(1.0, 1.0, warmup=0, max_weight=1.5), loss)
     n = len(loss)
     assert free.max() > 1.5 / n and torch.all(capped <= 1.5 / n + 1e-15)
     small = free <= 1.5 / n

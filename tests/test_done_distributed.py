@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dorat.distributed import Dist
 from dorat.objectives.base import LossOutput, StepContext
 from dorat.objectives.done import KLDROWeighting
 
@@ -18,6 +19,12 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     return [(torch.rand(8, generator=g, dtype=torch.float64) * 4, torch.randint(0, 3, (8,), generator=g))
             for _ in range(5)]
+
+
+def _kl(level: str, d: Dist) -> KLDROWeighting:
+    wt = KLDROWeighting(0.7, 0.3, level=level)
+    wt.bind({"num_classes": 3, "dist": d})
+    return wt
 
 
 def _run(weighting: KLDROWeighting, rank: int, world: int) -> tuple[list[torch.Tensor], list[float]]:
@@ -37,7 +44,7 @@ def _worker(rank: int, world: int, port: int, q) -> None:  # noqa: ANN001
     try:
         out = {}
         for level in ("instance", "mixed"):
-            ws, us = _run(KLDROWeighting(0.7, 0.3, level=level, num_classes=3), rank, world)
+            ws, us = _run(_kl(level, Dist(rank, world)), rank, world)
             out[level] = ([w.tolist() for w in ws], us)  # plain lists cross the queue safely
         q.put((rank, out))
     finally:
@@ -62,7 +69,7 @@ def test_two_ranks_match_one_process_with_global_batch() -> None:
         p.join(timeout=60)
         assert p.exitcode == 0
     for level in ("instance", "mixed"):
-        single_w, single_u = _run(KLDROWeighting(0.7, 0.3, level=level, num_classes=3), 0, 1)
+        single_w, single_u = _run(_kl(level, Dist()), 0, 1)
         (w0, u0), (w1, u1) = results[0][level], results[1][level]
         t0, t1, ts = (torch.tensor(u, dtype=torch.float64) for u in (u0, u1, single_u))
         torch.testing.assert_close(t0, t1, rtol=0, atol=0, equal_nan=True)  # same u on every rank
@@ -77,7 +84,7 @@ def test_two_ranks_match_one_process_with_global_batch() -> None:
 
 def _train_worker(rank: int, world: int, ports: list[int], npz: str, out: str, q) -> None:  # noqa: ANN001
     import dorat.objectives.done as done_mod
-    from dorat.train import train
+    from dorat.run import train
 
     torch.set_num_threads(1)  # the same kernels as the single-process run of the test
     seen: list[float] = []
@@ -105,7 +112,7 @@ def _ddp_cfg(npz: str) -> dict:
 
     return C.resolve(None, {"dataset": f"npz:{npz}", "method": "done", "epochs": 2,
                             "batch_size": 64, "device": "cpu"},
-                     ["done.warmup_epochs=0", "done.r=0.5", "attack.steps=2", "attack.alpha=0.05",
+                     ["done.warmup=0", "done.r=0.5", "attack.steps=2", "attack.alpha=0.05",
                       "attack.random_start=false", "data.augment=crop-flip", "eval.n=20",
                       "eval.steps=2", "eval.checks=false", "optim.grad_clip=5"])
 
@@ -119,7 +126,7 @@ def test_torchrun_style_training_equals_one_process_with_the_global_batch(tmp_pa
     from safetensors.torch import load_file
 
     from conftest import make_synthetic_npz
-    from dorat.train import train
+    from dorat.run import train
 
     # 2 epochs of 2 steps: PGD's sign steps turn float-rounding differences into discrete ones
     # over many steps (measured: 1e-7 after 8 steps, 1e-3 after 12), so "a few steps" it is
@@ -164,7 +171,7 @@ def test_torchrun_style_training_equals_one_process_with_the_global_batch(tmp_pa
 
 
 def _refused_worker(rank: int, port: int, npz: str, out: str, q) -> None:  # noqa: ANN001
-    from dorat.train import train
+    from dorat.run import train
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -179,7 +186,7 @@ def test_an_error_on_rank_0_stops_every_rank(tmp_path) -> None:  # noqa: ANN001
     """Rank 0 checks the run directory; when it refuses (a finished run, no --overwrite), the
     other rank raises the same error instead of waiting forever."""
     from conftest import make_synthetic_npz
-    from dorat.train import train
+    from dorat.run import train
 
     npz = str(make_synthetic_npz(tmp_path / "toy.npz", n_train=128, n_test=40))
     train(_ddp_cfg(npz), tmp_path / "done", log=lambda s: None)

@@ -11,7 +11,7 @@ import torch
 from conftest import needs_fmnist
 from dorat import config as C
 from dorat.evaluate import EvalSettings, evaluate, metrics_from_table, stratified_subset, tail_mean
-from dorat.train import prepare, train
+from dorat.run import prepare, train
 
 
 def test_metrics_from_table_by_hand() -> None:

@@ -24,10 +24,10 @@ from dorat.checkpoint import load_state
 from dorat.cli import main
 from dorat.errors import DoratError
 from dorat.evaluate import EvalSettings, evaluate
-from dorat.train import load_run, train
+from dorat.run import load_run, train
 
 ARGS = ["--method", "done", "--epochs", "6", "--set", "batch_size=32", "--set", "attack.steps=2",
-        "--set", "attack.alpha=0.05", "--set", "done.warmup_epochs=0", "--set", "eval.n=40",
+        "--set", "attack.alpha=0.05", "--set", "done.warmup=0", "--set", "eval.n=40",
         "--set", "eval.steps=3", "--set", "eval.check_n=20", "--set", "data.augment=crop-flip",
         "--set", "log.progress=off"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
@@ -135,16 +135,16 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(
                     ["attack.steps=1", "eval.n=20"])
     assert train(cfg, tmp_path / "r", stop_after_epoch=1, log=lambda s: None) is None
     good = (tmp_path / "r" / "checkpoint.safetensors").read_bytes()
-    import dorat.objectives.parts as parts
+    from dorat.objectives.losses import CELoss
 
-    real = parts.CELoss.__call__
+    real = CELoss.__call__
 
     def poisoned(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
         out = real(self, *a, **k)
         out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(parts.CELoss, "__call__", poisoned)
+    monkeypatch.setattr(CELoss, "__call__", poisoned)
     with pytest.raises(DoratError, match=r"diverged at epoch 2 \(loss is nan\).*last good checkpoint"):
         train(cfg, tmp_path / "r", resume=True, log=lambda s: None)
     assert (tmp_path / "r" / "checkpoint.safetensors").read_bytes() == good
@@ -183,7 +183,7 @@ def test_malicious_pickle_checkpoint_runs_no_code(tmp_path: Path, synthetic_npz:
 def test_same_seed_same_metrics_including_autoattack(tmp_path: Path, synthetic_npz: Path) -> None:
     cfg = C.resolve(None, {"dataset": f"npz:{synthetic_npz}", "epochs": 2, "batch_size": 64,
                            "method": "done"},
-                    ["attack.steps=2", "eval.n=40", "eval.attacks=pgd,cw", "done.warmup_epochs=0"])
+                    ["attack.steps=2", "eval.n=40", "eval.attacks=pgd,cw", "done.warmup=0"])
     a = train(cfg, tmp_path / "a", log=lambda s: None)
     b = train(cfg, tmp_path / "b", log=lambda s: None)
     assert a is not None and b is not None

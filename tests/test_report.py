@@ -16,7 +16,7 @@ from dorat.cli import main
 from dorat.compare import aggregate, compare, load_grid, markdown_tables
 from dorat.errors import ConfigError
 from dorat.report import write_report
-from dorat.train import train
+from dorat.run import train
 
 TINY = ["attack.steps=2", "attack.alpha=0.05", "eval.n=40", "eval.steps=3", "eval.check_n=20",
         "optim.lr=0.02", "eval.attacks=pgd,cw"]
@@ -39,7 +39,7 @@ def _rows(md: str) -> dict[str, list[str]]:
 
 def test_report_markdown_and_pngs(tmp_path: Path, synthetic_npz: Path) -> None:
     train(_cfg(synthetic_npz, "method=at"), tmp_path / "at", log=lambda s: None)
-    train(_cfg(synthetic_npz, "method=done", "done.warmup_epochs=0", "done.r=0.5"),
+    train(_cfg(synthetic_npz, "method=done", "done.warmup=0", "done.r=0.5"),
           tmp_path / "done", log=lambda s: None)
     path = write_report([tmp_path / "at", tmp_path / "done"], tmp_path / "rep")
     md = path.read_text()
@@ -79,7 +79,7 @@ def _compare_file(tmp_path: Path, npz: Path, epochs: int = 2) -> Path:
         "title": "tiny",
         "base": "base.yaml",
         "set": {"epochs": epochs},
-        "methods": ["at", {"name": "done-w0", "method": "done", "set": {"done.warmup_epochs": 0}}],
+        "methods": ["at", {"name": "done-w0", "method": "done", "set": {"done.warmup": 0}}],
         "seeds": [0, 1],
         "evals": [{"name": "cw40", "attacks": ["cw"], "n": 40}],
     }
@@ -178,7 +178,7 @@ def test_compare_file_errors(tmp_path: Path) -> None:
 
 
 def test_aggregate_with_missing_seed_uses_finished_ones(tmp_path: Path, synthetic_npz: Path) -> None:
-    from dorat.compare import _extra_eval
+    from dorat.compare.execute import _extra_eval
 
     f = _compare_file(tmp_path, synthetic_npz)
     grid = load_grid(f, tmp_path / "out")
@@ -234,7 +234,7 @@ def test_run_lock_tells_a_live_owner_from_a_dead_or_reused_pid(tmp_path: Path) -
     import sys
     import time
 
-    from dorat.compare import _proc_stat, _run_lock, _start_time
+    from dorat.compare.execute import _proc_stat, _run_lock, _start_time
 
     run = tmp_path / "run"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

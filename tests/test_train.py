@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from dorat import config as C
 from dorat.checkpoint import load_state, pack, save_state, unpack
 from dorat.errors import CheckpointError, ConfigError
-from dorat.train import lr_lambda, train
+from dorat.run import train
+from dorat.trainer import lr_lambda
 
 
 def _cfg(npz: Path, *sets: str) -> dict:
@@ -125,7 +126,7 @@ def test_outputs_get_normal_file_permissions(tmp_path: Path) -> None:
 @pytest.mark.parametrize("opts", [["perf.channels_last=off"], ["perf.amp=bf16"],
                                   ["perf.compile=true", "perf.compile_backend=eager"],
                                   ["perf.channels_last=on", "perf.amp=bf16", "method=done",
-                                   "done.warmup_epochs=0"], ["perf.deterministic=true"]])
+                                   "done.warmup=0"], ["perf.deterministic=true"]])
 def test_gpu_options_train_correctly_on_cpu(tmp_path: Path, synthetic_npz: Path, opts: list[str]) -> None:
     """NCHW vs channels_last (the default on CPU), bf16 autocast and torch.compile change speed,
     not the method: each trains to about the default run's accuracy, and the saved weights load
@@ -136,7 +137,7 @@ def test_gpu_options_train_correctly_on_cpu(tmp_path: Path, synthetic_npz: Path,
     log = [json.loads(line) for line in (tmp_path / "opt" / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in log)
     assert m["sa"] > 0.5 and abs(m["sa"] - plain["sa"]) < 0.15
-    from dorat.train import load_run
+    from dorat.run import load_run
 
     run = load_run(tmp_path / "opt", "cpu")  # plain module: no "_orig_mod." keys, NCHW input ok
     assert not any("_orig_mod" in k for k in run.model.state_dict())
@@ -145,7 +146,7 @@ def test_gpu_options_train_correctly_on_cpu(tmp_path: Path, synthetic_npz: Path,
 
 def test_parallel_settings_are_checked() -> None:
     from dorat.distributed import Dist
-    from dorat.train import _check_parallel
+    from dorat.run import _check_parallel
 
     two = Dist(rank=0, world=2)
     with pytest.raises(ConfigError, match="divisible"):

@@ -58,7 +58,7 @@ def plot_sweep(sweep: dict, path: Path) -> bool:
     named done-r<value>), mean ± std over each row's seeds, PGD-AT as a dashed line and band."""
     import re
 
-    from dorat.report import _plt
+    from dorat.report.runs import _plt
 
     pts = sorted((float(m.group(1)), r) for r in sweep["rows"]
                  if (m := re.fullmatch(r"done-r([0-9.]+)", r["method"])))

@@ -23,11 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
-
-import torch
-import torch.nn as nn
 
 GAP_POINTS = 5.0  # RA-PGD − RA-AA above this flags gradient masking
 MONOTONE_TOL = 0.02  # allowed rise of RA between consecutive ε of the sweep (attack noise)
@@ -73,35 +69,27 @@ def large_eps(norm: str, shape: Sequence[int]) -> float:
     return 0.5 if norm == "linf" else 0.5 * math.sqrt(d)
 
 
-def eps_sweep_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                     settings: Any, device: torch.device) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """ε sweep with PGD on (x, y): checks eps_zero, eps_monotone, large_eps; returns (checks, sweep)."""
-    from dorat.evaluate import run_attacks  # evaluate imports this module
+def sweep_grid(eps: float, norm: str, shape: Sequence[int]) -> list[float]:
+    """The radii of the ε sweep: 0, ε/4, ε/2, ε, 2ε and a radius where every image breaks."""
+    big = large_eps(norm, shape)
+    return sorted({0.0, eps / 4, eps / 2, eps, min(2 * eps, big), big})
 
-    eps = settings.eps
-    big = large_eps(settings.norm, x.shape[1:])
-    grid = sorted({0.0, eps / 4, eps / 2, eps, min(2 * eps, big), big})
-    clean: torch.Tensor | None = None
-    ras, changed = [], 0
-    for e in grid:
-        s = replace(settings, eps=e, alpha=None, restarts=1, aa_budget=None)
-        table = run_attacks(model, x, y, ["pgd"], s, device)
-        if clean is None:  # ε = 0 comes first: compare example by example with the clean pass
-            clean = table["clean"]
-            changed = int((table["pgd"] != clean).sum())
-        ras.append(float(table["pgd"].double().mean()))
-    assert clean is not None
-    sa = float(clean.double().mean())
-    sweep = {"eps": grid, "ra_pgd": ras, "sa": sa, "n": int(len(y))}
+
+def eps_sweep_checks(sweep: dict[str, Any], changed: int, num_classes: int) -> list[dict[str, Any]]:
+    """Checks eps_zero, eps_monotone and large_eps on an ε sweep (dorat.evaluate.eps_sweep):
+    ``sweep`` = {"eps", "ra_pgd", "sa", "n"}; ``changed``: examples whose prediction at ε = 0
+    differs from the clean pass."""
+    grid, ras, sa, n = sweep["eps"], sweep["ra_pgd"], sweep["sa"], sweep["n"]
+    big = grid[-1]
     fmt = ", ".join(f"{e:.3g}: {100 * r:.1f}%" for e, r in zip(grid, ras))
     checks = [_check(
         "eps_zero", changed == 0,
-        f"RA at ε=0 {100 * ras[0]:.2f}% vs SA {100 * sa:.2f}%; {changed} of {len(y)} examples differ",
+        f"RA at ε=0 {100 * ras[0]:.2f}% vs SA {100 * sa:.2f}%; {changed} of {n} examples differ",
         "predictions change without any perturbation: the model is stochastic (dropout, "
         "BatchNorm in train mode, random defences) or the attack moves points at ε=0 (a bug)")]
     rises = [(grid[i], grid[i + 1]) for i in range(len(grid) - 1) if ras[i + 1] > ras[i] + MONOTONE_TOL]
     checks.append(_check(
-        "eps_monotone", not rises, f"RA-PGD by ε on {len(y)} points: {fmt}",
+        "eps_monotone", not rises, f"RA-PGD by ε on {n} points: {fmt}",
         "robust accuracy rises with ε" + "".join(f" (from ε={a:.3g} to ε={b:.3g})" for a, b in rises)
         + ": the attack misses adversarial examples that exist at the smaller radius (gradient "
         "masking or obfuscation) or there is an attack bug"))
@@ -112,7 +100,7 @@ def eps_sweep_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
         f"PGD cannot break the model even at ε={big:.3g}, where every image can be moved to a "
         "grey image: gradient masking (non-differentiable or saturating parts) or inputs not "
         "in [0, 1]"))
-    return checks, sweep
+    return checks
 
 
 def failed(checks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from dorat import config as cfglib
 from dorat.errors import DoratError
+from dorat.parts import load_plugins
 
 EXIT_USER_ERROR = 2
 
@@ -28,10 +29,9 @@ class _Parser(argparse.ArgumentParser):
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from dorat.data import dataset_names
     from dorat.models import model_names
-    from dorat.objectives import method_names
 
     p = sub.add_parser("train", help="train a model", description=(
-        "Train a robust classifier. Methods: " + ", ".join(method_names()) +
+        "Train a robust classifier. Methods: " + ", ".join(cfglib.method_names()) +
         ". Datasets: " + ", ".join(dataset_names()) + ". Models: " + ", ".join(model_names()) +
         ". Presets for --config: " + ", ".join(cfglib.preset_names()) + "."))
     p.add_argument("--method", help="training method preset")
@@ -55,7 +55,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the model (perf.compile)")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="SyncBatchNorm when launched with torchrun on GPUs (perf.sync_bn)")
-    p.add_argument("--list-keys", action="store_true", help="print every config key and exit")
+    p.add_argument("--list-keys", action="store_true",
+                   help="print every config key with its type, default and help, and exit")
+    _add_plugin(p)
+
+
+def _add_plugin(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first: it registers its own parts (attacks, losses, "
+                        "weightings, models; repeatable; recorded in the run's config)")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -75,6 +83,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="metrics JSON file (default RUN_DIR/eval.json)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     p.add_argument("--data-dir")
+    _add_plugin(p)
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -110,6 +119,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                         "with CUDA each gets one GPU in turn. Several compare commands on the same "
                         "--out also share the grid (each run is locked while one works on it)")
     p.add_argument("--no-aggregate", action="store_true", help=argparse.SUPPRESS)  # a worker
+    _add_plugin(p)
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -138,21 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from dorat.evaluate import summary_lines
-    from dorat.train import train
+    from dorat.run import train
 
     if a.list_keys:
-        for key in cfglib.all_keys():
-            print(f"{key} = {cfglib.get_key(cfglib.defaults(), key)!r}")
+        load_plugins(a.plugin)
+        print("\n".join(cfglib.describe_keys()))
         return 0
     if not a.out:
         raise DoratError("--out RUN_DIR is required (where config, log, checkpoint and metrics go)")
     flags: dict[str, Any] = {"method": a.method, "dataset": a.dataset, "model": a.model,
                              "epochs": a.epochs, "seed": a.seed, "device": a.device,
                              "data.dir": a.data_dir, "perf.channels_last": a.channels_last,
-                             "perf.amp": a.amp, "perf.compile": a.compile, "perf.sync_bn": a.sync_bn}
+                             "perf.amp": a.amp, "perf.compile": a.compile, "perf.sync_bn": a.sync_bn,
+                             "plugins": a.plugin or None}
     cfg = cfglib.resolve(a.config, flags, a.set)
     if a.resume and (a.config or a.set or any(v is not None for k, v in flags.items()
-                                                if k not in ("device", "data.dir"))):
+                                                if k not in ("device", "data.dir", "plugins"))):
         print("dorat: note: --resume continues with the run's saved config.yaml; "
               "other options are ignored", file=sys.stderr)
     metrics = train(cfg, a.out, resume=a.resume, overwrite=a.overwrite)
@@ -165,8 +176,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from dorat.checkpoint import write_text_atomic
     from dorat.evaluate import summary_lines
-    from dorat.train import evaluate_run, load_run
+    from dorat.run import evaluate_run, load_run
 
+    load_plugins(a.plugin)
     run_dir = Path(a.run_dir)
     run = load_run(run_dir, a.device, {
         "data.dir": a.data_dir, "eval.attacks": a.attacks, "eval.n": a.n, "eval.eps": a.eps,
@@ -196,10 +208,11 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
     if a.workers < 1:
         raise DoratError(f"--workers must be at least 1, got {a.workers}")
+    load_plugins(a.plugin)
     path = compare(a.file, a.out, a.device, a.data_dir, progress=sys.stderr.isatty() and a.workers == 1
                    and not a.no_aggregate, aggregate_only=a.aggregate_only, retry_failed=a.retry_failed,
                    only=[m for m in a.methods.split(",") if m] if a.methods else None,
-                   workers=a.workers, aggregate=not a.no_aggregate)
+                   workers=a.workers, aggregate=not a.no_aggregate, plugins=a.plugin)
     if a.no_aggregate:
         return 0
     print((Path(a.out) / "results.md").read_text())

@@ -1,16 +1,17 @@
-"""Run configuration: a nested dict with a fixed schema.
+"""Run configuration: typed sections, presets as data, one validation, a frozen result.
 
 A run is fully described by its resolved config (saved as RUN_DIR/config.yaml). Layers, later
-wins: built-in defaults < preset YAML (``--config``) < CLI flags < ``--set key=value``.
-Every key is known in advance, so a typo is an error, not a silently ignored setting.
+wins: the section defaults < the method preset (``method: done`` names a row of
+configs/methods.yaml: its parts and overrides) < the YAML file (``--config``) < CLI flags <
+``--set key=value`` < ``overrides``. The keys are the fields of the sections in this module
+and of the registered parts (dorat.parts), so a typo is an error, never a silently ignored
+setting; renamed keys of older versions are read as their new names (``ALIASES``).
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,286 +19,324 @@ from typing import Any
 
 import yaml
 
+from dorat import parts
+from dorat.attacks import attack_names_problem
 from dorat.errors import ConfigError
+from dorat.parts import nonneg, opt, positive, section, unit
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
+@section("")
 @dataclass(frozen=True)
-class Opt:
-    """One config leaf: default value, kind and an optional check returning an error or None."""
-
-    default: Any
-    kind: str  # int | float | bool | str | list[float] | list[str] | any
-    check: Callable[[Any], str | None] | None = None
-    optional: bool = False  # None allowed
-    help: str = ""
-
-
-def _pos(v: Any) -> str | None:
-    return None if v > 0 else "must be > 0"
+class RunConfig:
+    dataset: str = opt("fashion-mnist", "dataset name or npz:PATH (see `dorat data list`)")
+    model: str = opt("small-cnn", "a registered model, or module:factory returning an nn.Module")
+    seed: int = opt(0, "fixes data order, initialisation and attack noise", nonneg)
+    device: str = opt("auto", "auto = CUDA when present, else CPU", choices=DEVICES)
+    epochs: int = opt(10, "training epochs", positive)
+    batch_size: int = opt(128, "the global mini-batch", positive)
+    plugins: list[str] = opt([], "modules imported before the run is built (they register parts)")
 
 
-def _nonneg(v: Any) -> str | None:
-    return None if v >= 0 else "must be >= 0"
+@section("method")
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = opt("at", "the method's label (a preset name, or attack×loss×weighting)")
+    attack: str = opt("pgd", "the training attack (lower level): a registered attack")
+    loss: str = opt("ce", "the per-example loss: a registered loss")
+    weighting: str = opt("uniform", "the instance weighting: a registered weighting")
+    hypergrad: str = opt("none", "implicit hypergradient through the barrier lower level: "
+                                 "none, diag or cg")
 
 
-def _unit(v: Any) -> str | None:
-    return None if 0 <= v <= 1 else "must be in [0, 1]"
+@section("data")
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str | None = opt(None, "dataset directory (else $DORAT_DATA, ~/.cache/dorat, ...)")
+    train_subset: int | None = opt(None, "use N training examples (stratified)", positive)
+    imbalance_ratio: float = opt(1.0, "long-tailed training set: n_max/n_min",
+                                 lambda v: None if v >= 1 else "must be >= 1")
+    val_size: int = opt(0, "held-out validation examples from train (stratified)", nonneg)
+    augment: str = opt("auto", "auto: crop+flip for CIFAR-like data, crop for digits",
+                       choices=("auto", "none", "crop-flip", "crop"))
+    download: bool = opt(True, "download a missing dataset (with checksums)")
 
 
-def _choice(*names: str) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        return None if v in names else f"must be one of {', '.join(names)}"
-
-    return check
-
-
-def _attack_list(v: Any) -> str | None:
-    bad = [a for a in v if a not in ("pgd", "cw", "aa")]
-    if bad:
-        return f"unknown attack(s) {', '.join(map(str, bad))}; available: pgd, cw, aa"
-    if not v:
-        return "name at least one attack (pgd, cw, aa)"
-    if len(set(v)) != len(v):
-        return "names an attack twice"
-    return None
+@section("optim")
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = opt(0.1, "SGD learning rate", positive)
+    momentum: float = opt(0.9, "SGD momentum", unit)
+    nesterov: bool = opt(False, "Nesterov momentum")
+    weight_decay: float = opt(5e-4, "L2 weight decay", nonneg)
+    schedule: str = opt("piecewise", "learning-rate schedule (stepped per batch)",
+                        choices=("piecewise", "cosine", "onecycle", "constant"))
+    milestones: list[float] = opt([0.5, 0.75], "piecewise: fractions of training")
+    gamma: float = opt(0.1, "piecewise: factor at each milestone", positive)
+    grad_clip: float | None = opt(None, "clip the gradient norm at this value", positive)
 
 
-def _beta(v: Any) -> str | None:
-    return None if 0 < v <= 1 else "must be in (0, 1]"
+@section("eval")
+@dataclass(frozen=True)
+class EvalConfig:
+    attacks: list[str] = opt(["pgd"], "pgd, cw, aa (AutoAttack)", attack_names_problem)
+    n: int | None = opt(None, "stratified test subset size (null: all)", positive)
+    eps: float | None = opt(None, "threat radius (null: attack.eps)", unit)
+    norm: str | None = opt(None, "threat norm (null: attack.norm)", choices=("linf", "l2"))
+    steps: int = opt(20, "PGD/CW iterations", positive)
+    alpha: float | None = opt(None, "PGD/CW step (null: eps/4)", positive)
+    restarts: int = opt(1, "random restarts per attack", positive)
+    batch_size: int = opt(500, "evaluation batch", positive)
+    seed: int = opt(0, "attack noise and the stratified subset", nonneg)
+    aa_version: str = opt("standard", "AutoAttack version (official settings)",
+                          choices=("standard", "plus", "rand"))
+    checks: bool = opt(True, "run the sanity checks (an ε sweep with PGD)")
+    check_n: int = opt(200, "stratified points for the ε sweep", positive)
+    split: str = opt("test", "val: the held-out data.val_size split (tuning without the test set)",
+                     choices=("test", "val"))
 
 
-SCHEMA: dict[str, Any] = {
-    "method": Opt("at", "str", help="training method preset (see `dorat train --help`)"),
-    "dataset": Opt("fashion-mnist", "str"),
-    "model": Opt("small-cnn", "str"),
-    "seed": Opt(0, "int", _nonneg),
-    "device": Opt("auto", "str", _choice("auto", "cpu", "cuda", "mps")),
-    "epochs": Opt(10, "int", _pos),
-    "batch_size": Opt(128, "int", _pos),
-    "data": {
-        "dir": Opt(None, "str", optional=True, help="dataset directory (else $DORAT_DATA, ...)"),
-        "train_subset": Opt(None, "int", _pos, optional=True, help="use N training examples"),
-        "imbalance_ratio": Opt(1.0, "float", lambda v: None if v >= 1 else "must be >= 1"),
-        "val_size": Opt(0, "int", _nonneg, help="held-out validation examples from train"),
-        "augment": Opt("auto", "str", _choice("auto", "none", "crop-flip", "crop")),
-        "download": Opt(True, "bool"),
-    },
-    "optim": {
-        "lr": Opt(0.1, "float", _pos),
-        "momentum": Opt(0.9, "float", _unit),
-        "nesterov": Opt(False, "bool"),
-        "weight_decay": Opt(5e-4, "float", _nonneg),
-        "schedule": Opt("piecewise", "str", _choice("piecewise", "cosine", "onecycle", "constant")),
-        "milestones": Opt([0.5, 0.75], "list[float]", help="piecewise: fractions of training"),
-        "gamma": Opt(0.1, "float", _pos),
-        "grad_clip": Opt(None, "float", _pos, optional=True),
-    },
-    "attack": {  # the training attack (lower level)
-        "norm": Opt("linf", "str", _choice("linf", "l2")),
-        "eps": Opt(0.1, "float", lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"),
-        "alpha": Opt(0.01, "float", _pos, help="step size"),
-        "steps": Opt(10, "int", _pos),
-        "random_start": Opt(True, "bool"),
-        "loss": Opt("ce", "str", _choice("ce", "margin")),
-        "bn_mode": Opt("eval", "str", _choice("eval", "train")),
-    },
-    "eval": {
-        "attacks": Opt(["pgd"], "list[str]", _attack_list, help="pgd, cw, aa (AutoAttack)"),
-        "n": Opt(None, "int", _pos, optional=True, help="stratified test subset size"),
-        "eps": Opt(None, "float", _unit, optional=True, help="default: attack.eps"),
-        "norm": Opt(None, "str", _choice("linf", "l2"), optional=True),
-        "steps": Opt(20, "int", _pos),
-        "alpha": Opt(None, "float", _pos, optional=True, help="default: eps/4"),
-        "restarts": Opt(1, "int", _pos),
-        "batch_size": Opt(500, "int", _pos),
-        "seed": Opt(0, "int", _nonneg),
-        "aa_version": Opt("standard", "str", _choice("standard", "plus", "rand"),
-                          help="AutoAttack version (official settings)"),
-        "checks": Opt(True, "bool", help="run the sanity checks (an ε sweep with PGD)"),
-        "check_n": Opt(200, "int", _pos, help="stratified points for the ε sweep"),
-        "split": Opt("test", "str", _choice("test", "val"),
-                     help="val: the held-out data.val_size split (for tuning without the test set)"),
-    },
-    "log": {
-        "progress": Opt("auto", "str", _choice("auto", "on", "off")),
-    },
-    "perf": {
-        "channels_last": Opt("auto", "str", _choice("auto", "on", "off"),
-                             help="channels-last memory format; auto = on for CPU and CUDA (measured "
-                                  "1.7x faster PGD-AT steps for small-cnn on CPU, docs/PERFORMANCE.md)"),
-        "amp": Opt("off", "str", _choice("off", "bf16"), help="bf16 autocast for forward passes"),
-        "compile": Opt(False, "bool", help="torch.compile the model"),
-        "compile_backend": Opt("inductor", "str", help="torch.compile backend"),
-        "sync_bn": Opt(False, "bool", help="SyncBatchNorm under torchrun (CUDA only)"),
-        "deterministic": Opt(False, "bool", help="torch deterministic algorithms (bitwise-"
-                                                 "reproducible GPU runs, slower; CPU runs already are)"),
-    },
-    "trades": {"beta": Opt(6.0, "float", _nonneg, help="TRADES/MART-style KL weight beta_T")},
-    "mart": {"beta": Opt(6.0, "float", _nonneg, help="MART's KL weight beta_M")},
-    "fat": {
-        "tau": Opt(0, "int", _nonneg, help="extra PGD steps after the first misclassification"),
-        "dynamic_tau": Opt(True, "bool", help="official schedule: tau+1 from 5/12, tau+2 from 3/4"),
-    },
-    "gairat": {
-        "lam": Opt(-1.0, "float", help="Lambda in tanh(Lambda + 5(1 - 2 kappa/K))"),
-        "burn_in": Opt(0.5, "float", _unit, help="fraction of epochs of plain AT first"),
-    },
-    "mail": {
-        "bias": Opt(-1.5, "float"),
-        "slope": Opt(1.0, "float", _pos),
-        "burn_in": Opt(0.625, "float", _unit, help="official: 75 of 120 epochs"),
-    },
-    "wmmr": {
-        "alpha": Opt(0.5, "float", _nonneg),
-        "burn_in": Opt(0.0, "float", _unit),
-    },
-    "done": {  # DONE: KL-DRO instance weights (METHODS.md §1)
-        "r": Opt(1.0, "float", _pos, help="KL temperature: large = uniform (PGD-AT), small = worst case"),
-        "beta": Opt(0.2, "float", _beta, help="running-average rate of the normaliser u_t"),
-        "warmup_epochs": Opt(1, "int", _nonneg, help="plain AT epochs before reweighting"),
-        "level": Opt("instance", "str", _choice("instance", "class", "mixed")),
-        "class_prior": Opt("train", "str", _choice("train", "uniform"),
-                           help="class and mixed levels: the centre of the KL ball over classes, "
-                                "the training class frequencies or uniform (the balanced test "
-                                "distribution: on long-tailed data, class-balanced weights at "
-                                "large r); not in the paper"),
-        "target_ess": Opt(None, "float", lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
-                          optional=True, help="adapt r between epochs to this ESS/|B|"),
-        "max_weight": Opt(None, "float", lambda v: None if v >= 1 else "must be >= 1", optional=True,
-                          help="cap each weight at this multiple of the uniform weight (outliers, "
-                               "label noise); not in the paper"),
-        "lower": Opt("pgd", "str", _choice("pgd", "barrier-gd", "barrier-adam")),
-        "hypergrad": Opt("none", "str", _choice("none", "diag", "cg")),
-        "cg_iters": Opt(5, "int", _pos),
-        "cg_damping": Opt(0.1, "float", _nonneg, help="added to the Hessian in diag and cg"),
-        "barrier_c": Opt(1e-4, "float", _pos, help="log-barrier weight c"),
-        "barrier_lambda": Opt(0.0, "float", _nonneg, help="quadratic regulariser lambda"),
-        "barrier_steps": Opt(None, "int", _pos, optional=True, help="default: attack.steps"),
-        "barrier_lr": Opt(None, "float", _pos, optional=True,
-                          help="default: 100 for barrier-gd, attack.alpha for barrier-adam"),
-    },
+@section("log")
+@dataclass(frozen=True)
+class LogConfig:
+    progress: str = opt("auto", "progress bars (auto: on a terminal)", choices=("auto", "on", "off"))
+
+
+@section("perf")
+@dataclass(frozen=True)
+class PerfConfig:
+    channels_last: str = opt("auto", "channels-last memory format; auto = on for CPU and CUDA "
+                             "(1.7x faster PGD-AT steps for small-cnn on CPU, docs/PERFORMANCE.md)",
+                             choices=("auto", "on", "off"))
+    amp: str = opt("off", "bf16 autocast for forward passes", choices=("off", "bf16"))
+    compile: bool = opt(False, "torch.compile the model")
+    compile_backend: str = opt("inductor", "torch.compile backend")
+    sync_bn: bool = opt(False, "SyncBatchNorm under torchrun (CUDA only)")
+    deterministic: bool = opt(False, "torch deterministic algorithms (bitwise-reproducible GPU "
+                                     "runs, slower; CPU runs already are)")
+
+
+def _ensure_parts() -> None:
+    import dorat.models  # noqa: F401
+    import dorat.objectives  # noqa: F401  registers the built-in parts
+
+
+# -- renamed keys ----------------------------------------------------------------------------
+
+def _same(v: Any) -> Any:
+    return v
+
+
+def _share(v: Any) -> Any:
+    """An old burn-in (a fraction of the epochs) as the warm-up convention's share, 'N%'."""
+    return f"{100 * v:g}%" if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+# old dotted key -> (new dotted key, value map). Older config.yaml files and --set still work.
+ALIASES: dict[str, tuple[str, Any]] = {
+    "done.lower": ("method.attack", _same),
+    "done.hypergrad": ("method.hypergrad", _same),
+    "done.cg_iters": ("hypergrad.cg_iters", _same),
+    "done.cg_damping": ("hypergrad.damping", _same),
+    "done.barrier_c": ("barrier.c", _same),
+    "done.barrier_lambda": ("barrier.lam", _same),
+    "done.barrier_steps": ("barrier.steps", _same),
+    "done.barrier_lr": ("barrier.lr", _same),
+    "done.warmup_epochs": ("done.warmup", _same),
+    "gairat.burn_in": ("gairat.warmup", _share),
+    "mail.burn_in": ("mail.warmup", _share),
+    "wmmr.burn_in": ("wmmr.warmup", _share),
 }
 
 
-def defaults() -> dict[str, Any]:
-    def build(node: Any) -> Any:
-        if isinstance(node, Opt):
-            return copy.deepcopy(node.default)
-        return {k: build(v) for k, v in node.items()}
+# -- presets as data -------------------------------------------------------------------------
 
-    return build(SCHEMA)
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    help: str
+    attack: str
+    loss: str
+    weighting: str
+    hypergrad: str = "none"
+    set: Mapping[str, Any] = None  # type: ignore[assignment]
 
-
-def _leaf_keys(node: dict[str, Any], prefix: str = "") -> Iterable[str]:
-    for k, v in node.items():
-        if isinstance(v, Opt):
-            yield prefix + k
-        else:
-            yield from _leaf_keys(v, prefix + k + ".")
-
-
-def all_keys() -> list[str]:
-    return list(_leaf_keys(SCHEMA))
+    @property
+    def parts(self) -> dict[str, str]:
+        return {"attack": self.attack, "loss": self.loss, "weighting": self.weighting,
+                "hypergrad": self.hypergrad}
 
 
-def _lookup_opt(key: str) -> Opt:
-    node: Any = SCHEMA
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            close = difflib.get_close_matches(key, all_keys(), n=3)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise ConfigError(
-                f"unknown config key '{key}'.{hint} "
-                "Run `dorat train --list-keys` to see every key."
-            )
-        node = node[part]
-    if not isinstance(node, Opt):
-        raise ConfigError(f"config key '{key}' is a section; set one of its keys, e.g. '{key}.…'")
-    return node
+PRESETS: dict[str, Preset] = {}
+PART_KEYS = ("attack", "loss", "weighting", "hypergrad")
 
 
-def _coerce(key: str, opt: Opt, value: Any) -> Any:
-    if value is None:
-        if opt.optional:
-            return None
-        raise ConfigError(f"config key '{key}' cannot be empty (null); give a {opt.kind} value")
-    try:
-        if opt.kind == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            out: Any = int(value)
-        elif opt.kind == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            out = float(value)
-            if not math.isfinite(out):
-                raise ValueError
-        elif opt.kind == "bool":
-            if not isinstance(value, bool):
-                raise ValueError
-            out = value
-        elif opt.kind == "str":
-            if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
-                value = "on" if value else "off"
-            if not isinstance(value, str):
-                raise ValueError
-            out = value
-        elif opt.kind == "list[float]":
-            if isinstance(value, (int, float)):
-                value = [value]
-            out = [float(v) for v in value]
-        elif opt.kind == "list[str]":
-            if isinstance(value, str):
-                value = [s for s in value.split(",") if s]
-            out = [str(v) for v in value]
-        else:
-            out = value
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"config key '{key}' must be {opt.kind}, got {value!r}; fix it with --set {key}=VALUE"
-        ) from None
-    if opt.check is not None:
-        problem = opt.check(out)
-        if problem:
-            raise ConfigError(f"config key '{key}' {problem}, got {value!r}")
-    return out
+def register_preset(name: str, attack: str, loss: str, weighting: str, hypergrad: str = "none",
+                    help: str = "", set: Mapping[str, Any] | None = None) -> Preset:
+    """Add a method preset: a name for parts + config overrides (dotted keys)."""
+    p = Preset(name, help, attack, loss, weighting, hypergrad, dict(set or {}))
+    PRESETS[name] = p
+    return p
 
 
-def set_key(cfg: dict[str, Any], key: str, value: Any) -> None:
-    """Set a dotted key after checking that it exists and the value is valid."""
-    opt = _lookup_opt(key)
-    parts = key.split(".")
-    node = cfg
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = _coerce(key, opt, value)
+def _load_presets() -> None:
+    if PRESETS:
+        return
+    text = resources.files("dorat").joinpath("configs", "methods.yaml").read_text()
+    for name, row in yaml.safe_load(text).items():
+        register_preset(name, **row)
 
 
-def get_key(cfg: dict[str, Any], key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
+def presets() -> dict[str, Preset]:
+    _load_presets()
+    parts.load_plugins()
+    return PRESETS
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+def method_names() -> list[str]:
+    return list(presets())
+
+
+def get_preset(name: str) -> Preset:
+    table = presets()
+    if name not in table:
+        raise ConfigError(f"unknown method '{name}'; choose one of {', '.join(table)} (or compose "
+                          "one with --set method.attack=... method.loss=... method.weighting=...)")
+    return table[name]
+
+
+# -- the frozen config -----------------------------------------------------------------------
+
+class Section(Mapping[str, Any]):
+    """A read-only config section: ``cfg.attack.eps`` or ``cfg.attack["eps"]``."""
+
+    __slots__ = ("_name", "_values")
+
+    def __init__(self, name: str, values: dict[str, Any]) -> None:
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"config section '{self._name}' has no key '{key}'") from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("a resolved config is frozen: use Config.replace(...)")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Section({self._name!r}, {self._values!r})"
+
+
+def _freeze(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+class Config(Section):
+    """The resolved, validated, frozen config of a run: ``cfg.seed``, ``cfg.attack.eps``,
+    ``cfg.section("my-part").x``, ``cfg.get("done.r")``; ``replace`` gives a new one."""
+
+    def __init__(self, flat: dict[str, Any]) -> None:
+        tree: dict[str, Any] = {}
+        for sec, keys in parts.SECTIONS.items():
+            if sec == "":
+                tree.update({k: _freeze(flat[k]) for k in keys})
+            else:
+                tree[sec] = Section(sec, {k: _freeze(flat[f"{sec}.{k}"]) for k in keys})
+        super().__init__("", tree)
+
+    def section(self, name: str) -> Section:
+        return self._values[name]
+
+    def get(self, dotted: str, default: Any = None) -> Any:  # type: ignore[override]
+        sec, _, key = dotted.rpartition(".")
+        node = self._values[sec] if sec else self
+        return node._values.get(key, default) if isinstance(node, Section) else default
+
+    def flat(self) -> dict[str, Any]:
+        return dict(_flatten(self.to_dict()))
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(v: Any) -> Any:
+            if isinstance(v, Section):
+                return {k: plain(x) for k, x in v.items()}
+            return list(v) if isinstance(v, tuple) else v
+
+        return {k: plain(v) for k, v in self._values.items()}
+
+    def replace(self, updates: Mapping[str, Any], source: str | None = None) -> Config:
+        """A new config with ``updates`` (dotted keys) applied and validated."""
+        flat = self.flat()
+        _merge(flat, updates, source)
+        return _validated(flat)
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
     for k, v in d.items():
-        if isinstance(v, dict):
+        if isinstance(v, Mapping):
             yield from _flatten(v, prefix + str(k) + ".")
         else:
             yield prefix + str(k), v
 
 
-def merge(cfg: dict[str, Any], updates: dict[str, Any], source: str | None) -> None:
-    """Merge updates, nested (a YAML file) or with dotted keys (flags, --set), validating every
-    leaf; errors name ``source`` when given."""
-    if not isinstance(updates, dict):
+def all_keys() -> list[str]:
+    _ensure_parts()
+    return [k.dotted for k in parts.all_keys()]
+
+
+def _lookup(key: str) -> parts.Key:
+    sec, _, name = key.rpartition(".")
+    k = parts.SECTIONS.get(sec, {}).get(name)
+    if k is None:
+        if key in parts.SECTIONS:
+            raise ConfigError(f"config key '{key}' is a section; set one of its keys, e.g. '{key}.…'")
+        close = difflib.get_close_matches(key, all_keys(), n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown config key '{key}'.{hint} Run `dorat train --list-keys` to "
+                          "see every key.")
+    return k
+
+
+def _merge(flat: dict[str, Any], updates: Mapping[str, Any], source: str | None) -> None:
+    """Validate and apply ``updates`` (nested or dotted) to ``flat``; errors name ``source``."""
+    if not isinstance(updates, Mapping):
         raise ConfigError(f"{source}: expected a mapping of config keys, got {type(updates).__name__}")
     for key, value in _flatten(updates):
         try:
-            set_key(cfg, key, value)
+            if key in ALIASES:
+                key, fn = ALIASES[key]
+                value = fn(value)
+            if key == "method":  # a preset name: its label here, its parts and set in the base
+                key = "method.name"
+            flat[key] = _lookup(key).coerce(value)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+
+
+def _defaults() -> dict[str, Any]:
+    return {k.dotted: k.coerce(k.default) if k.default is not None else None for k in parts.all_keys()}
+
+
+def _validated(flat: dict[str, Any]) -> Config:
+    """Cross-key checks of the chosen parts (each part's ``check(cfg)``), then freeze."""
+    cfg = Config(flat)
+    for kind in PART_KEYS:
+        cls = parts.get(kind, cfg.method[kind])
+        check = getattr(cls, "check", None)
+        if check is not None:
+            check(cfg)
+    return cfg
 
 
 def parse_set(item: str) -> tuple[str, Any]:
@@ -305,31 +344,29 @@ def parse_set(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got '{item}' (e.g. --set attack.eps=0.1)")
     key, raw = item.split("=", 1)
-    key = key.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    return key, value
+    return key.strip(), value
 
 
 def preset_names() -> list[str]:
     files = resources.files("dorat").joinpath("configs")
-    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml")
+                  and p.name != "methods.yaml")
 
 
 def load_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
-    """Read a preset by name (``fmnist-demo``) or a YAML file by path."""
+    """Read a config preset by name (``fmnist-demo``) or a YAML file by path."""
     path = Path(name_or_path)
     if path.is_file():
         text, source = path.read_text(), str(path)
     else:
         res = resources.files("dorat").joinpath("configs", f"{name_or_path}.yaml")
-        if not res.is_file():
-            raise ConfigError(
-                f"config '{name_or_path}' is neither a file nor a preset; "
-                f"presets: {', '.join(preset_names())}"
-            )
+        if not res.is_file() or name_or_path == "methods":
+            raise ConfigError(f"config '{name_or_path}' is neither a file nor a preset; "
+                              f"presets: {', '.join(preset_names())}")
         text, source = res.read_text(), f"preset {name_or_path}"
     return parse_yaml(text, source), source
 
@@ -348,46 +385,71 @@ def parse_yaml(text: str, source: str) -> Any:
                           "there (indentation, a missing ':' or quote)") from None
 
 
-def resolve(
-    config: str | None = None,
-    flags: dict[str, Any] | None = None,
-    sets: list[str] | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Build a validated config from defaults, a preset, CLI flags (None = not given),
-    --set items and ``overrides`` (dotted keys, applied last, None = null)."""
-    layers: list[tuple[dict[str, Any], str | None]] = []  # (values, source named in errors)
+def _layer_get(layer: Mapping[str, Any], key: str) -> Any:
+    """A dotted or nested key's value in a raw layer (None when absent)."""
+    flat = dict(_flatten(layer)) if isinstance(layer, Mapping) else {}
+    return flat.get(key)
+
+
+def resolve(config: str | None = None, flags: Mapping[str, Any] | None = None,
+            sets: list[str] | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build the validated, frozen config from a YAML file or preset, CLI flags (None = not
+    given), ``--set`` items and ``overrides`` (dotted keys, applied last, None = null)."""
+    layers: list[tuple[Mapping[str, Any], str | None]] = []
     if config:
         data, source = load_yaml(config)
         layers.append((data, source))
     layers.append(({k: v for k, v in (flags or {}).items() if v is not None}, None))
-    sets_dict: dict[str, Any] = {}
-    for item in sets or []:
-        key, value = parse_set(item)
-        sets_dict[key] = value
-    layers.append((sets_dict, None))
+    layers.append((dict(parse_set(s) for s in sets or []), None))
     layers.append((dict(overrides or {}), None))
-
-    def build(method_layer: dict[str, Any]) -> dict[str, Any]:
-        cfg = defaults()
-        for data, source in [(method_layer, None), *layers]:
-            merge(cfg, data, source)
-        return cfg
-
-    # A method preset sets its own defaults (e.g. done-cid: barrier lower level + CG), which the
-    # YAML, the flags and --set can still override.
-    cfg = build({})
-    from dorat.objectives.methods import preset_overrides
-
-    overrides = preset_overrides(cfg["method"])
-    return build(overrides) if overrides else cfg
+    return _resolve_layers(layers)
 
 
-def from_dict(data: dict[str, Any], source: str) -> dict[str, Any]:
-    cfg = defaults()
-    merge(cfg, data, source)
-    return cfg
+def from_dict(data: Mapping[str, Any], source: str) -> Config:
+    """A config from a complete or partial mapping (e.g. a saved config.yaml)."""
+    return _resolve_layers([(data, source)])
 
 
-def dump(cfg: dict[str, Any]) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+def _resolve_layers(layers: list[tuple[Mapping[str, Any], str | None]]) -> Config:
+    for data, source in layers:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+    plugins: list[str] = []
+    for data, _ in layers:
+        p = _layer_get(data, "plugins")
+        plugins += [p] if isinstance(p, str) else list(p or [])
+    parts.load_plugins(plugins)
+    _ensure_parts()
+    # The preset: the last layer naming one (``method: done`` or ``method.name``) wins.
+    name = "at"
+    for data, _ in layers:
+        for key in ("method", "method.name"):
+            v = _layer_get(data, key)
+            if isinstance(v, str):
+                name = v
+    explicit_name = any(_layer_get(d, "method.name") is not None for d, _ in layers)
+    preset = get_preset(name) if not explicit_name or name in presets() else None
+    flat = _defaults()
+    if preset is not None:
+        base = {"method.name": name, **{f"method.{k}": v for k, v in preset.parts.items()},
+                **preset.set}
+        _merge(flat, base, f"method preset {name}")
+    for data, source in layers:
+        _merge(flat, data, source)
+    chosen = {k: flat[f"method.{k}"] for k in PART_KEYS}
+    if preset is not None and not explicit_name and chosen != preset.parts:
+        flat["method.name"] = "×".join(v for k, v in chosen.items() if k != "hypergrad" or v != "none")
+    return _validated(flat)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def describe_keys() -> list[str]:
+    """`dorat train --list-keys`: every key with its type, default and one-line help."""
+    lines = []
+    for k in parts.all_keys():
+        default = k.coerce(k.default) if k.default is not None else None
+        lines.append(f"{k.dotted}: {k.type_name} = {default!r}" + (f"  # {k.help}" if k.help else ""))
+    return lines

@@ -20,14 +20,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from dorat.attacks import mode, pgd
+from dorat.attacks import PGDSpec, attack_names_problem, mode, pgd
 from dorat.attacks.autoattack import autoattack_correct
-from dorat.checks import eps_sweep_checks, table_checks
-from dorat.data.loader import balanced_counts, stratified_indices
+from dorat.checks import eps_sweep_checks, sweep_grid, table_checks
+from dorat.data.loader import as_unit_images, balanced_counts, check_images, stratified_indices
 from dorat.errors import ConfigError
-
-ATTACKS = ("pgd", "cw", "aa")
-ATTACK_NAMES = {"pgd": "PGD", "cw": "CW∞", "aa": "AutoAttack"}
 
 
 @dataclass
@@ -69,18 +66,16 @@ def _attack_batch(model: nn.Module, attack: str, x: torch.Tensor, y: torch.Tenso
         idx = correct.nonzero().squeeze(1)  # only examples not yet broken
         if len(idx) == 0:
             break
-        r = pgd(model, x[idx], y[idx], s.eps, s.step_size, s.steps, norm=s.norm, loss=loss,
-                generator=g, train_mode=False, final_eval=True)
+        spec = PGDSpec(s.eps, s.step_size, s.steps, s.norm, loss, train_mode=False)
+        r = pgd(model, x[idx], y[idx], spec, generator=g, final_eval=True)
         correct[idx] = r.correct  # type: ignore[assignment]
     return correct
 
 
 def check_attacks(attacks: Sequence[str]) -> None:
-    unknown = [a for a in attacks if a not in ATTACKS]
-    if unknown:
-        raise ConfigError(f"unknown attack(s) {', '.join(unknown)}; available: {', '.join(ATTACKS)}")
-    if len(set(attacks)) != len(attacks):
-        raise ConfigError(f"attack list {','.join(attacks)} names an attack twice")
+    problem = attack_names_problem(list(attacks))
+    if problem:
+        raise ConfigError(f"attack list {','.join(attacks)}: {problem}")
 
 
 def _journal_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[str],
@@ -172,7 +167,7 @@ def run_attacks(
         for b in range(n_batches):
             if (b + 1) * len(steps) <= done:
                 continue
-            xb = x[b * bs:(b + 1) * bs].to(device).float().div_(255)
+            xb = as_unit_images(x[b * bs:(b + 1) * bs].to(device))
             if settings.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yb = y[b * bs:(b + 1) * bs].to(device)
@@ -231,6 +226,24 @@ def metrics_from_table(table: dict[str, torch.Tensor], y: torch.Tensor,
     }
 
 
+def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalSettings,
+              device: torch.device) -> tuple[dict[str, Any], int]:
+    """PGD (the evaluator's steps, step ε/4) at the radii of checks.sweep_grid on (x, y);
+    returns the sweep and how many predictions at ε = 0 differ from the clean pass."""
+    grid = sweep_grid(settings.eps, settings.norm, x.shape[1:])
+    clean: torch.Tensor | None = None
+    ras, changed = [], 0
+    for e in grid:
+        s = dataclasses.replace(settings, eps=e, alpha=None, restarts=1, aa_budget=None)
+        table = run_attacks(model, x, y, ["pgd"], s, device)
+        if clean is None:  # ε = 0 comes first: compare example by example with the clean pass
+            clean = table["clean"]
+            changed = int((table["pgd"] != clean).sum())
+        ras.append(float(table["pgd"].double().mean()))
+    assert clean is not None
+    return {"eps": grid, "ra_pgd": ras, "sa": float(clean.double().mean()), "n": int(len(y))}, changed
+
+
 def evaluate(
     model: nn.Module,
     x_test: torch.Tensor,
@@ -247,11 +260,14 @@ def evaluate(
     log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Evaluate ``model`` on (a stratified subset of) the test set; returns (metrics, table).
+    ``x_test``: N×C×H×W uint8 pixels or floats in [0, 1] (what torchattacks and RobustBench
+    take); anything else is refused with a clear error.
 
     With ``checks`` the sanity checks of dorat.checks run too (the ε sweep on ``check_n``
     stratified points) and land in ``metrics["checks"]``. ``journal``: see run_attacks."""
     settings = settings or EvalSettings(eps=0.1)
     device = torch.device(device)
+    check_images(x_test, "the evaluation images")
     idx = stratified_subset(y_test, n, len(classes), settings.seed)
     x, y = x_test[idx], y_test[idx]
     notes: list[str] = []
@@ -269,20 +285,20 @@ def evaluate(
     if checks:
         found = table_checks(metrics)
         sub = stratified_subset(y, check_n, len(classes), settings.seed + 1)
-        sweep_checks, sweep = eps_sweep_checks(model, x[sub], y[sub], len(classes), settings, device)
-        metrics["checks"] = found + sweep_checks
+        sweep, changed = eps_sweep(model, x[sub], y[sub], settings, device)
+        metrics["checks"] = found + eps_sweep_checks(sweep, changed, len(classes))
         metrics["eps_sweep"] = sweep
     return metrics, table
 
 
-def settings_from_config(cfg: dict[str, Any]) -> EvalSettings:
-    e = cfg["eval"]
+def settings_from_config(cfg: Any) -> EvalSettings:
+    """The evaluation settings of a resolved config (eval.eps and eval.norm default to the
+    training threat model's)."""
+    e = cfg.eval
     return EvalSettings(
-        eps=cfg["attack"]["eps"] if e["eps"] is None else e["eps"],
-        norm=e["norm"] or cfg["attack"]["norm"],
-        steps=e["steps"], alpha=e["alpha"], restarts=e["restarts"],
-        batch_size=e["batch_size"], seed=e["seed"], aa_version=e["aa_version"],
-    )
+        eps=cfg.attack.eps if e.eps is None else e.eps, norm=e.norm or cfg.attack.norm,
+        steps=e.steps, alpha=e.alpha, restarts=e.restarts, batch_size=e.batch_size, seed=e.seed,
+        aa_version=e.aa_version)
 
 
 def summary_lines(m: dict[str, Any]) -> list[str]:

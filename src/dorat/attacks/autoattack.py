@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dorat.attacks.pgd import frozen
+from dorat.attacks.core import frozen
 from dorat.errors import ConfigError
 
 VERSIONS = ("standard", "plus", "rand")

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from dorat.attacks.pgd import AttackResult, attack_loss, frozen, mode, random_start, track_iterate
+from dorat.attacks.core import AttackResult, attack_loss, iterate
+from dorat.attacks.pgd import random_start
 
 INTERIOR = 1 - 1e-3
 
@@ -62,36 +63,24 @@ def barrier_attack(
     if optimizer not in ("gd", "adam"):
         raise ValueError(f"unknown barrier optimizer '{optimizer}' (gd, adam)")
     x = x.detach()
-    n = len(x)
-    first_wrong = torch.full((n,), -1, dtype=torch.long, device=x.device)
-    kappa = torch.zeros(n, dtype=torch.long, device=x.device)
-    if init is None:
-        delta = random_start(x, 0.5 * barrier.eps, "linf", generator)
-    else:
-        delta = init.detach()
+    delta = random_start(x, 0.5 * barrier.eps, "linf", generator) if init is None else init.detach()
     delta = barrier.project(delta, x)
     m = torch.zeros_like(x)
     v = torch.zeros_like(x)
     b1, b2 = 0.9, 0.999
-    with frozen(model), mode(model, train_mode):
-        for t in range(steps):
-            delta.requires_grad_(True)
-            logits = model(x + delta)
-            obj = attack_loss(logits, y, loss)
-            (g_loss,) = torch.autograd.grad(obj.sum(), delta)
-            with torch.no_grad():
-                first_wrong = track_iterate(logits, y, t, first_wrong, kappa)
-                grad = -g_loss + barrier.penalty_grad(delta)
-                if optimizer == "gd":
-                    # semi-implicit in the barrier: divide by 1 + lr·(barrier curvature). Plain GD
-                    # needs lr < 2ε²/c near the boundary and otherwise jumps from side to side
-                    # of the ball; this keeps the same fixed points and stays stable.
-                    step = lr * grad / (1 + lr * barrier.penalty_curvature(delta))
-                else:
-                    m.mul_(b1).add_(grad, alpha=1 - b1)
-                    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                    mhat = m / (1 - b1 ** (t + 1))
-                    vhat = v / (1 - b2 ** (t + 1))
-                    step = lr * mhat / (vhat.sqrt() + 1e-12)
-                delta = barrier.project(delta.detach() - step, x)
-    return AttackResult((x + delta).detach(), first_wrong, kappa)
+
+    def rule(t: int, d: torch.Tensor, g_loss: torch.Tensor, first_wrong: torch.Tensor) -> torch.Tensor:
+        grad = -g_loss + barrier.penalty_grad(d)
+        if optimizer == "gd":
+            # semi-implicit in the barrier: divide by 1 + lr·(barrier curvature). Plain GD
+            # needs lr < 2ε²/c near the boundary and otherwise jumps from side to side
+            # of the ball; this keeps the same fixed points and stays stable.
+            step = lr * grad / (1 + lr * barrier.penalty_curvature(d))
+        else:
+            m.mul_(b1).add_(grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            step = lr * (m / (1 - b1 ** (t + 1))) / ((v / (1 - b2 ** (t + 1))).sqrt() + 1e-12)
+        return barrier.project(d - step, x)
+
+    return iterate(model, x, y, delta, steps, lambda logits: attack_loss(logits, y, loss), rule,
+                   train_mode)

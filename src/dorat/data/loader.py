@@ -17,9 +17,31 @@ import torch.nn.functional as F
 from dorat.errors import ConfigError
 
 
+def check_images(x: torch.Tensor, what: str = "images") -> None:
+    """dorat's images are uint8 pixels (0..255) or floats in [0, 1]; anything else is an error
+    (a normalised or 0..255 float tensor would otherwise be evaluated silently wrong)."""
+    if x.dtype == torch.uint8:
+        return
+    if x.is_floating_point():
+        if x.numel():
+            lo, hi = float(x.min()), float(x.max())
+            if lo < 0 or hi > 1:
+                raise ConfigError(
+                    f"{what} are floats in [{lo:.3g}, {hi:.3g}], outside [0, 1]; give uint8 pixels "
+                    "(0..255) or floats in [0, 1] (divide 0..255 floats by 255; undo a mean/std "
+                    "normalisation and put it inside the model)")
+        return
+    raise ConfigError(f"{what} have dtype {x.dtype}; give uint8 pixels (0..255) or floats in [0, 1]")
+
+
+def as_unit_images(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] from uint8 pixels or float images (checked by check_images)."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
 @dataclass
 class Split:
-    x: torch.Tensor  # uint8 N×C×H×W
+    x: torch.Tensor  # uint8 (or float in [0, 1]) N×C×H×W
     y: torch.Tensor  # int64 N
 
     def __len__(self) -> int:
@@ -165,7 +187,7 @@ class Batches:
                 sel = sel[part]
                 aug = tuple(a[part] for a in aug) if aug else aug
             sel = sel.to(device)
-            x = self.split.x[sel].float().div_(255)
+            x = as_unit_images(self.split.x[sel])
             if aug:
                 x = self._apply(x, *(a.to(device) for a in aug))
             yield x, self.split.y[sel], sel

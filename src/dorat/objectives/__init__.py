@@ -1,7 +1,11 @@
-"""Per-example losses, weightings and method presets (attack × loss × weighting)."""
+"""Per-example losses, weightings, training attacks and the method they compose.
 
+Importing this package registers the built-in parts (dorat.parts)."""
+
+from dorat.objectives import attacks, losses, weightings  # noqa: F401  register the parts
 from dorat.objectives.base import LossOutput, StepContext, Weighting
-from dorat.objectives.methods import PRESETS, Method, build_method, check_method, method_names
+from dorat.objectives.done import KLDROWeighting
+from dorat.objectives.method import Method, StepOutput, build_method
 
-__all__ = ["LossOutput", "StepContext", "Weighting", "Method", "PRESETS", "build_method", "check_method",
-           "method_names"]
+__all__ = ["KLDROWeighting", "LossOutput", "Method", "StepContext", "StepOutput", "Weighting",
+           "build_method"]

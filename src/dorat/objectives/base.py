@@ -4,23 +4,33 @@ A training step is
 
     info   = attack(model, x, y, ctx)              # x_adv and per-example attack info
     out    = loss(model, x, info.x_adv, y, ctx)    # per-example losses ℓ_i (reduction='none')
-    w      = weighting(out, y, info, ctx)          # detached weights ŵ_i (uniform: 1/|B|)
+    w      = weighting.weights(out, y, info, ctx)  # detached weights ŵ_i (uniform: 1/|B|)
     L      = Σ_i ŵ_i ℓ_i                           # one backward pass
+
+Every part is a dataclass registered by name (dorat.parts.register); its fields are its config
+section. A part may define ``check(cfg)`` (a classmethod: cross-key validation, before anything
+runs) and ``bind(info)`` (data facts after the data is read: num_classes, class_counts, the
+training config, the process group).
 
 Weights are in "objective units": uniform is 1/|B| each, so they sum to 1 in a batch for
 normalised schemes. DONE's weights need not sum to 1 in a batch (its running normaliser spans
 the whole data set); that is why the weighting owns the reduction.
+
+Warm-up, one convention for every weighting: a weighting with a ``warmup`` field is uniform
+(plain AT, or plain TRADES) for its first ``warmup`` epochs, given as a number of epochs (int)
+or a share of the run ("50%": round(0.5 · epochs)); see dorat.parts.warmup_epochs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 
 from dorat.attacks import AttackResult
+from dorat.parts import register, warmup_epochs
 
 
 @dataclass
@@ -29,14 +39,12 @@ class StepContext:
     epochs: int  # total epochs of the run
     step: int  # global step index
     generator: torch.Generator | None = None  # attack noise
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # per-example term ℓ_i that the weighting reweights (requires grad)
     logits_adv: torch.Tensor | None  # logits on x_adv (train mode), for accuracy and weights
-    logits_clean: torch.Tensor | None = None
     # per-example term that is never reweighted, averaged uniformly (TRADES' clean CE): the
     # objective is Σ ŵ_i ℓ_i + mean_i base_i
     base: torch.Tensor | None = None
@@ -69,18 +77,38 @@ class Loss(Protocol):
                  ctx: StepContext) -> LossOutput: ...
 
 
+@register("weighting", "uniform")
+@dataclass
 class Weighting:
-    """Base weighting: uniform ŵ_i = 1/|B|. Subclasses override ``weights`` and may keep state."""
+    """Uniform ŵ_i = 1/|B|, and the base of every weighting: subclasses override ``raw``
+    (per-example weights in units of the uniform weight) or ``weights``, and may keep state."""
 
     name = "uniform"
 
+    def bind(self, info: dict[str, Any]) -> None:
+        """Data facts, once the data is read (num_classes, class_counts, cfg, dist)."""
+
+    def in_warmup(self, ctx: StepContext) -> bool:
+        """True during the weighting's ``warmup`` (none without that field)."""
+        return ctx.epoch < warmup_epochs(getattr(self, "warmup", 0), ctx.epochs)
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called before each epoch (adaptive temperatures, epoch statistics)."""
+
     def weights(self, out: LossOutput, y: torch.Tensor, info: AttackResult | None,
                 ctx: StepContext) -> torch.Tensor:
+        if type(self).raw is Weighting.raw or self.in_warmup(ctx):
+            return self.uniform(out, y)
+        return self.raw(out, y, info, ctx) / len(y)
+
+    def raw(self, out: LossOutput, y: torch.Tensor, info: AttackResult | None,
+            ctx: StepContext) -> torch.Tensor:
+        return torch.ones(len(y), device=y.device, dtype=out.loss.dtype)
+
+    @staticmethod
+    def uniform(out: LossOutput, y: torch.Tensor) -> torch.Tensor:
         n = len(y)
         return torch.full((n,), 1.0 / n, device=y.device, dtype=out.loss.dtype)
-
-    def start_epoch(self, epoch: int) -> None:
-        """Called before each epoch (burn-in switches, adaptive temperatures)."""
 
     def epoch_log(self) -> dict[str, Any]:
         """Method-specific numbers for this epoch's log line."""

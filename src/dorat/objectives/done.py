@@ -22,37 +22,28 @@ class the instances by exp(ℓ_i/r − log u_{y_i}) with a per-class running nor
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from dorat import distributed
 from dorat.attacks import AttackResult
+from dorat.distributed import Dist
 from dorat.objectives.base import LossOutput, StepContext, Weighting, ess_fraction
+from dorat.parts import opt, positive, register
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def global_logmeanexp(z: torch.Tensor) -> torch.Tensor:
-    """log((1/N) Σ exp(z)) over the global batch (all ranks), in float64."""
+def global_logmeanexp(z: torch.Tensor, d: Dist | None = None) -> torch.Tensor:
+    """log((1/N) Σ exp(z)) over the global batch (all ranks of ``d``), in float64."""
     z = z.double()
-    if not _distributed():
+    if d is None or not d.active:
         return torch.logsumexp(z, 0) - math.log(len(z))
-    m = z.max().clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    m = distributed.all_max(d, z.max().clone())
     s = torch.stack([torch.exp(z - m).sum(), torch.tensor(float(len(z)), dtype=z.dtype,
                                                           device=z.device)])
-    dist.all_reduce(s, op=dist.ReduceOp.SUM)
+    distributed.all_sum(d, s)
     return m + torch.log(s[0]) - torch.log(s[1])
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 def update_log_u(log_u: torch.Tensor | None, batch_log_mean: torch.Tensor,
@@ -63,35 +54,56 @@ def update_log_u(log_u: torch.Tensor | None, batch_log_mean: torch.Tensor,
     return torch.logaddexp(math.log1p(-beta) + log_u, math.log(beta) + batch_log_mean)
 
 
+@register("weighting", "kl-dro")
+@dataclass
 class KLDROWeighting(Weighting):
-    name = "kl-dro"
+    """DONE's KL-DRO weights with the running normaliser (``done.*``)."""
 
-    def __init__(self, r: float, beta: float, warmup_epochs: int = 0, level: str = "instance",
-                 num_classes: int = 10, class_prior: list[float] | None = None,
-                 target_ess: float | None = None, max_weight: float | None = None) -> None:
-        if r <= 0:
-            raise ValueError("r must be > 0")
-        if not 0 < beta <= 1:
-            raise ValueError("beta must be in (0, 1]")
-        self.r = float(r)
-        self.beta = float(beta)
-        self.warmup_epochs = warmup_epochs
-        self.level = level
-        self.num_classes = num_classes
-        prior = torch.tensor(class_prior or [1.0] * num_classes, dtype=torch.float64)
-        self.log_prior = torch.log(prior / prior.sum())
-        self.target_ess = target_ess
-        # optional cap on ŵ_i in units of the uniform weight: DRO puts its mass on the largest
-        # losses, which on real data include mislabelled examples (measured: one example at
-        # 570x the uniform weight with r = 0.5 on Fashion-MNIST)
-        self.max_weight = max_weight
+    section = "done"
+    r: float = opt(1.0, "KL temperature: large = uniform (PGD-AT), small = worst case", positive)
+    beta: float = opt(0.2, "running-average rate of the normaliser u_t",
+                      lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
+    warmup: int | str = opt(1, "plain AT first (the normaliser keeps tracking): epochs, or a "
+                               "share of the run ('25%')", kind="warmup")
+    level: str = opt("instance", "weights over instances, classes, or both",
+                     choices=("instance", "class", "mixed"))
+    class_prior: str = opt("train", "class and mixed levels: the centre of the KL ball over "
+                           "classes, the training class frequencies or uniform (the balanced test "
+                           "distribution: on long-tailed data, class-balanced weights at large r); "
+                           "not in the paper", choices=("train", "uniform"))
+    target_ess: float | None = opt(None, "adapt r between epochs to this ESS/|B|",
+                                   lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
+    # optional cap on ŵ_i in units of the uniform weight: DRO puts its mass on the largest
+    # losses, which on real data include mislabelled examples (measured: one example at
+    # 570x the uniform weight with r = 0.5 on Fashion-MNIST)
+    max_weight: float | None = opt(None, "cap each weight at this multiple of the uniform weight "
+                                   "(outliers, label noise); not in the paper",
+                                   lambda v: None if v >= 1 else "must be >= 1")
+
+    def __post_init__(self) -> None:
+        self.r = float(self.r)
+        self.beta = float(self.beta)
+        self.num_classes = 10
+        self.log_prior = torch.full((10,), -math.log(10), dtype=torch.float64)
+        self.dist: Dist | None = None
         self.log_u: torch.Tensor | None = None  # instance level (float64 scalar)
         self.class_loss: torch.Tensor | None = None  # class level: running L̄_c (float64 [C])
         self.class_seen: torch.Tensor | None = None
         self.class_log_u: torch.Tensor | None = None  # mixed level: per-class log u_c
-        self.active = warmup_epochs == 0
+        self._reweighting = self.warmup in (0, "0%")
         self._ess_n = 0
         self._ess_acc: torch.Tensor | None = None
+
+    def bind(self, info: dict[str, Any]) -> None:
+        self.num_classes = info.get("num_classes", 10)
+        counts = info.get("class_counts") if self.class_prior == "train" else None
+        prior = torch.tensor(counts or [1.0] * self.num_classes, dtype=torch.float64)
+        self.log_prior = torch.log(prior / prior.sum())
+        self.dist = info.get("dist")
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Summed over the ranks (a copy)."""
+        return distributed.all_sum(self.dist, t.clone()) if self.dist is not None else t
 
     # -- the weights -------------------------------------------------------------------------
     def weights(self, out: LossOutput, y: torch.Tensor, info: AttackResult | None,
@@ -101,7 +113,7 @@ class KLDROWeighting(Weighting):
         self._to(loss.device)
         if self.level == "instance":
             z = loss.double() / self.r
-            self.log_u = update_log_u(self.log_u, global_logmeanexp(z), self.beta)
+            self.log_u = update_log_u(self.log_u, global_logmeanexp(z, self.dist), self.beta)
             w = torch.exp(z - self.log_u) / n
         else:
             w = self._class_weights(loss, y)
@@ -109,7 +121,8 @@ class KLDROWeighting(Weighting):
             w = w.clamp(max=self.max_weight / n)
         w = w.to(loss.dtype)
         self._track_ess(w)
-        if not self.active:  # warm-up: plain AT, while the normaliser keeps tracking
+        self._reweighting = not self.in_warmup(ctx)
+        if not self._reweighting:  # warm-up: plain AT, while the normaliser keeps tracking
             return torch.full_like(w, 1.0 / n)
         return w
 
@@ -119,8 +132,8 @@ class KLDROWeighting(Weighting):
             self.class_loss = torch.zeros(C, dtype=torch.float64, device=dev)
             self.class_seen = torch.zeros(C, dtype=torch.bool, device=dev)
         ld = loss.double()
-        counts = _all_reduce_sum(torch.bincount(y, minlength=C).double())  # global batch
-        sums = _all_reduce_sum(torch.zeros(C, dtype=torch.float64, device=dev).index_add_(0, y, ld))
+        counts = self._sum(torch.bincount(y, minlength=C).double())  # global batch
+        sums = self._sum(torch.zeros(C, dtype=torch.float64, device=dev).index_add_(0, y, ld))
         present = counts > 0
         # running per-class loss L̄_c (initialised with the first batch that holds class c)
         rate = torch.where(self.class_seen, self.beta, 1.0).to(torch.float64)
@@ -146,11 +159,11 @@ class KLDROWeighting(Weighting):
         z = ld / self.r
         m = torch.full((C,), float("-inf"), dtype=torch.float64, device=dev)
         m = m.scatter_reduce(0, y, z, reduce="amax")
-        if _distributed():
-            dist.all_reduce(m, op=dist.ReduceOp.MAX)
+        if self.dist is not None:
+            m = distributed.all_max(self.dist, m)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         s = torch.zeros(C, dtype=torch.float64, device=dev).index_add_(0, y, torch.exp(z - m[y]))
-        s = _all_reduce_sum(s)
+        s = self._sum(s)
         batch = m + torch.log(s.clamp_min(1e-300)) - torch.log(counts.clamp_min(1))
         old = self.class_log_u
         upd = torch.where(torch.isnan(old), batch, update_log_u(old, batch, self.beta))
@@ -170,7 +183,7 @@ class KLDROWeighting(Weighting):
         self._ess_n += 1
 
     # -- epochs, logging, state --------------------------------------------------------------
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int, epochs: int) -> None:
         if self.target_ess is not None and self._ess_n:
             ess = float(self._ess_acc) / self._ess_n  # type: ignore[arg-type]
             # the ESS falls as 1/r grows: r ← r · target/ess, at most ×2 or ÷2 per epoch
@@ -181,12 +194,11 @@ class KLDROWeighting(Weighting):
                 # (the class-level running losses L̄_c do not depend on r and are kept)
                 self.log_u = None
                 self.class_log_u = None
-        self.active = epoch >= self.warmup_epochs
         self._ess_acc = None
         self._ess_n = 0
 
     def epoch_log(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"r": self.r, "reweighting": self.active}
+        out: dict[str, Any] = {"r": self.r, "reweighting": self._reweighting}
         if self._ess_n:
             out["ess_dro"] = float(self._ess_acc) / self._ess_n  # type: ignore[arg-type]
         if self.log_u is not None:

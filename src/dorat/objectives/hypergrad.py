@@ -18,12 +18,17 @@ so the solve runs with BatchNorm in eval mode.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dorat.attacks.barrier import Barrier
 from dorat.attacks.pgd import mode
 from dorat.models import has_batchnorm
+from dorat.parts import nonneg, opt, positive, register
 
 
 def _bdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -115,3 +120,59 @@ def eval_mode_term(
     with mode(model, False):
         loss = per_example_loss(model(x.detach() + delta), y)
         return implicit_term(loss, delta, x_adv, barrier, kind, weights, cg_iters, damping)
+
+
+@register("hypergrad", "none")
+@dataclass
+class NoHypergrad:
+    """First-order: the lower level's solution is treated as a constant."""
+
+    def term(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
+             loss: torch.Tensor, delta: torch.Tensor | None, weights: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+@register("hypergrad", "diag")
+@dataclass
+class Hypergrad(NoHypergrad):
+    """Implicit-differentiation correction through the barrier lower level (``hypergrad.*``,
+    the barrier of ``barrier.*``): ``diag`` approximates the lower level's Hessian by the
+    barrier's diagonal, ``cg`` solves with exact Hessian-vector products."""
+
+    section = "hypergrad"
+    kind: ClassVar[str] = "diag"
+    cg_iters: int = opt(5, "conjugate-gradient iterations (cg)", positive)
+    damping: float = opt(0.1, "added to the Hessian in diag and cg", nonneg)
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        from dorat.objectives.attacks import BarrierConfig
+
+        BarrierConfig.check(cfg)
+
+    def bind(self, info: dict[str, Any]) -> None:
+        from dorat.objectives.attacks import BarrierConfig
+
+        self.barrier = BarrierConfig.barrier(info["cfg"])
+
+    def shares_forward(self, model: nn.Module) -> bool:
+        """Train and eval mode agree: the training forward can serve the correction."""
+        return bn_free(model)
+
+    def term(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
+             loss: torch.Tensor, delta: torch.Tensor | None, weights: torch.Tensor) -> torch.Tensor:
+        if delta is not None:
+            return implicit_term(loss, delta, x_adv, self.barrier, self.kind, weights, self.cg_iters,
+                                 self.damping)
+        return eval_mode_term(model, x, x_adv, _ce, y, self.barrier, self.kind, weights,
+                              self.cg_iters, self.damping)
+
+
+@register("hypergrad", "cg")
+@dataclass
+class CGHypergrad(Hypergrad):
+    kind: ClassVar[str] = "cg"
+
+
+def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")

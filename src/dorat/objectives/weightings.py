@@ -1,17 +1,20 @@
 """Heuristic instance weightings of the baselines (METHODS.md §2).
 
-Every weighting returns ŵ_i in objective units (uniform = 1/|B|) and is uniform during a
-burn-in of plain training, given as a fraction of the run's epochs (switching at epoch
-round(fraction · epochs), 0-based).
+Every weighting returns ŵ_i in objective units (uniform = 1/|B|): ``raw`` gives them in units
+of the uniform weight. Each is uniform during its ``warmup`` (dorat.objectives.base).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from dorat.attacks import AttackResult
 from dorat.objectives.base import LossOutput, StepContext, Weighting
+from dorat.parts import nonneg, opt, positive, register
 
 
 def probabilistic_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -21,37 +24,19 @@ def probabilistic_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return p_y - p.scatter(1, y[:, None], -1.0).amax(1)
 
 
-class _BurnIn(Weighting):
-    def __init__(self, burn_in: float) -> None:
-        self.burn_in = burn_in
-
-    def burn_in_epochs(self, epochs: int) -> int:
-        return int(round(self.burn_in * epochs))
-
-    def active(self, ctx: StepContext) -> bool:
-        return ctx.epoch >= self.burn_in_epochs(ctx.epochs)
-
-    def weights(self, out: LossOutput, y: torch.Tensor, info: AttackResult | None,
-                ctx: StepContext) -> torch.Tensor:
-        if not self.active(ctx):
-            return super().weights(out, y, info, ctx)
-        return self.raw(out, y, info, ctx) / len(y)
-
-    def raw(self, out: LossOutput, y: torch.Tensor, info: AttackResult | None,
-            ctx: StepContext) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class GAIRATWeighting(_BurnIn):
+@register("weighting", "gairat")
+@dataclass
+class GAIRATWeighting(Weighting):
     """GAIRAT (Zhang et al. 2021): κ_i = PGD steps at which x_i's iterate is still classified
     correctly; w_i = (tanh(Λ + 5·(1 − 2κ_i/K)) + 1)/2, normalised to mean 1 in the batch."""
 
-    name = "gairat"
+    lam: float = opt(-1.0, "Lambda in tanh(Lambda + 5(1 - 2 kappa/K))")
+    warmup: int | str = opt("50%", "plain AT first: epochs, or a share of the run ('50%')",
+                            kind="warmup")
+    steps: int = field(default=10, init=False)  # K, the training attack's steps (from bind)
 
-    def __init__(self, steps: int, lam: float = -1.0, burn_in: float = 0.5) -> None:
-        super().__init__(burn_in)
-        self.steps = steps
-        self.lam = lam
+    def bind(self, info: dict[str, Any]) -> None:
+        self.steps = info["cfg"].attack.steps
 
     def raw(self, out: LossOutput, y: torch.Tensor, info: AttackResult | None,
             ctx: StepContext) -> torch.Tensor:
@@ -62,15 +47,15 @@ class GAIRATWeighting(_BurnIn):
         return w * (len(w) / w.sum().clamp_min(1e-12))
 
 
-class MAILWeighting(_BurnIn):
+@register("weighting", "mail")
+@dataclass
+class MAILWeighting(Weighting):
     """MAIL (Wang et al. 2021): w_i = 3·sigmoid(γ·(b − PM_i)), PM on the adversarial logits."""
 
-    name = "mail"
-
-    def __init__(self, bias: float = -1.5, slope: float = 1.0, burn_in: float = 0.625) -> None:
-        super().__init__(burn_in)
-        self.bias = bias
-        self.slope = slope
+    bias: float = opt(-1.5, "b in 3·sigmoid(slope·(b − PM))")
+    slope: float = opt(1.0, "the sigmoid's slope γ", positive)
+    warmup: int | str = opt("62.5%", "plain training first (official: 75 of 120 epochs)",
+                            kind="warmup")
 
     def raw(self, out: LossOutput, y: torch.Tensor, info: AttackResult | None,
             ctx: StepContext) -> torch.Tensor:
@@ -78,14 +63,13 @@ class MAILWeighting(_BurnIn):
         return (3 * torch.sigmoid(self.slope * (self.bias - pm))).to(out.loss.dtype)
 
 
-class WMMRWeighting(_BurnIn):
+@register("weighting", "wmmr")
+@dataclass
+class WMMRWeighting(Weighting):
     """WMMR (Zeng et al. 2021): w_i = exp(−α·m_i), m_i the probabilistic margin on x'."""
 
-    name = "wmmr"
-
-    def __init__(self, alpha: float = 0.5, burn_in: float = 0.0) -> None:
-        super().__init__(burn_in)
-        self.alpha = alpha
+    alpha: float = opt(0.5, "α in exp(−α·margin)", nonneg)
+    warmup: int | str = opt(0, "plain AT first: epochs, or a share of the run", kind="warmup")
 
     def raw(self, out: LossOutput, y: torch.Tensor, info: AttackResult | None,
             ctx: StepContext) -> torch.Tensor:

@@ -13,70 +13,16 @@ weights.safetensors) and writes ``out/report.md`` with:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dorat.attacks import EVAL_ATTACKS
 from dorat.errors import DoratError
+from dorat.run import RunResult, load_result
 
-ATTACK_LABEL = {"pgd": "PGD", "cw": "CW", "aa": "AA", "worst": "worst"}
-
-
-@dataclass
-class RunResult:
-    name: str
-    path: Path
-    config: dict[str, Any]
-    metrics: dict[str, Any]
-    metrics_file: str
-    log: list[dict[str, Any]] = field(default_factory=list)
-    weights: Any = None  # the last epoch's per-example tensors {"w", "y", "loss"?, "idx"?} or None
-
-    @property
-    def reweights(self) -> bool:
-        return any(r.get("ess", 1.0) < 0.999 for r in self.log)
-
-
-def load_result(run_dir: str | Path, metrics_file: str = "auto", name: str | None = None) -> RunResult:
-    """A finished run's results; ``metrics_file`` 'auto' prefers eval.json (from `dorat eval`)."""
-    import yaml
-
-    from dorat.checkpoint import load_state
-
-    d = Path(run_dir)
-    if not (d / "config.yaml").is_file():
-        raise DoratError(f"{d} is not a dorat run (no config.yaml); pass directories made by train")
-    if metrics_file == "auto":
-        metrics_file = "eval.json" if (d / "eval.json").is_file() else "metrics.json"
-    mpath = d / metrics_file
-    if not mpath.is_file():
-        raise DoratError(f"{d} has no {metrics_file}: the run has not finished (resume it with "
-                         f"`dorat train --out {d} --resume`) or name another file with --metrics")
-    try:
-        metrics = json.loads(mpath.read_text())
-        config = yaml.safe_load((d / "config.yaml").read_text())
-    except (ValueError, yaml.YAMLError) as e:
-        raise DoratError(f"cannot read the results in {d}: {e}") from None
-    log = read_log(d)
-    weights = None
-    if (d / "weights.safetensors").is_file():
-        weights, _ = load_state(d / "weights.safetensors")
-    return RunResult(name or d.name, d, config, metrics, metrics_file, log, weights)
-
-
-def read_log(d: Path) -> list[dict[str, Any]]:
-    """The epochs of RUN_DIR/log.jsonl (none if it is missing), up to a torn last line."""
-    log: list[dict[str, Any]] = []
-    if (d / "log.jsonl").is_file():
-        for line in (d / "log.jsonl").read_text().splitlines():
-            try:
-                log.append(json.loads(line))
-            except ValueError:
-                break
-    return log
+ATTACK_LABEL = {**{k: short for k, (_, short) in EVAL_ATTACKS.items()}, "worst": "worst"}
 
 
 def pct(v: float | None) -> str:
@@ -112,7 +58,7 @@ def results_table(results: Sequence[RunResult]) -> list[str]:
         key = main_key(m)
         pc = m["per_class"][key]
         wi = min(range(len(pc)), key=lambda i: (math.isnan(pc[i]), pc[i]))
-        row = [r.name, str(m.get("method", r.config.get("method", "?"))), pct(m["sa"])]
+        row = [r.name, str(m.get("method", r.config.method.name)), pct(m["sa"])]
         row += [pct(m["ra"].get(a)) for a in attacks]
         row += [pct(m["ra"].get("worst"))] if has_worst else []
         row += [f"{pct(m['worst_class'][key])} ({m['classes'][wi]})", pct(m["tail30"][key]), str(m["n"])]
@@ -237,13 +183,12 @@ def plot_top_weighted(r: RunResult, path: Path, k: int = 24) -> Path | None:
     and adversarial loss: are they hard, or mislabelled?"""
     if r.weights is None or "idx" not in r.weights or bool((r.weights["idx"] < 0).any()):
         return None
-    from dorat import config as cfglib
     from dorat.data import load_dataset
-    from dorat.train import run_splits
+    from dorat.run import run_splits
 
     try:  # the run's training split, rebuilt from its config (skipped if the data is not here)
-        cfg = cfglib.from_dict(r.config, str(r.path / "config.yaml"))
-        data = load_dataset(cfg["dataset"], cfg["data"]["dir"], allow_download=False)
+        cfg = r.config
+        data = load_dataset(cfg.dataset, cfg.data.dir, allow_download=False)
         train, _ = run_splits(cfg, data)
     except DoratError:
         return None

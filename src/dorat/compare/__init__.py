@@ -1,0 +1,78 @@
+"""`dorat compare`: a fair grid of runs (same data, model, budget, seeds), aggregated.
+
+A compare file (YAML) names the grid:
+
+    title: AT vs DONE on Fashion-MNIST        # optional
+    base: fmnist-demo                         # preset or YAML path (relative to this file)
+    set: {epochs: 5}                          # optional dotted overrides for every run
+    datasets: [fashion-mnist]                 # optional, default the base's dataset
+    model: small-cnn                          # optional, default the base's model
+    settings:                                 # optional named variants of the data/budget
+      balanced: {}
+      longtail: {data.imbalance_ratio: 10}
+    methods:                                  # presets, or a named preset with overrides
+      - at
+      - {name: done-r2, method: done, set: {done.r: 2.0}, settings: [balanced]}
+      - {name: done-r4, method: done, set: {done.r: 4.0}, seeds: [0, 1, 2, 3, 4]}  # own seeds
+    seeds: [0, 1, 2]
+    evals:                                    # optional extra evaluations per run
+      - {name: aa1000, attacks: [pgd, cw, aa], n: 1000}
+
+Runs go to OUT/runs/<dataset>/<setting>/<name>/seed<k>, seeds outermost. A finished run
+(metrics.json present) is skipped, an interrupted one resumed from its checkpoint, so the
+command can be stopped and restarted at any time. A run whose saved config differs from what
+the compare file now asks for is an error (results would silently mix). Each extra evaluation
+writes RUN/eval-<name>.json, also skipped when present. A finished run whose model file is gone
+(e.g. only its small result files were kept in git) but that still misses an extra evaluation
+is trained again.
+
+Several compare processes may share one OUT: each run is taken under its own lock
+(RUN/.compare.lock), so they split the grid between them. ``workers=N`` (``--workers N``)
+starts N such processes and splits the machine between them: on CPU each gets cores/N threads
+(small models use 2 single-threaded processes better than one with 2 threads), with CUDA
+each gets one GPU in turn.
+
+Aggregation: for every (dataset, setting, method) and every metric, the mean and sample std
+(ddof = 1) over the seeds that finished; OUT/results.json, OUT/results.md (best mean per column
+in bold) and OUT/report.md with the per-class plot of the means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dorat.compare.execute import _run_workers, available_cores, run_grid, worker_env
+from dorat.compare.grid import Grid, RunSpec, _validate, find_compare_file, load_grid
+from dorat.errors import DoratError
+from dorat.report.grid import aggregate, flat_metrics, markdown_tables, mean_std, write_outputs
+
+
+def compare(path: str | Path, out: str | Path, device: str | None = None, data_dir: str | None = None,
+            log: Callable[[str], None] | None = None, progress: bool = False,
+            aggregate_only: bool = False, only: Sequence[str] | None = None,
+            retry_failed: bool = False, workers: int = 1, aggregate: bool = True,
+            plugins: Sequence[str] = ()) -> Path:
+    """Run (or continue) the grid, then aggregate; returns the report's path. ``workers`` > 1
+    runs the grid in that many processes (see the module docstring); ``aggregate=False`` only
+    trains (what each worker does). ``plugins``: modules the workers import first (the runs'
+    configs name their own plug-ins too)."""
+    grid = load_grid(path, out, device, data_dir)
+    out = Path(out)
+    if not aggregate_only:
+        _validate(grid, only)  # before anything is written, and once, not once per worker
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DoratError(f"cannot create {out} ({e.strerror}); choose another --out") from None
+    if not aggregate_only:  # aggregating only reads finished runs: fine beside a running compare
+        if workers > 1:
+            _run_workers(path, out, workers, device, data_dir, only, retry_failed, log, plugins)
+        else:
+            run_grid(grid, log, progress, only, retry_failed)
+    return write_outputs(grid, out) if aggregate else out / "report.md"
+
+
+__all__ = ["Grid", "RunSpec", "aggregate", "available_cores", "compare", "find_compare_file",
+           "flat_metrics", "load_grid", "markdown_tables", "mean_std", "run_grid", "worker_env",
+           "write_outputs"]

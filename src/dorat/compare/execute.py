@@ -1,0 +1,248 @@
+"""Executing a grid: each run trained (or resumed) and evaluated in a run directory, in this
+process or in N worker processes that split the grid through per-run lock files.
+
+This is the seam a launcher plugs into: ``run_grid`` walks the runs and ``_do_run`` does one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from dorat.compare.grid import (
+    FAILED,
+    Grid,
+    RunSpec,
+    _finished,
+    _missing_evals,
+    _status,
+    _validate,
+    find_compare_file,
+)
+from dorat.errors import DoratError
+
+LOCK = ".compare.lock"  # RUN/.compare.lock: the pid of the compare process working on that run
+
+
+def run_grid(grid: Grid, log: Callable[[str], None] | None = None, progress: bool = False,
+             only: Sequence[str] | None = None, retry_failed: bool = False) -> None:
+    """Train and evaluate every run of the grid that has not finished yet (only the methods
+    named in ``only``, when given). A run that fails with a user-level error (diverged loss,
+    bad value) is recorded in RUN/failed.json and the grid goes on; failed runs are skipped
+    on later calls unless ``retry_failed``. A run that another live compare process holds
+    (RUN/.compare.lock) is left to it."""
+    log = log or (lambda s: print(s, file=sys.stderr))
+    statuses = _validate(grid, only)
+    todo = sum(not _finished(r, grid.evals) for r in grid.runs)
+    log(f"{grid.title}: {len(grid.runs)} runs, {len(grid.runs) - todo} finished, {todo} to go"
+        + (f" (running only {', '.join(only)})" if only else ""))
+    for i, (r, st) in enumerate(zip(grid.runs, statuses)):
+        if only and r.name not in only:
+            continue
+        tag = f"[{i + 1}/{len(grid.runs)}] {r.dataset}/{r.setting}/{r.name}/seed{r.seed}"
+        if st == "failed" and not retry_failed:
+            log(f"{tag}: failed earlier ({_failure(r)}); skipped (--retry-failed to try again)")
+            continue
+        if _finished(r, grid.evals):
+            continue
+        with _run_lock(r.path) as holder:
+            if holder:
+                log(f"{tag}: another compare (pid {holder}) is running it; left to that one")
+                continue
+            st = _status(r)  # again, under the lock: another process may have finished it
+            if st == "failed" and not retry_failed:
+                log(f"{tag}: failed in another compare ({_failure(r)}); skipped")
+                continue
+            _do_run(r, grid.evals, st, tag, log, progress)
+
+
+def _do_run(r: RunSpec, evals: Sequence[dict[str, Any]], st: str, tag: str,
+            log: Callable[[str], None], progress: bool) -> None:
+    """Train (or resume) one run, then its missing extra evaluations. Holds the run's lock."""
+    from dorat.checkpoint import write_text_atomic
+    from dorat.run import train
+
+    if st == "failed":  # only reached with retry_failed
+        (r.path / FAILED).unlink()
+        st = "resume" if (r.path / "checkpoint.safetensors").is_file() else "new"
+    missing = _missing_evals(r, evals)
+    if st == "done" and missing and not (r.path / "model.safetensors").is_file():
+        log(f"{tag}: finished, but its model file is gone and evaluation(s) {', '.join(missing)} "
+            "are missing: training it again")
+        st = "new"
+    if st != "done":
+        log(f"{tag}: {'resuming' if st == 'resume' else 'training'}")
+        t0 = time.perf_counter()
+        r.cfg = r.cfg.replace({"log.progress": "on" if progress else "off"})
+        for stale in r.path.glob("eval-*.json"):  # belong to an earlier, unfinished model
+            stale.unlink()
+        try:
+            train(r.cfg, r.path, resume=st == "resume", overwrite=st == "new", log=log)
+        except DoratError as e:
+            r.path.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(r.path / FAILED, json.dumps({"error": str(e)}, indent=2))
+            log(f"{tag}: FAILED ({e}); recorded in {r.path / FAILED}, going on")
+            return
+        log(f"{tag}: finished in {time.perf_counter() - t0:.0f}s")
+    for e in evals:
+        _extra_eval(r, e, log, tag, progress)
+
+
+def _failure(r: RunSpec) -> str:
+    try:
+        return str(json.loads((r.path / FAILED).read_text())["error"])
+    except (OSError, ValueError, KeyError):
+        return "unreadable failed.json"
+
+
+def _extra_eval(r: RunSpec, e: dict[str, Any], log: Callable[[str], None], tag: str,
+                progress: bool) -> None:
+    from dorat.checkpoint import write_text_atomic
+    from dorat.run import JOURNAL, evaluate_run, load_run
+
+    target = r.path / f"eval-{e['name']}.json"
+    if target.is_file():
+        return
+    over = {f"eval.{k}": v for k, v in e.items() if k != "name"}
+    over["data.dir"] = r.cfg.data.dir
+    log(f"{tag}: evaluation '{e['name']}' ({', '.join(e.get('attacks', r.cfg.eval.attacks))})")
+    run = load_run(r.path, r.cfg.device, over)
+    metrics = evaluate_run(run, progress=progress, log=log,
+                           journal=r.path / JOURNAL.format(name=f"eval-{e['name']}"))
+    write_text_atomic(target, json.dumps(metrics, indent=2))
+
+
+@contextlib.contextmanager
+def _run_lock(path: Path) -> Iterator[int]:
+    """Hold RUN/.compare.lock while one process trains and evaluates that run. Yields 0 when
+    this process holds it, else the pid of the live process that does (nothing is done then).
+    A lock left by a process that died (kill -9, a reboot) is taken over; the lock names the
+    process by pid and start time, so a reused pid does not keep a dead lock alive, and a dead
+    process its parent has not reaped yet (a zombie) holds no lock."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DoratError(f"cannot create {path} ({e.strerror}); choose another --out") from None
+    lock = path / LOCK
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                owner = lock.read_text().split()
+                age = time.time() - lock.stat().st_mtime
+            except OSError:
+                continue  # released meanwhile: try again
+            if not owner and age < 10:  # created, not written yet: its owner is writing it
+                time.sleep(0.1)
+                continue
+            if owner and owner[0].isdigit() and _alive(int(owner[0]), owner[1:2]):
+                yield int(owner[0])
+                return
+            lock.unlink(missing_ok=True)  # stale
+    with os.fdopen(fd, "w") as f:
+        f.write(" ".join([str(os.getpid()), *_start_time(os.getpid())]))
+    try:
+        yield 0
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """Fields 3... of /proc/PID/stat (Linux; the name in (...) may hold spaces), else nothing."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+_START = slice(19, 20)  # field 22 of /proc/PID/stat, the start time, as a 0- or 1-item list
+
+
+def _start_time(pid: int) -> list[str]:
+    """The process's start time in clock ticks since boot (Linux), else nothing."""
+    return _proc_stat(pid)[_START]
+
+
+def _alive(pid: int, start: list[str] | None = None) -> bool:
+    if pid == os.getpid():
+        return False  # our own lock, left by an earlier call that died in this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    stat = _proc_stat(pid)
+    if stat[:1] == ["Z"]:
+        return False  # exited, not yet reaped by its parent (a killed compare worker)
+    now = stat[_START]
+    return not (start and now and start != now)  # the pid was reused by another process
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def worker_env(k: int, workers: int, device: str | None,
+               environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of worker k of ``workers``: its share of the CPU threads, and on CUDA
+    machines one GPU (round robin over the visible ones)."""
+    env = dict(os.environ if environ is None else environ)
+    env["OMP_NUM_THREADS"] = str(max(1, available_cores() // workers))
+    if device in (None, "auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            visible = env.get("CUDA_VISIBLE_DEVICES")
+            ids = ([v for v in visible.split(",") if v.strip()] if visible
+                   else [str(i) for i in range(torch.cuda.device_count())])
+            env["CUDA_VISIBLE_DEVICES"] = ids[k % len(ids)]
+    return env
+
+
+def _run_workers(path: str | Path, out: Path, workers: int, device: str | None,
+                 data_dir: str | None, only: Sequence[str] | None, retry_failed: bool,
+                 log: Callable[[str], None] | None, plugins: Sequence[str] = ()) -> None:
+    """Start ``workers`` `dorat compare` processes on the same OUT (the run locks split the
+    grid between them), pass their messages on with a [wK] prefix, and wait for all."""
+    import subprocess
+    import threading
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    cmd = [sys.executable, "-m", "dorat", "compare", str(find_compare_file(path)), "--out", str(out),
+           "--no-aggregate"]
+    cmd += ["--device", device] if device else []
+    cmd += ["--data-dir", data_dir] if data_dir else []
+    cmd += ["--methods", ",".join(only)] if only else []
+    cmd += ["--retry-failed"] if retry_failed else []
+    cmd += [a for m in plugins for a in ("--plugin", m)]
+    procs, pumps = [], []
+    for k in range(workers):
+        p = subprocess.Popen(cmd, env=worker_env(k, workers, device), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, bufsize=1)
+        procs.append(p)
+
+        def pump(p: subprocess.Popen = p, k: int = k) -> None:
+            assert p.stderr is not None
+            for line in p.stderr:
+                log(f"[w{k + 1}] {line.rstrip()}")
+
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        pumps.append(t)
+    codes = [p.wait() for p in procs]
+    for t in pumps:
+        t.join()
+    bad = [(k + 1, c) for k, c in enumerate(codes) if c != 0]
+    if bad:
+        raise DoratError("compare worker(s) " + ", ".join(f"w{k} (exit {c})" for k, c in bad)
+                         + " stopped; their messages are above. Run the same command again: "
+                         "finished runs are kept and interrupted ones resume")

@@ -1,0 +1,206 @@
+"""The grid spec of `dorat compare`: parse a compare file, expand it into runs, validate them,
+and say where each run stands (the file format is in dorat.compare's docstring)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dorat import config as cfglib
+from dorat.config import Config
+from dorat.errors import ConfigError
+
+TOP_KEYS = {"title", "base", "set", "datasets", "model", "settings", "methods", "seeds", "evals"}
+METHOD_KEYS = {"name", "method", "set", "settings", "seeds"}
+EVAL_KEYS = {"name", "attacks", "n", "eps", "steps", "restarts"}
+FAILED = "failed.json"  # a run that stopped with an error: skipped until --retry-failed
+# may differ between machines and do not change the method (perf.* are execution options)
+IGNORED_KEYS = ("device", "data.dir", "log.progress", "perf.channels_last", "perf.compile",
+                "perf.compile_backend", "perf.sync_bn", "perf.deterministic")
+
+
+@dataclass
+class RunSpec:
+    dataset: str
+    setting: str
+    name: str
+    seed: int
+    cfg: Config
+    path: Path
+
+
+@dataclass
+class Grid:
+    title: str
+    runs: list[RunSpec]
+    evals: list[dict[str, Any]]
+    groups: list[tuple[str, str]] = field(default_factory=list)  # (dataset, setting) in order
+    names: list[str] = field(default_factory=list)  # method names in order
+
+
+def _mapping(v: Any, what: str) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"{what} must be a mapping of config keys, got {v!r}")
+    return v
+
+
+def bundled_names() -> list[str]:
+    from importlib import resources
+
+    d = resources.files("dorat").joinpath("configs", "compare")
+    return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".yaml"))
+
+
+def find_compare_file(name_or_path: str | Path) -> Path:
+    """A compare file by path, or one shipped with dorat by name (e.g. ``demo``)."""
+    from importlib import resources
+
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    res = resources.files("dorat").joinpath("configs", "compare", f"{name_or_path}.yaml")
+    if res.is_file():
+        return Path(str(res))
+    raise ConfigError(f"compare file {name_or_path} does not exist (bundled: {', '.join(bundled_names())})")
+
+
+def load_grid(path: str | Path, out: str | Path, device: str | None = None,
+              data_dir: str | None = None) -> Grid:
+    """Parse and validate a compare file into the list of runs (nothing is written)."""
+    path = find_compare_file(path)
+    spec = cfglib.parse_yaml(path.read_text(), str(path))
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(sorted(TOP_KEYS))}")
+    unknown = set(spec) - TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; "
+                          f"allowed: {', '.join(sorted(TOP_KEYS))}")
+    base = spec.get("base")
+    if base is not None and (path.parent / str(base)).is_file():
+        base = str(path.parent / str(base))
+    common = _mapping(spec.get("set"), f"{path}: set")
+    settings = spec.get("settings") or {"default": {}}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: settings must map a name to config overrides")
+    methods = spec.get("methods")
+    if not methods or not isinstance(methods, list):
+        raise ConfigError(f"{path}: methods must be a non-empty list (e.g. [at, done])")
+    seeds = _seeds(spec.get("seeds", [0]), f"{path}: seeds")
+    base_cfg = cfglib.resolve(base, overrides=common)
+    datasets = spec.get("datasets") or [base_cfg.dataset]
+    evals = spec.get("evals") or []
+    for e in evals:
+        if not isinstance(e, dict) or "name" not in e or set(e) - EVAL_KEYS:
+            raise ConfigError(f"{path}: each entry of evals needs a name and only keys "
+                              f"{', '.join(sorted(EVAL_KEYS))}; got {e!r}")
+    if len({e["name"] for e in evals}) != len(evals):
+        raise ConfigError(f"{path}: two evals share a name")
+    entries = []
+    for m in methods:
+        if isinstance(m, str):
+            m = {"name": m, "method": m}
+        if not isinstance(m, dict) or set(m) - METHOD_KEYS or "method" not in m:
+            raise ConfigError(f"{path}: a method entry is a preset name or a mapping with 'method' "
+                              f"and optional {', '.join(sorted(METHOD_KEYS - {'method'}))}; got {m!r}")
+        m.setdefault("name", m["method"])
+        # a method may have its own seeds (e.g. more seeds for the finalists of a sweep)
+        m["seeds"] = _seeds(m["seeds"], f"{path}: {m['name']}.seeds") if "seeds" in m else seeds
+        bad = set(m.get("settings") or []) - set(settings)
+        if bad:
+            raise ConfigError(f"{path}: method {m['name']} names unknown setting(s) {', '.join(bad)}")
+        entries.append(m)
+    names = [m["name"] for m in entries]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: two methods share the name; give each entry a distinct name")
+    runs = []
+    groups = [(ds, sname) for ds in datasets for sname in settings]
+    out = Path(out)
+    # Seeds outermost: the first pass gives every method one finished run, so a grid stopped
+    # early already compares all methods.
+    for seed in sorted(set().union(*(m["seeds"] for m in entries)), key=_order(seeds)):
+        for ds, sname in groups:
+            for m in entries:
+                if m.get("settings") and sname not in m["settings"] or seed not in m["seeds"]:
+                    continue
+                # later layers win: common set < dataset/method/seed/model < setting < method set
+                over = {**common, "dataset": ds, "method": m["method"], "seed": seed,
+                        **({"model": spec["model"]} if spec.get("model") else {}),
+                        **_mapping(settings[sname], f"{path}: settings.{sname}"),
+                        **_mapping(m.get("set"), f"{path}: {m['name']}.set")}
+                try:
+                    cfg = cfglib.resolve(base, {"device": device, "data.dir": data_dir},
+                                         overrides=over)
+                except ConfigError as e:
+                    raise ConfigError(f"{path}: run {ds}/{sname}/{m['name']}: {e}") from None
+                runs.append(RunSpec(ds, sname, m["name"], seed, cfg,
+                                    out / "runs" / _dirname(ds) / sname / m["name"] / f"seed{seed}"))
+    title = str(spec.get("title") or f"dorat compare: {path.stem}")
+    return Grid(title, runs, evals, groups, names)
+
+
+def _seeds(v: Any, where: str) -> list[int]:
+    if not isinstance(v, list) or not v or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                   and s >= 0 for s in v):
+        raise ConfigError(f"{where} must be a non-empty list of non-negative integers, got {v!r}")
+    if len(set(v)) != len(v):
+        raise ConfigError(f"{where} lists a seed twice: {v!r}")
+    return v
+
+
+def _order(seeds: list[int]) -> Callable[[int], tuple[int, int]]:
+    """The file's seeds in their order first, then seeds only some methods have, ascending."""
+    return lambda s: (seeds.index(s), 0) if s in seeds else (len(seeds), s)
+
+
+def _dirname(name: str) -> str:
+    """A dataset name as one directory name (npz:/data/x.npz -> npz_data_x.npz)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "dataset"
+
+
+def _comparable(cfg: Config) -> dict[str, Any]:
+    flat = cfg.flat()
+    return {k: v for k, v in flat.items() if k not in IGNORED_KEYS}
+
+
+def _status(run: RunSpec) -> str:
+    p = run.path
+    if (p / "config.yaml").is_file():
+        saved = cfglib.from_dict(cfglib.load_yaml(str(p / "config.yaml"))[0], str(p / "config.yaml"))
+        a, b = _comparable(saved), _comparable(run.cfg)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
+            raise ConfigError(
+                f"{p} holds a run with a different config ({', '.join(diff[:5])}); the compare file "
+                "changed since it ran: use a new --out, or delete that run directory to redo it")
+    if (p / "metrics.json").is_file():
+        return "done"
+    if (p / FAILED).is_file():
+        return "failed"
+    if (p / "checkpoint.safetensors").is_file():
+        return "resume"
+    return "new"
+
+
+def _validate(grid: Grid, only: Sequence[str] | None) -> list[str]:
+    """Check ``only`` and every run's saved config before anything trains; the runs' statuses."""
+    unknown = sorted(set(only or []) - set(grid.names))
+    if unknown:
+        raise ConfigError(f"--methods names {', '.join(unknown)}, not in the compare file "
+                          f"(it has {', '.join(grid.names)})")
+    return [_status(r) for r in grid.runs]
+
+
+def _missing_evals(r: RunSpec, evals: Sequence[dict[str, Any]]) -> list[str]:
+    return [e["name"] for e in evals if not (r.path / f"eval-{e['name']}.json").is_file()]
+
+
+def _finished(r: RunSpec, evals: Sequence[dict[str, Any]]) -> bool:
+    """Trained, evaluated, and every extra evaluation written: only such runs are aggregated,
+    so each mean in a row is over the same seeds."""
+    return (r.path / "metrics.json").is_file() and not _missing_evals(r, evals)
+

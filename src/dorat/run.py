@@ -1,0 +1,318 @@
+"""Run directories: prepare a run, train it into a directory, reopen and evaluate it.
+
+RUN_DIR layout:
+    config.yaml             the full resolved config (a run is fully described by it)
+    log.jsonl               one JSON line per finished epoch
+    checkpoint.safetensors  model + optimizer + scheduler + method state, written atomically
+    model.safetensors       final weights
+    weights.safetensors     the last finished epoch's training weights per example, in units
+                            of the uniform weight 1/|B| ("w"), with labels ("y"), adversarial
+                            losses ("loss") and positions in the training split ("idx")
+    metrics.json            final evaluation (SA, RA, per-class, worst class, RA-Tail-30)
+
+This module is the only way in: the CLI, compare and report read run directories through it;
+the training loop itself is dorat.trainer. Determinism: data order, augmentation and attack
+noise of epoch e are pure functions of (seed, e), and the checkpoint holds all other state, so
+a run resumed after epoch e ends with the same weights as an uninterrupted one (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from dorat import config as cfglib
+from dorat import distributed
+from dorat.attacks import EVAL_ATTACKS
+from dorat.checkpoint import load_state, load_weights, write_text_atomic
+from dorat.checks import warning_lines
+from dorat.config import Config
+from dorat.data import Dataset, load_dataset
+from dorat.data.loader import Split, make_splits
+from dorat.errors import CheckpointError, ConfigError, DoratError
+from dorat.evaluate import evaluate, settings_from_config
+from dorat.models import build_model
+from dorat.objectives import Method, build_method
+
+RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.safetensors", "model.safetensors",
+             "weights.safetensors", "metrics.json")
+# An evaluation's progress while it runs (RUN/.metrics.partial.safetensors,
+# RUN/.eval-NAME.partial.safetensors): resumed after an interruption, deleted when it is done.
+JOURNAL = ".{name}.partial.safetensors"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Run:
+    """Everything a training run needs, built and validated before anything is written."""
+
+    cfg: Config
+    data: Dataset
+    train: Split
+    val: Split | None
+    model: nn.Module
+    method: Method
+    device: torch.device
+
+
+def run_splits(cfg: Config, data: Dataset) -> tuple[Split, Split | None]:
+    """The run's training split and held-out validation split, as its config defines them."""
+    d = cfg.data
+    return make_splits(data.x_train, data.y_train, data.num_classes, cfg.seed,
+                       val_size=d.val_size, train_subset=d.train_subset,
+                       imbalance_ratio=d.imbalance_ratio)
+
+
+def prepare(cfg: Config, d: distributed.Dist | None = None, data: Dataset | None = None,
+            model: nn.Module | None = None) -> Run:
+    """Load the data (or take ``data``), build the model (or take ``model``) and the method.
+    Writes nothing."""
+    d = d or distributed.Dist()
+    device = distributed.device_for(d, resolve_device(cfg.device))
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data.dir, cfg.data.download)
+    train, val = run_splits(cfg, data)
+    if cfg.eval.split == "val" and val is None:
+        raise ConfigError("eval.split=val needs a validation split: set data.val_size (e.g. 5000)")
+    method = build_method(cfg, {"num_classes": data.num_classes, "dist": d,
+                                "class_counts": train.class_counts(data.num_classes)})
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        c, h, _ = data.shape
+        try:
+            model = build_model(cfg.model, c, h, data.num_classes)
+        except ValueError as e:
+            raise ConfigError(f"model '{cfg.model}' does not fit dataset '{data.name}': {e}") from None
+    return Run(cfg, data, train, val, model.to(device), method, device)
+
+
+def read_config(run_dir: str | Path) -> Config:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise DoratError(f"{run_dir} is not a dorat run (no config.yaml); pass a train --out dir")
+    data, source = cfglib.load_yaml(str(run_dir / "config.yaml"))
+    return cfglib.from_dict(data, source)
+
+
+def load_run(run_dir: str | Path, device: str | None = "auto",
+             overrides: Mapping[str, Any] | None = None, model: nn.Module | None = None) -> Run:
+    """A finished run ready for analysis: its config (with ``overrides`` of dotted keys, e.g.
+    ``{"eval.n": 1000}``; None values are ignored), data, and the trained model weights
+    (loaded into ``model`` when given: a model the config cannot rebuild)."""
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    updates = {k: v for k, v in {"device": device, **(overrides or {})}.items() if v is not None}
+    cfg = cfg.replace(updates)
+    run = prepare(cfg, model=model)
+    load_weights(run_dir / "model.safetensors", run.model)
+    run.model.eval()
+    return run
+
+
+def load_metrics(run_dir: str | Path, name: str = "metrics.json") -> dict[str, Any]:
+    return json.loads((Path(run_dir) / name).read_text())
+
+
+@dataclass
+class RunResult:
+    name: str
+    path: Path
+    config: Config
+    metrics: dict[str, Any]
+    metrics_file: str
+    log: list[dict[str, Any]] = field(default_factory=list)
+    weights: Any = None  # the last epoch's per-example tensors {"w", "y", "loss"?, "idx"?} or None
+
+    @property
+    def reweights(self) -> bool:
+        return any(r.get("ess", 1.0) < 0.999 for r in self.log)
+
+
+def load_result(run_dir: str | Path, metrics_file: str = "auto", name: str | None = None) -> RunResult:
+    """A finished run's results; ``metrics_file`` 'auto' prefers eval.json (from `dorat eval`)."""
+    d = Path(run_dir)
+    config = read_config(d)
+    if metrics_file == "auto":
+        metrics_file = "eval.json" if (d / "eval.json").is_file() else "metrics.json"
+    mpath = d / metrics_file
+    if not mpath.is_file():
+        raise DoratError(f"{d} has no {metrics_file}: the run has not finished (resume it with "
+                         f"`dorat train --out {d} --resume`) or name another file with --metrics")
+    try:
+        metrics = json.loads(mpath.read_text())
+    except ValueError as e:
+        raise DoratError(f"cannot read the results in {d}: {e}") from None
+    log = read_log(d)
+    weights = None
+    if (d / "weights.safetensors").is_file():
+        weights, _ = load_state(d / "weights.safetensors")
+    return RunResult(name or d.name, d, config, metrics, metrics_file, log, weights)
+
+
+def read_log(d: Path) -> list[dict[str, Any]]:
+    """The epochs of RUN_DIR/log.jsonl (none if it is missing), up to a torn last line."""
+    log: list[dict[str, Any]] = []
+    if (d / "log.jsonl").is_file():
+        for line in (d / "log.jsonl").read_text().splitlines():
+            try:
+                log.append(json.loads(line))
+            except ValueError:
+                break
+    return log
+
+
+def eval_split(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples ``eval.split`` names: the test set, or the held-out validation split."""
+    if run.cfg.eval.split == "val":
+        assert run.val is not None  # prepare() refuses eval.split=val without data.val_size
+        return run.val.x, run.val.y
+    return run.data.x_test, run.data.y_test
+
+
+def use_channels_last(cfg: Config, device: torch.device) -> bool:
+    """perf.channels_last: on, off, or auto = on for CPU and CUDA (all dorat models are convnets
+    on 4-D images; on CPU oneDNN's convolutions and max-pooling are much faster in NHWC)."""
+    setting = cfg.perf.channels_last
+    return setting == "on" or (setting == "auto" and device.type in ("cpu", "cuda"))
+
+
+def evaluate_run(run: Run, progress: bool = False, log: Callable[[str], None] | None = None,
+                 journal: Path | None = None) -> dict[str, Any]:
+    """Evaluate the run's model as its ``eval`` config says (attacks, split, subset).
+
+    ``journal``: a file the evaluation saves its progress in and resumes from (see
+    dorat.evaluate.run_attacks); deleted when the attacks are done."""
+    cfg, e = run.cfg, run.cfg.eval
+    settings = settings_from_config(cfg)
+    if log is not None:
+        log(f"evaluating on {e.n or 'all'} {e.split} examples: "
+            f"{', '.join(EVAL_ATTACKS[a][0] for a in e.attacks)} at eps={settings.eps} "
+            f"(PGD/CW {settings.steps} steps, {settings.restarts} restart(s)"
+            + (f"; AutoAttack {settings.aa_version}" if "aa" in e.attacks else "") + ")"
+            + ("; sanity checks on" if e.checks else ""))
+    settings.channels_last = use_channels_last(cfg, run.device)
+    if settings.channels_last:
+        run.model.to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    x, y = eval_split(run)
+    metrics, _ = evaluate(run.model, x, y, run.data.classes, e.attacks, settings, e.n, run.device,
+                          progress, checks=e.checks, check_n=e.check_n, journal=journal, log=log)
+    metrics["split"] = e.split
+    metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
+    metrics["method"] = cfg.method.name
+    if log is not None:
+        for line in warning_lines(metrics.get("checks", [])):
+            log(line)
+    return metrics
+
+
+def final_evaluation(run: Run, out: Path, progress: bool, log: Callable[[str], None]
+                     ) -> dict[str, Any]:
+    metrics = evaluate_run(run, progress, log, journal=out / JOURNAL.format(name="metrics"))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory; choose another path")
+    if resume:
+        if not (out / "checkpoint.safetensors").exists():
+            raise CheckpointError(
+                f"nothing to resume in {out} (no checkpoint.safetensors); drop --resume to start")
+        return
+    present = [f for f in RUN_FILES if (out / f).exists()]
+    if present and not overwrite:
+        what = "a finished run" if "metrics.json" in present else "an unfinished run"
+        raise ConfigError(f"{out} already holds {what}; pass --resume to continue it, --overwrite "
+                          "to replace it, or choose another --out")
+
+
+def _ensure_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output directory {out} ({e.strerror}); choose another --out"
+                          ) from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"output directory {out} is not writable; choose another --out")
+
+
+def _check_parallel(cfg: Config, d: distributed.Dist) -> None:
+    if not d.active:
+        return
+    if cfg.batch_size % d.world:
+        raise ConfigError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by "
+                          f"the {d.world} processes; set --set batch_size=...")
+    if cfg.method.hypergrad != "none":
+        raise ConfigError("the implicit hypergradient (method.hypergrad diag/cg, done-cid) is not "
+                          "supported under torchrun yet; use one process or method.hypergrad=none")
+    if cfg.perf.sync_bn and not torch.cuda.is_available():
+        raise ConfigError("perf.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
+
+
+def train(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False,
+          stop_after_epoch: int | None = None, log: Callable[[str], None] | None = None,
+          data: Dataset | None = None, model: nn.Module | None = None) -> dict[str, Any] | None:
+    """Train (or resume) a run in ``out``; returns final metrics (None if stopped early).
+    ``data`` and ``model``: in-memory objects instead of what the config names (dorat.fit).
+
+    Launched by torchrun (WORLD_SIZE > 1), every process calls this: data-parallel training,
+    rank 0 writes (see dorat.distributed)."""
+    from dorat import trainer
+
+    out = Path(out)
+    d = distributed.from_env(cfg.device)
+    try:
+        if not d.main:
+            log = lambda s: None  # noqa: E731
+        log = log or (lambda s: print(s, file=sys.stderr))
+        distributed.on_main(d, lambda: _check_run_dir(out, resume, overwrite))
+        if resume:
+            cfg = read_config(out).replace({"device": cfg.device})
+        _check_parallel(cfg, d)
+        run = prepare(cfg, d, data, model)
+        state = load_state(out / "checkpoint.safetensors")[0] if resume else None
+
+        def setup_dir() -> None:
+            files = (*RUN_FILES, JOURNAL.format(name="metrics"))
+            if resume:
+                for name in files:  # temporary files of writes a crash interrupted
+                    for tmp in out.glob(f".{name}.*.tmp"):
+                        tmp.unlink(missing_ok=True)
+            _ensure_writable(out)
+            if overwrite and not resume:
+                for f in files:
+                    (out / f).unlink(missing_ok=True)
+            if not resume:
+                write_text_atomic(out / "config.yaml", cfglib.dump(cfg))
+
+        distributed.on_main(d, setup_dir)
+        if trainer.fit(run, out, state, stop_after_epoch, log, d) is None:
+            return None
+
+        def finish() -> dict[str, Any]:
+            progress = trainer.show_progress(cfg)
+            return final_evaluation(run, out, progress, log)
+
+        return distributed.broadcast(d, distributed.on_main(d, finish))
+    finally:
+        distributed.teardown(d)

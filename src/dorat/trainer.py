@@ -1,0 +1,297 @@
+"""The training loop: the schedule, the step (attack + loss + weighting + backward + update),
+per-epoch statistics, logs and checkpoints. Run directories, preparation and evaluation are
+dorat.run's; ``dorat.run.train`` calls :func:`fit`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from dorat import distributed
+from dorat.checkpoint import load_state_dict_checked, save_state, save_weights, write_text_atomic
+from dorat.config import Config
+from dorat.data.loader import Batches, resolve_augment
+from dorat.errors import CheckpointError, ConfigError, DoratError
+from dorat.objectives import StepContext
+from dorat.objectives.base import ess_from_moments
+from dorat.run import Run, use_channels_last
+
+
+def show_progress(cfg: Config) -> bool:
+    return cfg.log.progress == "on" or (cfg.log.progress == "auto" and sys.stderr.isatty())
+
+
+def _meta(cfg: Config) -> dict[str, str]:
+    return {"method": cfg.method.name, "model": cfg.model, "dataset": cfg.dataset}
+
+
+def lr_lambda(schedule: str, total_steps: int, milestones: list[float], gamma: float
+              ) -> Callable[[int], float]:
+    """Multiplier of the base lr at global step t (stepped once per batch)."""
+    T = max(1, total_steps)
+    if schedule == "constant":
+        return lambda t: 1.0
+    if schedule == "piecewise":
+        marks = sorted(int(round(m * T)) for m in milestones)
+        return lambda t: gamma ** sum(t >= m for m in marks)
+    if schedule == "cosine":
+        return lambda t: 0.5 * (1 + math.cos(math.pi * min(t, T) / T))
+    if schedule == "onecycle":  # linear warm-up to the peak at 40% of training, then down to 0
+        peak = 0.4 * T
+        return lambda t: t / peak if t < peak else max(0.0, (T - t) / (T - peak))
+    raise ConfigError(f"unknown schedule '{schedule}'")
+
+
+class _Stats:
+    """Per-epoch sums kept on the device (no host sync per step)."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        z = lambda: torch.zeros((), device=device, dtype=torch.float64)  # noqa: E731
+        self.loss, self.correct_adv, self.correct_clean, self.n = z(), z(), z(), 0
+        self.w_max, self.batches = z(), 0
+        self.w_moments: list[torch.Tensor] = []  # per batch: Σw, Σw², |B| (global under DDP)
+        self.grad_norm_max, self.clipped, self.clip_used = z(), z(), False
+        self.w_class = torch.zeros(num_classes, device=device, dtype=torch.float64)
+        self.n_class = torch.zeros(num_classes, device=device, dtype=torch.float64)
+        self.w_all: list[torch.Tensor] = []  # per example of the epoch: weight, label, loss,
+        self.y_all: list[torch.Tensor] = []  # and position in the training split
+        self.loss_all: list[torch.Tensor] = []
+        self.idx_all: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
+            logits_adv: torch.Tensor | None, clean_correct: torch.Tensor,
+            idx: torch.Tensor | None = None) -> None:
+        b = len(y)
+        self.loss += loss.double().sum()
+        if logits_adv is not None:
+            self.correct_adv += (logits_adv.argmax(1) == y).double().sum()
+        self.correct_clean += clean_correct.double().sum()
+        self.n += b
+        wd = w.double() * b  # in units of the uniform weight 1/|B|
+        wf = w.double()
+        self.w_moments.append(torch.stack([wf.sum(), (wf * wf).sum(), wf.new_tensor(float(b))]))
+        self.w_max = torch.maximum(self.w_max, wd.max())
+        self.w_class.index_add_(0, y, wd)
+        self.n_class.index_add_(0, y, torch.ones_like(wd))
+        self.w_all.append(wd.float())
+        self.y_all.append(y)
+        self.loss_all.append(loss.detach().float())
+        self.idx_all.append(idx if idx is not None else torch.full_like(y, -1))
+        self.batches += 1
+
+    def add_grad_norm(self, norm: torch.Tensor, clip: float) -> None:
+        self.clip_used = True
+        self.grad_norm_max = torch.maximum(self.grad_norm_max, norm.double())
+        self.clipped += (norm > clip).double()
+
+    def reduce(self, d: distributed.Dist) -> None:
+        """Sum (max) the epoch's numbers over ranks; every rank then logs the same."""
+        if not d.active:
+            return
+        sums = torch.stack([self.loss, self.correct_adv, self.correct_clean,
+                            torch.tensor(float(self.n), device=self.loss.device, dtype=torch.float64)])
+        distributed.all_sum(d, sums)
+        self.loss, self.correct_adv, self.correct_clean = sums[:3]
+        self.n = int(sums[3])
+        if self.w_moments:  # the ESS of each global batch: its moments summed over ranks
+            moments = distributed.all_sum(d, torch.stack(self.w_moments))
+            self.w_moments = list(moments)
+        distributed.all_sum(d, self.w_class)
+        distributed.all_sum(d, self.n_class)
+        maxes = distributed.all_max(d, torch.stack([self.w_max, self.grad_norm_max]))
+        self.w_max, self.grad_norm_max = maxes[0], maxes[1]
+
+    def gathered(self, d: distributed.Dist) -> dict[str, torch.Tensor]:
+        """The epoch's per-example weights, labels, losses and split positions of all ranks."""
+        parts = {"w": self.w_all, "y": self.y_all, "loss": self.loss_all, "idx": self.idx_all}
+        return {k: distributed.all_gather_cat(d, torch.cat(v)).cpu() for k, v in parts.items()}
+
+    def _ess(self) -> float:
+        """Mean over batches of ESS/|B| (each batch the global one under DDP)."""
+        if not self.w_moments:
+            return 1.0
+        m = torch.stack(self.w_moments)
+        return float(ess_from_moments(m[:, 0], m[:, 1], m[:, 2]).mean())
+
+    def summary(self) -> dict[str, Any]:
+        n = max(self.n, 1)
+        wc = (self.w_class / self.n_class.clamp_min(1)).tolist()
+        out = {
+            "loss": float(self.loss) / n,
+            "train_acc_clean": float(self.correct_clean) / n,
+            "train_acc_adv": float(self.correct_adv) / n,
+            "ess": self._ess(),
+            "w_max": float(self.w_max),
+            "w_class_mean": [round(v, 5) for v in wc],
+        }
+        if self.clip_used:  # with optim.grad_clip: how hard clipping worked this epoch
+            out["grad_norm_max"] = float(self.grad_norm_max)
+            out["clipped_frac"] = float(self.clipped) / max(self.batches, 1)
+        return out
+
+
+class Trainer:
+    """The hot loop of one run: model wrappers (DDP, compile), optimizer, schedule, and
+    ``step`` = attack + loss + weighting + backward + update, with no host sync.
+
+    ``fit`` drives it epoch by epoch; benchmarks/perf.py times it against other loops."""
+
+    def __init__(self, run: Run, steps_per_epoch: int, d: distributed.Dist | None = None) -> None:
+        d = d or distributed.Dist()
+        cfg, model = run.cfg, run.model
+        perf, o = cfg.perf, cfg.optim
+        self.method, self.grad_clip = run.method, o.grad_clip
+        if perf.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        self.channels_last = use_channels_last(cfg, run.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.train_model = distributed.wrap(d, model, perf.sync_bn)
+        self.model = distributed.unwrap(self.train_model)  # SyncBatchNorm makes a new module
+        self.attack_model: nn.Module = self.model
+        if perf.compile:
+            backend = perf.compile_backend
+            self.train_model = torch.compile(self.train_model, backend=backend)  # type: ignore[assignment]
+            # under DDP the attack runs on the plain module, compiled separately
+            self.attack_model = (torch.compile(self.model, backend=backend) if d.active
+                                 else self.train_model)
+        self.autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=perf.amp == "bf16")
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
+                                         nesterov=o.nesterov and o.momentum > 0,
+                                         weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
+            o.schedule, cfg.epochs * steps_per_epoch, list(o.milestones), o.gamma))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext, stats: _Stats | None,
+             idx: torch.Tensor | None = None) -> None:
+        model, method = self.model, self.method
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast:
+            res = method.step(self.train_model, x, y, ctx, attack_model=self.attack_model)
+        self.optimizer.zero_grad(set_to_none=True)
+        res.objective.backward()
+        if self.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+            if stats is not None:
+                stats.add_grad_norm(norm, self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if stats is not None:  # clean accuracy of the updated model, for the epoch's log line
+            with torch.no_grad(), self.autocast:
+                model.eval()
+                clean_correct = self.attack_model(x).argmax(1) == y
+                model.train()
+            stats.add(res.loss, res.weights, y, res.logits_adv, clean_correct, idx)
+
+
+def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int | None,
+        log: Callable[[str], None], d: distributed.Dist | None = None) -> bool | None:
+    """Train ``run`` epoch by epoch into ``out`` (from ``state``, a checkpoint); True when all
+    epochs are done and model.safetensors is written, None when stopped after
+    ``stop_after_epoch``."""
+    d = d or distributed.Dist()
+    cfg, method, device = run.cfg, run.method, run.device
+    perf = cfg.perf
+    augment = resolve_augment(cfg.data.augment, run.data.augment)
+    batches = Batches(run.train.to(device), cfg.batch_size, shuffle=True, seed=cfg.seed,
+                      augment=augment, drop_last=d.active, shard=(d.rank, d.world))
+    steps_per_epoch = len(batches)
+    epochs = cfg.epochs
+    trainer = Trainer(run, steps_per_epoch, d)
+    run.model = model = trainer.model  # the evaluation uses the module that was trained
+    optimizer, scheduler = trainer.optimizer, trainer.scheduler
+    start_epoch = 0
+    if state is not None:
+        try:
+            load_state_dict_checked(model, state["model"], str(out / "checkpoint.safetensors"))
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            method.weighting.load_state_dict(state["method"])
+            start_epoch = int(state["epoch"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint in {out} does not fit this run ({e})") from None
+        log(f"resuming {out} after epoch {start_epoch}/{epochs}")
+        distributed.on_main(d, lambda: _truncate_log(out / "log.jsonl", start_epoch))
+    progress = d.main and show_progress(cfg)
+    extras = [k for k, v in (("channels-last", trainer.channels_last), ("bf16", perf.amp == "bf16"),
+                             ("compiled", perf.compile)) if v]
+    log(f"training {cfg.method.name} ({method.describe()}) on {run.data.name} "
+        f"[{len(run.train)} train examples] with {cfg.model} on {device}"
+        + (f" x {d.world} processes" if d.active else "") + (f" ({', '.join(extras)})" if extras else ""))
+    for epoch in range(start_epoch, epochs):
+        method.weighting.start_epoch(epoch, epochs)
+        stats = _Stats(run.data.num_classes, device)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(cfg.seed * 1_000_003 + 20 * 7919 + epoch)
+        model.train()
+        t0 = time.perf_counter()
+        bar = tqdm(batches.indexed(epoch), total=steps_per_epoch, disable=not progress,
+                   desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
+        for i, (x, y, idx) in enumerate(bar):
+            trainer.step(x, y, StepContext(epoch, epochs, epoch * steps_per_epoch + i, gen), stats, idx)
+        bar.close()
+        stats.reduce(d)
+        summary = stats.summary()
+        if not math.isfinite(summary["loss"]):
+            raise DoratError(
+                f"training diverged at epoch {epoch + 1} (loss is {summary['loss']}); the last good "
+                f"checkpoint in {out} is kept: lower optim.lr or check the data, then --resume"
+            )
+        seconds = time.perf_counter() - t0
+        record = {
+            "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **summary,
+            "seconds": round(seconds, 3), "examples_per_s": round(stats.n / max(seconds, 1e-9), 1),
+            **method.weighting.epoch_log(),
+        }
+        state_now = {
+            "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "method": method.weighting.state_dict(),
+        } if d.main else {}
+        distributed.on_main(d, partial(_write_epoch, out, record, stats.gathered(d), state_now, cfg))
+        log(f"epoch {epoch + 1}/{epochs}: loss {summary['loss']:.4f}  "
+            f"train clean {100 * summary['train_acc_clean']:.1f}%  "
+            f"adv {100 * summary['train_acc_adv']:.1f}%  lr {record['lr']:.4g}  "
+            f"{seconds:.1f}s ({record['examples_per_s']:.0f} ex/s)")
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs:
+            return None
+
+    distributed.on_main(d, lambda: save_weights(out / "model.safetensors", model, meta=_meta(cfg)))
+    return True
+
+
+def _write_epoch(out: Path, record: dict[str, Any], weights: dict[str, torch.Tensor],
+                 state: dict[str, Any], cfg: Config) -> None:
+    # Log line first, then the checkpoint: after a crash between the two, resume drops the line
+    # of the epoch the checkpoint does not hold.
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    save_state(out / "weights.safetensors", weights, meta={"epoch": str(record["epoch"])})
+    save_state(out / "checkpoint.safetensors", state, meta=_meta(cfg))
+
+
+def _truncate_log(path: Path, epochs_done: int) -> None:
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= epochs_done:
+                keep.append(line)
+        except (ValueError, KeyError):
+            break  # a torn last line from a crash
+    write_text_atomic(path, "".join(k + "\n" for k in keep))
