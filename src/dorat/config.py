@@ -20,106 +20,13 @@ from typing import Any
 import yaml
 
 from dorat import parts
-from dorat.attacks import attack_names_problem
 from dorat.errors import ConfigError
-from dorat.parts import nonneg, opt, positive, section, unit
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
-@section("")
-@dataclass(frozen=True)
-class RunConfig:
-    dataset: str = opt("fashion-mnist", "dataset name or npz:PATH (see `dorat data list`)")
-    model: str = opt("small-cnn", "a registered model, or module:factory returning an nn.Module")
-    seed: int = opt(0, "fixes data order, initialisation and attack noise", nonneg)
-    device: str = opt("auto", "auto = CUDA when present, else CPU", choices=DEVICES)
-    epochs: int = opt(10, "training epochs", positive)
-    batch_size: int = opt(128, "the global mini-batch", positive)
-    plugins: list[str] = opt([], "modules imported before the run is built (they register parts)")
-
-
-@section("method")
-@dataclass(frozen=True)
-class MethodConfig:
-    name: str = opt("at", "the method's label (a preset name, or attack×loss×weighting)")
-    attack: str = opt("pgd", "the training attack (lower level): a registered attack")
-    loss: str = opt("ce", "the per-example loss: a registered loss")
-    weighting: str = opt("uniform", "the instance weighting: a registered weighting")
-    hypergrad: str = opt("none", "implicit hypergradient through the barrier lower level: "
-                                 "none, diag or cg")
-
-
-@section("data")
-@dataclass(frozen=True)
-class DataConfig:
-    dir: str | None = opt(None, "dataset directory (else $DORAT_DATA, ~/.cache/dorat, ...)")
-    train_subset: int | None = opt(None, "use N training examples (stratified)", positive)
-    imbalance_ratio: float = opt(1.0, "long-tailed training set: n_max/n_min",
-                                 lambda v: None if v >= 1 else "must be >= 1")
-    val_size: int = opt(0, "held-out validation examples from train (stratified)", nonneg)
-    augment: str = opt("auto", "auto: crop+flip for CIFAR-like data, crop for digits",
-                       choices=("auto", "none", "crop-flip", "crop"))
-    download: bool = opt(True, "download a missing dataset (with checksums)")
-
-
-@section("optim")
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = opt(0.1, "SGD learning rate", positive)
-    momentum: float = opt(0.9, "SGD momentum", unit)
-    nesterov: bool = opt(False, "Nesterov momentum")
-    weight_decay: float = opt(5e-4, "L2 weight decay", nonneg)
-    schedule: str = opt("piecewise", "learning-rate schedule (stepped per batch)",
-                        choices=("piecewise", "cosine", "onecycle", "constant"))
-    milestones: list[float] = opt([0.5, 0.75], "piecewise: fractions of training")
-    gamma: float = opt(0.1, "piecewise: factor at each milestone", positive)
-    grad_clip: float | None = opt(None, "clip the gradient norm at this value", positive)
-
-
-@section("eval")
-@dataclass(frozen=True)
-class EvalConfig:
-    attacks: list[str] = opt(["pgd"], "pgd, cw, aa (AutoAttack)", attack_names_problem)
-    n: int | None = opt(None, "stratified test subset size (null: all)", positive)
-    eps: float | None = opt(None, "threat radius (null: attack.eps)", unit)
-    norm: str | None = opt(None, "threat norm (null: attack.norm)", choices=("linf", "l2"))
-    steps: int = opt(20, "PGD/CW iterations", positive)
-    alpha: float | None = opt(None, "PGD/CW step (null: eps/4)", positive)
-    restarts: int = opt(1, "random restarts per attack", positive)
-    batch_size: int = opt(500, "evaluation batch", positive)
-    seed: int = opt(0, "attack noise and the stratified subset", nonneg)
-    aa_version: str = opt("standard", "AutoAttack version (official settings)",
-                          choices=("standard", "plus", "rand"))
-    checks: bool = opt(True, "run the sanity checks (an ε sweep with PGD)")
-    check_n: int = opt(200, "stratified points for the ε sweep", positive)
-    split: str = opt("test", "val: the held-out data.val_size split (tuning without the test set)",
-                     choices=("test", "val"))
-
-
-@section("log")
-@dataclass(frozen=True)
-class LogConfig:
-    progress: str = opt("auto", "progress bars (auto: on a terminal)", choices=("auto", "on", "off"))
-
-
-@section("perf")
-@dataclass(frozen=True)
-class PerfConfig:
-    channels_last: str = opt("auto", "channels-last memory format; auto = on for CPU and CUDA "
-                             "(1.7x faster PGD-AT steps for small-cnn on CPU, docs/PERFORMANCE.md)",
-                             choices=("auto", "on", "off"))
-    amp: str = opt("off", "bf16 autocast for forward passes", choices=("off", "bf16"))
-    compile: bool = opt(False, "torch.compile the model")
-    compile_backend: str = opt("inductor", "torch.compile backend")
-    sync_bn: bool = opt(False, "SyncBatchNorm under torchrun (CUDA only)")
-    deterministic: bool = opt(False, "torch deterministic algorithms (bitwise-reproducible GPU "
-                                     "runs, slower; CPU runs already are)")
 
 
 def _ensure_parts() -> None:
     import dorat.models  # noqa: F401
     import dorat.objectives  # noqa: F401  registers the built-in parts
+    import dorat.sections  # noqa: F401  the run's own sections (data, optim, eval, ...)
 
 
 # -- renamed keys ----------------------------------------------------------------------------
@@ -169,23 +76,29 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {}
+_BUILTIN: list[bool] = []
 PART_KEYS = ("attack", "loss", "weighting", "hypergrad")
 
 
 def register_preset(name: str, attack: str, loss: str, weighting: str, hypergrad: str = "none",
                     help: str = "", set: Mapping[str, Any] | None = None) -> Preset:
     """Add a method preset: a name for parts + config overrides (dotted keys)."""
+    _load_presets()
     p = Preset(name, help, attack, loss, weighting, hypergrad, dict(set or {}))
     PRESETS[name] = p
     return p
 
 
 def _load_presets() -> None:
-    if PRESETS:
+    """The built-in presets (configs/methods.yaml), once; plug-ins may add their own."""
+    if _BUILTIN:
         return
+    _BUILTIN.append(True)
     text = resources.files("dorat").joinpath("configs", "methods.yaml").read_text()
     for name, row in yaml.safe_load(text).items():
-        register_preset(name, **row)
+        PRESETS.setdefault(name, Preset(name, row.get("help", ""), row["attack"], row["loss"],
+                                        row["weighting"], row.get("hypergrad", "none"),
+                                        dict(row.get("set") or {})))
 
 
 def presets() -> dict[str, Preset]:
@@ -243,13 +156,17 @@ def _freeze(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
+RUN_SECTIONS = ("", "method", "data", "optim", "eval", "log", "perf")  # first in config.yaml
+
+
 class Config(Section):
     """The resolved, validated, frozen config of a run: ``cfg.seed``, ``cfg.attack.eps``,
     ``cfg.section("my-part").x``, ``cfg.get("done.r")``; ``replace`` gives a new one."""
 
     def __init__(self, flat: dict[str, Any]) -> None:
         tree: dict[str, Any] = {}
-        for sec, keys in parts.SECTIONS.items():
+        for sec in ordered_sections():
+            keys = parts.SECTIONS[sec]
             if sec == "":
                 tree.update({k: _freeze(flat[k]) for k in keys})
             else:
@@ -291,8 +208,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]
 
 
 def all_keys() -> list[str]:
-    _ensure_parts()
-    return [k.dotted for k in parts.all_keys()]
+    return [k.dotted for k in ordered_keys()]
 
 
 def _lookup(key: str) -> parts.Key:
@@ -324,8 +240,19 @@ def _merge(flat: dict[str, Any], updates: Mapping[str, Any], source: str | None)
             raise ConfigError(f"{source}: {e}" if source else str(e)) from None
 
 
+def ordered_sections() -> list[str]:
+    """The run's own sections first, then the parts' (in registration order)."""
+    _ensure_parts()
+    first = [s for s in RUN_SECTIONS if s in parts.SECTIONS]
+    return first + [s for s in parts.SECTIONS if s not in RUN_SECTIONS]
+
+
+def ordered_keys() -> list[parts.Key]:
+    return [k for sec in ordered_sections() for k in parts.SECTIONS[sec].values()]
+
+
 def _defaults() -> dict[str, Any]:
-    return {k.dotted: k.coerce(k.default) if k.default is not None else None for k in parts.all_keys()}
+    return {k.dotted: k.coerce(k.default) if k.default is not None else None for k in ordered_keys()}
 
 
 def _validated(flat: dict[str, Any]) -> Config:
@@ -436,10 +363,20 @@ def _resolve_layers(layers: list[tuple[Mapping[str, Any], str | None]]) -> Confi
         _merge(flat, base, f"method preset {name}")
     for data, source in layers:
         _merge(flat, data, source)
+    _absolute_paths(flat)
     chosen = {k: flat[f"method.{k}"] for k in PART_KEYS}
     if preset is not None and not explicit_name and chosen != preset.parts:
         flat["method.name"] = "×".join(v for k, v in chosen.items() if k != "hypergrad" or v != "none")
     return _validated(flat)
+
+
+def _absolute_paths(flat: dict[str, Any]) -> None:
+    """Data paths as absolute paths, so the saved config reopens the run from any directory."""
+    ds = flat["dataset"]
+    if ds.startswith("npz:") and not Path(ds[4:]).expanduser().is_absolute():
+        flat["dataset"] = f"npz:{Path(ds[4:]).expanduser().resolve()}"
+    if flat["data.dir"] is not None:
+        flat["data.dir"] = str(Path(flat["data.dir"]).expanduser().resolve())
 
 
 def dump(cfg: Config) -> str:
@@ -449,7 +386,7 @@ def dump(cfg: Config) -> str:
 def describe_keys() -> list[str]:
     """`dorat train --list-keys`: every key with its type, default and one-line help."""
     lines = []
-    for k in parts.all_keys():
+    for k in ordered_keys():
         default = k.coerce(k.default) if k.default is not None else None
         lines.append(f"{k.dotted}: {k.type_name} = {default!r}" + (f"  # {k.help}" if k.help else ""))
     return lines

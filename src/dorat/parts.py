@@ -21,7 +21,7 @@ import importlib
 import math
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -336,11 +336,5 @@ def build(kind: str, name: str, cfg: Any) -> Any:
     return cls(**{f: cfg.get(f"{sec}.{f}") for f, sec in field_sections(cls).items()})
 
 
-def all_keys() -> Iterator[Key]:
-    load_plugins()
-    for keys in SECTIONS.values():
-        yield from keys.values()
-
-
 __all__ = ["KINDS", "Key", "opt", "section", "register", "get", "names", "build", "load_plugins",
-           "warmup_epochs", "positive", "nonneg", "unit", "all_keys", "SECTIONS", "REGISTRY"]
+           "warmup_epochs", "positive", "nonneg", "unit", "SECTIONS", "REGISTRY"]

@@ -40,7 +40,7 @@ from dorat.data import Dataset, load_dataset
 from dorat.data.loader import Split, make_splits
 from dorat.errors import CheckpointError, ConfigError, DoratError
 from dorat.evaluate import evaluate, settings_from_config
-from dorat.models import build_model
+from dorat.models import build_model, use_channels_last
 from dorat.objectives import Method, build_method
 
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.safetensors", "model.safetensors",
@@ -185,13 +185,6 @@ def eval_split(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
         assert run.val is not None  # prepare() refuses eval.split=val without data.val_size
         return run.val.x, run.val.y
     return run.data.x_test, run.data.y_test
-
-
-def use_channels_last(cfg: Config, device: torch.device) -> bool:
-    """perf.channels_last: on, off, or auto = on for CPU and CUDA (all dorat models are convnets
-    on 4-D images; on CPU oneDNN's convolutions and max-pooling are much faster in NHWC)."""
-    setting = cfg.perf.channels_last
-    return setting == "on" or (setting == "auto" and device.type in ("cpu", "cuda"))
 
 
 def evaluate_run(run: Run, progress: bool = False, log: Callable[[str], None] | None = None,

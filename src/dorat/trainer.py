@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -24,9 +24,12 @@ from dorat.checkpoint import load_state_dict_checked, save_state, save_weights, 
 from dorat.config import Config
 from dorat.data.loader import Batches, resolve_augment
 from dorat.errors import CheckpointError, ConfigError, DoratError
+from dorat.models import use_channels_last
 from dorat.objectives import StepContext
 from dorat.objectives.base import ess_from_moments
-from dorat.run import Run, use_channels_last
+
+if TYPE_CHECKING:
+    from dorat.run import Run
 
 
 def show_progress(cfg: Config) -> bool:

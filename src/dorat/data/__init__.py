@@ -23,7 +23,7 @@ __all__ = ["Dataset", "load_dataset", "dataset_names", "locate", "download", "SP
 @dataclass
 class Dataset:
     name: str
-    x_train: torch.Tensor  # uint8 N×C×H×W
+    x_train: torch.Tensor  # uint8 (or float in [0, 1]) N×C×H×W
     y_train: torch.Tensor  # int64 N
     x_test: torch.Tensor
     y_test: torch.Tensor

@@ -250,10 +250,15 @@ def read_npz(path: Path) -> tuple[np.ndarray, ...]:
     out = []
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.dtype != np.uint8:
+        if np.issubdtype(x.dtype, np.floating) and x.dtype != np.float16:
+            if x.size and (not np.isfinite(x).all() or x.min() < 0 or x.max() > 1):
+                raise DataError(f"{path}: x_{split} holds floats outside [0, 1]; float images must "
+                                "be in [0, 1] (or store uint8 pixels 0..255)")
+            x = x.astype(np.float32)
+        elif x.dtype != np.uint8:
             raise DataError(
-                f"{path}: x_{split} has dtype {x.dtype}; uint8 pixels in 0..255 are expected "
-                "(convert with (x * 255).round().astype(np.uint8))"
+                f"{path}: x_{split} has dtype {x.dtype}; uint8 pixels in 0..255 (or float32 in "
+                "[0, 1]) are expected (convert with (x * 255).round().astype(np.uint8))"
             )
         if x.ndim == 3:
             x = x[:, None]

@@ -7,7 +7,9 @@ A model is a registered factory ``(in_channels, image_size, num_classes) -> nn.M
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
+import torch
 import torch.nn as nn
 
 from dorat import parts
@@ -46,8 +48,15 @@ def model_names() -> list[str]:
     return parts.names("model")
 
 
+def use_channels_last(cfg: Any, device: torch.device) -> bool:
+    """perf.channels_last: on, off, or auto = on for CPU and CUDA (all dorat models are convnets
+    on 4-D images; on CPU oneDNN's convolutions and max-pooling are much faster in NHWC)."""
+    setting = cfg.perf.channels_last
+    return setting == "on" or (setting == "auto" and device.type in ("cpu", "cuda"))
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-__all__ = ["build_model", "import_factory", "model_names", "has_batchnorm"]
+__all__ = ["build_model", "import_factory", "model_names", "has_batchnorm", "use_channels_last"]

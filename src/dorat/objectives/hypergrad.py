@@ -103,25 +103,6 @@ def bn_free(model: nn.Module) -> bool:
     return not has_batchnorm(model) and not any(isinstance(m, nn.Dropout) for m in model.modules())
 
 
-def eval_mode_term(
-    model: nn.Module,
-    x: torch.Tensor,
-    x_adv: torch.Tensor,
-    per_example_loss,  # noqa: ANN001  callable(logits, y) -> per-example ℓ
-    y: torch.Tensor,
-    barrier: Barrier,
-    kind: str,
-    weights: torch.Tensor,
-    cg_iters: int = 5,
-    damping: float = 0.0,
-) -> torch.Tensor:
-    """``implicit_term`` with its own forward in eval mode (for models with BatchNorm)."""
-    delta = (x_adv - x).detach().requires_grad_(True)
-    with mode(model, False):
-        loss = per_example_loss(model(x.detach() + delta), y)
-        return implicit_term(loss, delta, x_adv, barrier, kind, weights, cg_iters, damping)
-
-
 @register("hypergrad", "none")
 @dataclass
 class NoHypergrad:
@@ -161,11 +142,15 @@ class Hypergrad(NoHypergrad):
 
     def term(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
              loss: torch.Tensor, delta: torch.Tensor | None, weights: torch.Tensor) -> torch.Tensor:
-        if delta is not None:
+        if delta is not None:  # the training forward was computed from x + delta
             return implicit_term(loss, delta, x_adv, self.barrier, self.kind, weights, self.cg_iters,
                                  self.damping)
-        return eval_mode_term(model, x, x_adv, _ce, y, self.barrier, self.kind, weights,
-                              self.cg_iters, self.damping)
+        # models with BatchNorm: a forward of its own in eval mode (examples independent)
+        delta = (x_adv - x).detach().requires_grad_(True)
+        with mode(model, False):
+            loss = F.cross_entropy(model(x.detach() + delta), y, reduction="none")
+            return implicit_term(loss, delta, x_adv, self.barrier, self.kind, weights, self.cg_iters,
+                                 self.damping)
 
 
 @register("hypergrad", "cg")
@@ -173,6 +158,3 @@ class Hypergrad(NoHypergrad):
 class CGHypergrad(Hypergrad):
     kind: ClassVar[str] = "cg"
 
-
-def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y, reduction="none")

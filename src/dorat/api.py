@@ -1,0 +1,129 @@
+"""The Python API from the user's own objects: ``dorat.fit(model, train_data, ...)``.
+
+It runs the same loop, checkpoints and run directory as `dorat train`: data given as tensors,
+a Dataset or a DataLoader is written to RUN/data.npz and named in the config by its absolute
+path, and a model object by its import path, so `dorat eval RUN` can reopen the run in a new
+process (a model class that needs constructor arguments: ``dorat.run.load_run(RUN, model=m)``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dorat import config as cfglib
+from dorat.config import Config
+from dorat.data import Dataset
+from dorat.data.loader import check_images
+from dorat.errors import ConfigError
+
+DATA_FILE = "data.npz"
+
+
+@dataclass
+class Fitted:
+    """What ``fit`` returns: the trained model, its final metrics and where the run is."""
+
+    model: nn.Module
+    metrics: dict[str, Any]
+    run_dir: Path
+    config: Config
+
+
+def _tensors(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) from a pair of tensors/arrays, a map-style Dataset or an iterable of batches."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], (tuple, list)):
+        x, y = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in data)
+    elif isinstance(data, torch.utils.data.DataLoader) or (
+            isinstance(data, Iterable) and not hasattr(data, "__getitem__")):
+        xs, ys = zip(*((bx, by) for bx, by in data))
+        x, y = torch.cat([torch.as_tensor(v) for v in xs]), torch.cat([torch.as_tensor(v) for v in ys])
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        items = [data[i] for i in range(len(data))]
+        x = torch.stack([torch.as_tensor(i[0]) for i in items])
+        y = torch.as_tensor([int(i[1]) for i in items])
+    else:
+        raise ConfigError(f"{what}: give (x, y) tensors, a Dataset of (image, label) or a DataLoader; "
+                          f"got {type(data).__name__}")
+    if x.dim() == 3:
+        x = x[:, None]
+    if x.dim() != 4 or len(x) != len(y):
+        raise ConfigError(f"{what}: images must be N×C×H×W (or N×H×W) with one label each; got "
+                          f"{tuple(x.shape)} and {tuple(y.shape)} labels")
+    check_images(x, what)
+    if y.dtype.is_floating_point or y.dtype == torch.bool or (len(y) and int(y.min()) < 0):
+        raise ConfigError(f"{what}: labels must be integers 0..C-1")
+    return x.detach().cpu().contiguous(), y.detach().cpu().long()
+
+
+def fit(model: nn.Module | str, train_data: Any, test_data: Any = None, *, method: str = "at",
+        out: str | Path | None = None, config: str | None = None, overwrite: bool = False,
+        set: Mapping[str, Any] | None = None, log: Any = None, **overrides: Any) -> Fitted:
+    """Train ``model`` (an nn.Module, or a registered model name) with ``method`` on
+    ``train_data`` and evaluate it on ``test_data`` (default: a seeded, stratified 10% of the
+    training data, held out: the model never trains on it). Config keys come from ``config``
+    (a preset or YAML), ``set`` (dotted keys) and keyword overrides (``epochs=5``, ``attack__eps=0.1`` for
+    ``attack.eps``). Returns the trained model, its metrics and the run directory."""
+    from dorat.run import train
+
+    x, y = _tensors(train_data, "train_data")
+    num_classes = int(y.max()) + 1 if len(y) else 0
+    if test_data is None:
+        x, y, xt, yt = _hold_out(x, y, num_classes, int(overrides.get("seed", 0)))
+    else:
+        xt, yt = _tensors(test_data, "test_data")
+        if xt.shape[1:] != x.shape[1:]:
+            raise ConfigError(f"test_data images {tuple(xt.shape[1:])} differ from train_data's "
+                              f"{tuple(x.shape[1:])}")
+    num_classes = max(num_classes, int(yt.max()) + 1 if len(yt) else 0)
+    out = Path(out) if out is not None else Path("runs") / f"fit-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    updates: dict[str, Any] = {"method": method, **{k.replace("__", "."): v for k, v in overrides.items()},
+                               **dict(set or {})}
+    # a model object is recorded by its import path (reopened with no constructor arguments)
+    updates["model"] = (f"{type(model).__module__}:{type(model).__qualname__}"
+                        if isinstance(model, nn.Module) else model)
+    updates["dataset"] = f"npz:{(out / DATA_FILE).resolve()}"
+    cfg = cfglib.resolve(config, overrides=updates)  # validated before anything is written
+    data = Dataset(cfg.dataset, x, y, xt, yt, [str(c) for c in range(num_classes)])
+    out.mkdir(parents=True, exist_ok=True)
+    _save_npz(out / DATA_FILE, data)
+    metrics = train(cfg, out, overwrite=overwrite, log=log, data=data,
+                    model=model if isinstance(model, nn.Module) else None)
+    from dorat.run import load_run
+
+    run = load_run(out, cfg.device, model=model if isinstance(model, nn.Module) else None)
+    return Fitted(run.model, metrics or {}, out, cfg)
+
+
+def _hold_out(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int
+              ) -> tuple[torch.Tensor, ...]:
+    """A seeded, stratified 10% of (x, y) as the test set (at least one example per class)."""
+    from dorat.data.loader import stratified_indices
+
+    counts = torch.bincount(y, minlength=num_classes).tolist()
+    if min(counts) < 2:
+        raise ConfigError("train_data has a class with fewer than 2 examples: pass test_data, or "
+                          "more data (fit holds out 10% of each class as the test set)")
+    test = stratified_indices(y, [max(1, c // 10) for c in counts], seed, salt=13)
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[test] = False
+    return x[keep], y[keep], x[test], y[test]
+
+
+def _save_npz(path: Path, data: Dataset) -> None:
+    """The run's data in the npz format dorat reads (N×H×W×C; uint8 or float in [0, 1])."""
+    from dorat.checkpoint import atomic_path
+
+    def arr(t: torch.Tensor) -> np.ndarray:
+        return t.permute(0, 2, 3, 1).numpy()
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, x_train=arr(data.x_train), y_train=data.y_train.numpy(), x_test=arr(data.x_test),
+                 y_test=data.y_test.numpy(), classes=np.array(data.classes))
