@@ -178,7 +178,7 @@ class Config(Section):
 
     def get(self, dotted: str, default: Any = None) -> Any:  # type: ignore[override]
         sec, _, key = dotted.rpartition(".")
-        node = self._values[sec] if sec else self
+        node = self._values.get(sec) if sec else self
         return node._values.get(key, default) if isinstance(node, Section) else default
 
     def flat(self) -> dict[str, Any]:
