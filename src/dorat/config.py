@@ -26,6 +26,7 @@ from dorat.errors import ConfigError
 def _ensure_parts() -> None:
     import dorat.models  # noqa: F401
     import dorat.objectives  # noqa: F401  registers the built-in parts
+    import dorat.probe  # noqa: F401  the val section
     import dorat.sections  # noqa: F401  the run's own sections (data, optim, eval, ...)
 
 
@@ -156,7 +157,7 @@ def _freeze(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
-RUN_SECTIONS = ("", "method", "data", "optim", "eval", "log", "perf")  # first in config.yaml
+RUN_SECTIONS = ("", "method", "data", "optim", "eval", "val", "log", "perf")  # first in config.yaml
 
 
 class Config(Section):
@@ -266,6 +267,28 @@ def _validated(flat: dict[str, Any]) -> Config:
     return cfg
 
 
+SHARED_SECTIONS = ("attack",)  # the threat model: read by every attack, the same for all methods
+
+
+def part_sections(parts_of: Mapping[str, str]) -> set[str]:
+    """The config sections a method's own parts read (their fields' sections and what they
+    declare in ``reads``), the shared threat model excluded."""
+    out: set[str] = set()
+    for kind in PART_KEYS:
+        cls = parts.get(kind, parts_of[kind])
+        out |= set(parts.field_sections(cls).values()) | set(getattr(cls, "reads", ()))
+    return out - set(SHARED_SECTIONS)
+
+
+def _check_preset(preset: Preset) -> None:
+    """A preset changes the method and nothing else: it sets keys of its own parts only."""
+    own = part_sections(preset.parts)
+    bad = [k for k in preset.set if (ALIASES.get(k, (k,))[0]).rpartition(".")[0] not in own]
+    if bad:
+        raise ConfigError(f"method preset '{preset.name}' sets {', '.join(bad)}, outside its own "
+                          f"parts ({', '.join(sorted(own)) or 'none'}); presets change the method only")
+
+
 def parse_set(item: str) -> tuple[str, Any]:
     """Parse one ``key=value`` (value in YAML syntax: 0.1, true, [0.5, 0.75], null)."""
     if "=" not in item:
@@ -358,6 +381,7 @@ def _resolve_layers(layers: list[tuple[Mapping[str, Any], str | None]]) -> Confi
     preset = get_preset(name) if not explicit_name or name in presets() else None
     flat = _defaults()
     if preset is not None:
+        _check_preset(preset)
         base = {"method.name": name, **{f"method.{k}": v for k, v in preset.parts.items()},
                 **preset.set}
         _merge(flat, base, f"method preset {name}")

@@ -42,6 +42,7 @@ from dorat.errors import CheckpointError, ConfigError, DoratError
 from dorat.evaluate import evaluate, settings_from_config
 from dorat.models import build_model, use_channels_last
 from dorat.objectives import Method, build_method
+from dorat.probe import ValidationProbe
 
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.safetensors", "model.safetensors",
              "weights.safetensors", "metrics.json")
@@ -94,6 +95,8 @@ def prepare(cfg: Config, d: distributed.Dist | None = None, data: Dataset | None
         raise ConfigError("eval.split=val needs a validation split: set data.val_size (e.g. 5000)")
     method = build_method(cfg, {"num_classes": data.num_classes, "dist": d,
                                 "class_counts": train.class_counts(data.num_classes)})
+    if method.weighting.needs_validation():
+        ValidationProbe.check(val, data.num_classes, f"method.weighting={cfg.method.weighting}")
     torch.manual_seed(cfg.seed)
     if model is None:
         c, h, _ = data.shape
@@ -262,6 +265,18 @@ def _check_parallel(cfg: Config, d: distributed.Dist) -> None:
         raise ConfigError("perf.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
 
 
+def _warn_idle_weighting(run: Run, log: Callable[[str], None]) -> None:
+    """One line when a weighting's warm-up covers the whole run (it would never act)."""
+    from dorat import parts
+
+    w, cfg = run.method.weighting, run.cfg
+    if hasattr(w, "warmup") and parts.warmup_epochs(w.warmup, cfg.epochs) >= cfg.epochs:
+        key = f"{parts.field_sections(type(w))['warmup']}.warmup"
+        log(f"warning: {key}={w.warmup} covers all {cfg.epochs} epochs: the weighting "
+            f"'{w.name}' never acts and this is plain {cfg.method.loss} training; lower {key} or "
+            "train for more epochs")
+
+
 def train(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False,
           stop_after_epoch: int | None = None, log: Callable[[str], None] | None = None,
           data: Dataset | None = None, model: nn.Module | None = None) -> dict[str, Any] | None:
@@ -283,6 +298,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = 
             cfg = read_config(out).replace({"device": cfg.device})
         _check_parallel(cfg, d)
         run = prepare(cfg, d, data, model)
+        _warn_idle_weighting(run, log)
         state = load_state(out / "checkpoint.safetensors")[0] if resume else None
 
         def setup_dir() -> None:

@@ -59,7 +59,11 @@ class OptimConfig:
                         choices=("piecewise", "cosine", "onecycle", "constant"))
     milestones: list[float] = opt([0.5, 0.75], "piecewise: fractions of training")
     gamma: float = opt(0.1, "piecewise: factor at each milestone", positive)
-    grad_clip: float | None = opt(None, "clip the gradient norm at this value", positive)
+    # one default for every method (a preset changes the method and nothing else): DONE can put
+    # up to 1/done.beta of a step on one example and needs it; PGD-AT's gradients (norm ~1)
+    # rarely reach it (docs/DONE.md; benchmarks/results/clip.yaml measures both with and without)
+    grad_clip: float | None = opt(5.0, "clip the gradient norm at this value (null: no clip)",
+                                  positive)
 
 
 @section("eval")

@@ -27,6 +27,7 @@ from dorat.errors import CheckpointError, ConfigError, DoratError
 from dorat.models import use_channels_last
 from dorat.objectives import StepContext
 from dorat.objectives.base import ess_from_moments
+from dorat.probe import ClassStats, ValidationProbe
 
 if TYPE_CHECKING:
     from dorat.run import Run
@@ -128,6 +129,14 @@ class _Stats:
         m = torch.stack(self.w_moments)
         return float(ess_from_moments(m[:, 0], m[:, 1], m[:, 2]).mean())
 
+    def _weight_sums(self) -> dict[str, float]:
+        """Mean, min and max over batches of Σŵ in the (global) batch: 1 for normalised
+        weightings; DONE's running normaliser lets it drift, and the step size with it."""
+        if not self.w_moments:
+            return {}
+        s = torch.stack(self.w_moments)[:, 0]
+        return {"w_sum_mean": float(s.mean()), "w_sum_min": float(s.min()), "w_sum_max": float(s.max())}
+
     def summary(self) -> dict[str, Any]:
         n = max(self.n, 1)
         wc = (self.w_class / self.n_class.clamp_min(1)).tolist()
@@ -136,6 +145,7 @@ class _Stats:
             "train_acc_clean": float(self.correct_clean) / n,
             "train_acc_adv": float(self.correct_adv) / n,
             "ess": self._ess(),
+            **self._weight_sums(),
             "w_max": float(self.w_max),
             "w_class_mean": [round(v, 5) for v in wc],
         }
@@ -236,8 +246,15 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
     log(f"training {cfg.method.name} ({method.describe()}) on {run.data.name} "
         f"[{len(run.train)} train examples] with {cfg.model} on {device}"
         + (f" x {d.world} processes" if d.active else "") + (f" ({', '.join(extras)})" if extras else ""))
+    probe = None
+    if method.weighting.needs_validation():
+        v = cfg.val
+        probe = ValidationProbe(run.val, run.data.num_classes, cfg.attack.eps, cfg.attack.norm, v.n,
+                                v.steps, v.batch_size, cfg.seed, device, trainer.channels_last)
     for epoch in range(start_epoch, epochs):
-        method.weighting.start_epoch(epoch, epochs)
+        measured: list[float] = []  # the probe's seconds this epoch: the validation cost
+        method.weighting.start_epoch(epoch, epochs, None if probe is None else partial(
+            _measure, probe, model, epoch, measured))
         stats = _Stats(run.data.num_classes, device)
         gen = torch.Generator(device=device)
         gen.manual_seed(cfg.seed * 1_000_003 + 20 * 7919 + epoch)
@@ -260,6 +277,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
             "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **summary,
             "seconds": round(seconds, 3), "examples_per_s": round(stats.n / max(seconds, 1e-9), 1),
             **method.weighting.epoch_log(),
+            **({"val_seconds": round(sum(measured), 3)} if measured else {}),
         }
         state_now = {
             "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -275,6 +293,12 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
 
     distributed.on_main(d, lambda: save_weights(out / "model.safetensors", model, meta=_meta(cfg)))
     return True
+
+
+def _measure(probe: ValidationProbe, model: nn.Module, epoch: int, seconds: list[float]) -> ClassStats:
+    stats = probe.measure(model, epoch)
+    seconds.append(stats.seconds)
+    return stats
 
 
 def _write_epoch(out: Path, record: dict[str, Any], weights: dict[str, torch.Tensor],

@@ -21,10 +21,11 @@ NORMS = ("linf", "l2")
 class PGDSpec:
     """What a PGD attack does. ``early_stop_tau``: FAT's early stopping, an example stops
     moving τ steps after its first misclassification. ``train_mode``: the model's mode during
-    the attack (False = eval, None = leave it)."""
+    the attack (False = eval, None = leave it). ``eps`` and ``alpha`` may be per-example tensors
+    (class-wise margins)."""
 
-    eps: float
-    alpha: float
+    eps: float | torch.Tensor
+    alpha: float | torch.Tensor
     steps: int
     norm: str = "linf"
     loss: str = "ce"  # ce | margin | kl
@@ -41,25 +42,32 @@ def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
 
 
-def project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Project δ onto the ε-ball and the pixel box [0, 1] around x."""
+def per_example(v: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A number as it is; a per-example tensor shaped to broadcast over ``like``'s examples."""
+    return v.view(-1, *([1] * (like.dim() - 1))) if isinstance(v, torch.Tensor) else v
+
+
+def project(delta: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor, norm: str) -> torch.Tensor:
+    """Project δ onto the ε-ball and the pixel box [0, 1] around x (ε a number or per example)."""
+    eps = per_example(eps, x)
     if norm == "linf":
-        delta = delta.clamp(-eps, eps)
+        delta = torch.clamp(delta, -eps, eps) if isinstance(eps, torch.Tensor) else delta.clamp(-eps, eps)
     else:
         delta = delta * (eps / _per_example_norm(delta)).clamp(max=1.0)
     return (x + delta).clamp(0, 1) - x
 
 
-def random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None
-                 ) -> torch.Tensor:
+def random_start(x: torch.Tensor, eps: float | torch.Tensor, norm: str,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    eps_b = per_example(eps, x)
     if norm == "linf":
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        delta = (2 * u - 1) * eps
+        delta = (2 * u - 1) * eps_b
     else:
         d = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         r = torch.rand((len(x),) + (1,) * (x.dim() - 1), generator=generator, device=x.device,
                        dtype=x.dtype)
-        delta = d / _per_example_norm(d) * r * eps
+        delta = d / _per_example_norm(d) * r * eps_b
     return project(delta, x, eps, norm)
 
 
@@ -73,7 +81,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: PGDSpec, *,
     its loss and correctness."""
     s = spec
     x = x.detach()
-    if s.eps == 0 or s.steps == 0:
+    no_ball = bool((s.eps == 0).all()) if isinstance(s.eps, torch.Tensor) else s.eps == 0
+    alpha = per_example(s.alpha, x)
+    if no_ball or s.steps == 0:
         delta = torch.zeros_like(x)
     elif init is not None:
         delta = project(init.detach(), x, s.eps, s.norm)
@@ -84,13 +94,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: PGDSpec, *,
     bcast = (-1, *([1] * (x.dim() - 1)))
 
     def rule(t: int, d: torch.Tensor, grad: torch.Tensor, first_wrong: torch.Tensor) -> torch.Tensor:
-        step = s.alpha * (grad.sign() if s.norm == "linf" else grad / _per_example_norm(grad))
+        step = alpha * (grad.sign() if s.norm == "linf" else grad / _per_example_norm(grad))
         if s.early_stop_tau is not None:
             moving = (first_wrong < 0) | (t - first_wrong < s.early_stop_tau)
             step = step * moving.view(bcast)
         return project(d + step, x, s.eps, s.norm)
 
-    result = iterate(model, x, y, delta, s.steps if s.eps > 0 else 0,
+    result = iterate(model, x, y, delta, 0 if no_ball else s.steps,
                      lambda logits: attack_loss(logits, y, s.loss, target_probs), rule, s.train_mode)
     if final_eval:
         with torch.no_grad(), frozen(model), mode(model, s.train_mode):

@@ -39,11 +39,12 @@ in bold) and OUT/report.md with the per-class plot of the means.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dorat.compare.execute import _run_workers, available_cores, run_grid, worker_env
-from dorat.compare.grid import Grid, RunSpec, _validate, find_compare_file, load_grid
+from dorat.compare.grid import Grid, RunSpec, _validate, comparability_warnings, find_compare_file, load_grid
 from dorat.errors import DoratError
 from dorat.report.grid import aggregate, flat_metrics, markdown_tables, mean_std, write_outputs
 
@@ -58,6 +59,8 @@ def compare(path: str | Path, out: str | Path, device: str | None = None, data_d
     trains (what each worker does). ``plugins``: modules the workers import first (the runs'
     configs name their own plug-ins too)."""
     grid = load_grid(path, out, device, data_dir)
+    for line in comparability_warnings(grid) if aggregate else ():  # not once per worker
+        (log or (lambda s: print(s, file=sys.stderr)))(line)
     out = Path(out)
     if not aggregate_only:
         _validate(grid, only)  # before anything is written, and once, not once per worker

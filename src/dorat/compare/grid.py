@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dorat import config as cfglib
+from dorat import parts
 from dorat.config import Config
 from dorat.errors import ConfigError
 
@@ -165,6 +166,34 @@ def _dirname(name: str) -> str:
 def _comparable(cfg: Config) -> dict[str, Any]:
     flat = cfg.flat()
     return {k: v for k, v in flat.items() if k not in IGNORED_KEYS}
+
+
+def comparability_warnings(grid: Grid) -> list[str]:
+    """One line for each key in which two methods of a grid differ (same dataset, setting and
+    seed) outside their own parts: then the comparison is not about the method alone."""
+    groups: dict[tuple[str, str, int], list[RunSpec]] = {}
+    for r in grid.runs:
+        groups.setdefault((r.dataset, r.setting, r.seed), []).append(r)
+    seen: set[tuple[str, str, str]] = set()
+    out = []
+    for runs in groups.values():
+        for i, a in enumerate(runs):
+            for b in runs[i + 1:]:
+                ca, cb = _comparable(a.cfg), _comparable(b.cfg)
+                own = cfglib.part_sections(a.cfg.method) | cfglib.part_sections(b.cfg.method)
+                for k in sorted(set(ca) | set(cb)):
+                    sec = k.rpartition(".")[0]
+                    if ca.get(k) == cb.get(k) or sec == "method" or sec in own:
+                        continue
+                    if sec in parts.SECTIONS and sec not in cfglib.RUN_SECTIONS and \
+                            sec not in cfglib.SHARED_SECTIONS:
+                        continue  # a part that neither method uses: no effect
+                    if (a.name, b.name, k) not in seen:
+                        seen.add((a.name, b.name, k))
+                        out.append(f"warning: methods {a.name} and {b.name} differ in {k} "
+                                   f"({ca.get(k)!r} vs {cb.get(k)!r}), outside their own parts: "
+                                   "the comparison is not about the method alone")
+    return out
 
 
 def _status(run: RunSpec) -> str:

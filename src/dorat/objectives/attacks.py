@@ -37,8 +37,12 @@ class ThreatModel:
     loss: str = opt("ce", "the loss PGD ascends", choices=("ce", "margin"))
     bn_mode: str = opt("eval", "model mode during the attack", choices=("eval", "train"))
 
-    def spec(self, **kw: Any) -> PGDSpec:
-        return PGDSpec(self.eps, self.alpha, self.steps, self.norm, kw.pop("loss", self.loss),
+    def spec(self, ctx: StepContext | None = None, **kw: Any) -> PGDSpec:
+        """The PGD of this threat model; with ``ctx.eps_scale`` (class-wise margins) ε and the
+        step are per-example tensors."""
+        s = ctx.eps_scale if ctx is not None else None
+        eps, alpha = (self.eps, self.alpha) if s is None else (self.eps * s, self.alpha * s)
+        return PGDSpec(eps, alpha, self.steps, self.norm, kw.pop("loss", self.loss),
                        self.random_start, self.bn_mode == "train", **kw)
 
 
@@ -61,7 +65,7 @@ class PGDAttack(ThreatModel):
     normal_start: ClassVar[bool] = False  # TRADES / FAT: start at x + 0.001·N(0, 1)
 
     def pgd_spec(self, ctx: StepContext) -> PGDSpec:
-        return self.spec()
+        return self.spec(ctx)
 
     def target(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -85,7 +89,7 @@ class PGDKLAttack(PGDAttack):
     normal_start: ClassVar[bool] = True
 
     def pgd_spec(self, ctx: StepContext) -> PGDSpec:
-        return self.spec(loss="kl")
+        return self.spec(ctx, loss="kl")
 
     def target(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         with torch.no_grad(), mode(model, self.bn_mode == "train"):
@@ -111,7 +115,7 @@ class FATAttack(PGDAttack):
         return tau
 
     def pgd_spec(self, ctx: StepContext) -> PGDSpec:
-        return self.spec(early_stop_tau=self.tau_at(ctx))
+        return self.spec(ctx, early_stop_tau=self.tau_at(ctx))
 
 
 @section("barrier")
@@ -143,6 +147,7 @@ class BarrierAttack(ThreatModel):
     """Training-time log-barrier lower level (``barrier.*``) solved by semi-implicit GD."""
 
     optimizer: ClassVar[str] = "gd"
+    reads: ClassVar[tuple[str, ...]] = ("barrier",)
     check = staticmethod(BarrierConfig.check)
 
     def bind(self, info: dict[str, Any]) -> None:

@@ -23,14 +23,20 @@ or a share of the run ("50%": round(0.5 · epochs)); see dorat.parts.warmup_epoc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn as nn
 
 from dorat.attacks import AttackResult
 from dorat.parts import register, warmup_epochs
+
+if TYPE_CHECKING:
+    from dorat.probe import ClassStats
+
+Measure = Callable[[], "ClassStats"]
 
 
 @dataclass
@@ -39,6 +45,8 @@ class StepContext:
     epochs: int  # total epochs of the run
     step: int  # global step index
     generator: torch.Generator | None = None  # attack noise
+    # per-example multipliers of the attack's ε and step (class-wise margins: FRL, CFA, DAFA)
+    eps_scale: torch.Tensor | None = None
 
 
 @dataclass
@@ -92,8 +100,23 @@ class Weighting:
         """True during the weighting's ``warmup`` (none without that field)."""
         return ctx.epoch < warmup_epochs(getattr(self, "warmup", 0), ctx.epochs)
 
-    def start_epoch(self, epoch: int, epochs: int) -> None:
-        """Called before each epoch (adaptive temperatures, epoch statistics)."""
+    def start_epoch(self, epoch: int, epochs: int, measure: Measure | None = None) -> None:
+        """Called before each epoch (adaptive temperatures, class parameters). ``measure()``
+        probes the current model on the validation split (dorat.probe), for weightings whose
+        ``needs_validation()`` is true."""
+
+    def needs_validation(self) -> bool:
+        """True if ``start_epoch`` reads the validation split (then the run must hold one)."""
+        return False
+
+    def class_eps(self) -> torch.Tensor | None:
+        """Per-class multipliers of the attack's ε and step (None: the same for every class)."""
+        return None
+
+    def base_weights(self, out: LossOutput, y: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+        """Weights of the loss's unweighted ``base`` term (TRADES' clean CE) in objective units;
+        None: the plain mean."""
+        return None
 
     def weights(self, out: LossOutput, y: torch.Tensor, info: AttackResult | None,
                 ctx: StepContext) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from dorat import distributed
 from dorat.attacks import AttackResult
 from dorat.distributed import Dist
-from dorat.objectives.base import LossOutput, StepContext, Weighting, ess_fraction
+from dorat.objectives.base import LossOutput, Measure, StepContext, Weighting, ess_fraction
 from dorat.parts import opt, positive, register
 
 
@@ -65,8 +65,9 @@ class KLDROWeighting(Weighting):
                       lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
     warmup: int | str = opt(1, "plain AT first (the normaliser keeps tracking): epochs, or a "
                                "share of the run ('25%')", kind="warmup")
-    level: str = opt("instance", "weights over instances, classes, or both",
-                     choices=("instance", "class", "mixed"))
+    level: str = opt("instance", "weights over instances, classes (class losses from the training "
+                     "batches, or class-val: the validation split's, measured each epoch), or both",
+                     choices=("instance", "class", "class-val", "mixed"))
     class_prior: str = opt("train", "class and mixed levels: the centre of the KL ball over "
                            "classes, the training class frequencies or uniform (the balanced test "
                            "distribution: on long-tailed data, class-balanced weights at large r); "
@@ -76,6 +77,12 @@ class KLDROWeighting(Weighting):
     # optional cap on ŵ_i in units of the uniform weight: DRO puts its mass on the largest
     # losses, which on real data include mislabelled examples (measured: one example at
     # 570x the uniform weight with r = 0.5 on Fashion-MNIST)
+    normaliser: str = opt("running", "running: the paper's running estimate u_t of the data-set "
+                          "normaliser (the batch's weight sum drifts with u_t); batch: the "
+                          "self-normalised softmax over the global batch (weights sum to 1)",
+                          choices=("running", "batch"))
+    rescale: str = opt("none", "mean: divide the losses by the global batch's mean loss before the "
+                       "softmax (r then does not depend on the loss scale)", choices=("none", "mean"))
     max_weight: float | None = opt(None, "cap each weight at this multiple of the uniform weight "
                                    "(outliers, label noise); not in the paper",
                                    lambda v: None if v >= 1 else "must be >= 1")
@@ -101,6 +108,19 @@ class KLDROWeighting(Weighting):
         self.log_prior = torch.log(prior / prior.sum())
         self.dist = info.get("dist")
 
+    def needs_validation(self) -> bool:
+        return self.level == "class-val"
+
+    def start_epoch(self, epoch: int, epochs: int, measure: Measure | None = None) -> None:
+        self._adapt_r()
+        if self.level == "class-val" and measure is not None and \
+                not self.in_warmup(StepContext(epoch, epochs, 0)):
+            # the class losses L_c: the validation split's per-class robust CE, this epoch
+            self.class_loss = measure().robust_loss.double()
+            self.class_seen = torch.ones(len(self.class_loss), dtype=torch.bool)
+        self._ess_acc = None
+        self._ess_n = 0
+
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
         """Summed over the ranks (a copy)."""
         return distributed.all_sum(self.dist, t.clone()) if self.dist is not None else t
@@ -112,9 +132,10 @@ class KLDROWeighting(Weighting):
         n = len(loss)
         self._to(loss.device)
         if self.level == "instance":
-            z = loss.double() / self.r
-            self.log_u = update_log_u(self.log_u, global_logmeanexp(z, self.dist), self.beta)
-            w = torch.exp(z - self.log_u) / n
+            z = self._scaled(loss.double())
+            batch = global_logmeanexp(z, self.dist)
+            self.log_u = update_log_u(self.log_u, batch, self.beta)  # tracked in both modes
+            w = torch.exp(z - (batch if self.normaliser == "batch" else self.log_u)) / n
         else:
             w = self._class_weights(loss, y)
         if self.max_weight is not None:
@@ -126,6 +147,13 @@ class KLDROWeighting(Weighting):
             return torch.full_like(w, 1.0 / n)
         return w
 
+    def _scaled(self, ld: torch.Tensor) -> torch.Tensor:
+        """ℓ/r, or ℓ/(r · mean ℓ over the global batch) with rescale=mean (float64)."""
+        if self.rescale == "mean":
+            s = self._sum(torch.stack([ld.sum(), ld.new_tensor(float(len(ld)))]))
+            return ld / (self.r * (s[0] / s[1]).clamp_min(1e-12))
+        return ld / self.r
+
     def _class_weights(self, loss: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         C, dev = self.num_classes, loss.device
         if self.class_loss is None:
@@ -135,6 +163,11 @@ class KLDROWeighting(Weighting):
         counts = self._sum(torch.bincount(y, minlength=C).double())  # global batch
         sums = self._sum(torch.zeros(C, dtype=torch.float64, device=dev).index_add_(0, y, ld))
         present = counts > 0
+        if self.level == "class-val":  # L_c measured on validation data by start_epoch
+            if self.class_loss is None:  # not measured yet (warm-up): uniform over classes
+                self.class_loss = torch.zeros(C, dtype=torch.float64, device=dev)
+            self.class_seen = torch.ones(C, dtype=torch.bool, device=dev)
+            present = torch.zeros_like(present)
         # running per-class loss L̄_c (initialised with the first batch that holds class c)
         rate = torch.where(self.class_seen, self.beta, 1.0).to(torch.float64)
         batch_mean = sums / counts.clamp_min(1)
@@ -156,7 +189,7 @@ class KLDROWeighting(Weighting):
         C, dev = self.num_classes, ld.device
         if self.class_log_u is None:
             self.class_log_u = torch.full((C,), float("nan"), dtype=torch.float64, device=dev)
-        z = ld / self.r
+        z = self._scaled(ld)
         m = torch.full((C,), float("-inf"), dtype=torch.float64, device=dev)
         m = m.scatter_reduce(0, y, z, reduce="amax")
         if self.dist is not None:
@@ -168,7 +201,7 @@ class KLDROWeighting(Weighting):
         old = self.class_log_u
         upd = torch.where(torch.isnan(old), batch, update_log_u(old, batch, self.beta))
         self.class_log_u = torch.where(counts > 0, upd, old)
-        return torch.exp(z - self.class_log_u[y])
+        return torch.exp(z - (batch if self.normaliser == "batch" else self.class_log_u)[y])
 
     def _to(self, dev: torch.device) -> None:
         """State restored from a checkpoint lives on the CPU: move it to the loss's device."""
@@ -183,7 +216,8 @@ class KLDROWeighting(Weighting):
         self._ess_n += 1
 
     # -- epochs, logging, state --------------------------------------------------------------
-    def start_epoch(self, epoch: int, epochs: int) -> None:
+    def _adapt_r(self) -> None:
+        """done.target_ess: move r towards the target effective sample size."""
         if self.target_ess is not None and self._ess_n:
             ess = float(self._ess_acc) / self._ess_n  # type: ignore[arg-type]
             # the ESS falls as 1/r grows: r ← r · target/ess, at most ×2 or ÷2 per epoch
@@ -194,8 +228,6 @@ class KLDROWeighting(Weighting):
                 # (the class-level running losses L̄_c do not depend on r and are kept)
                 self.log_u = None
                 self.class_log_u = None
-        self._ess_acc = None
-        self._ess_n = 0
 
     def epoch_log(self) -> dict[str, Any]:
         out: dict[str, Any] = {"r": self.r, "reweighting": self._reweighting}

@@ -122,6 +122,7 @@ class Hypergrad(NoHypergrad):
 
     section = "hypergrad"
     kind: ClassVar[str] = "diag"
+    reads: ClassVar[tuple[str, ...]] = ("barrier",)
     cg_iters: int = opt(5, "conjugate-gradient iterations (cg)", positive)
     damping: float = opt(0.1, "added to the Hessian in diag and cg", nonneg)
 

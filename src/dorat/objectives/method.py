@@ -41,6 +41,9 @@ class Method:
              ctx: StepContext, attack_model: nn.Module | None = None) -> StepOutput:
         """One batch's objective. ``model`` runs the training forward (it may be a DDP or
         compiled wrapper); the attack runs on ``attack_model`` (default: ``model``)."""
+        scale = self.weighting.class_eps()
+        if scale is not None:
+            ctx.eps_scale = scale.to(device=y.device, dtype=x.dtype)[y]
         info = self.attack(attack_model if attack_model is not None else model, x, y, ctx)
         hg = self.hypergrad
         delta = None
@@ -53,7 +56,8 @@ class Method:
         w = self.weighting.weights(out, y, info, ctx).detach()
         objective = (w * out.loss).sum()
         if out.base is not None:
-            objective = objective + out.base.mean()
+            wb = self.weighting.base_weights(out, y, ctx)
+            objective = objective + (out.base.mean() if wb is None else (wb.detach() * out.base).sum())
         term = hg.term(model, x, info.x_adv, y, out.loss, delta, w)
         if term is not None:
             objective = objective + term

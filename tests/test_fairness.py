@@ -1,0 +1,218 @@
+"""The robust-fairness family and its seams: FRL's and WAT's update rules on hand-computed cases,
+DONE's class-level DRO on validation losses, class-wise attack radii, the weighted base term,
+DONE's batch normaliser, and the errors and warnings around them."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dorat import config as C
+from dorat.attacks import PGDSpec, pgd
+from dorat.compare import comparability_warnings, load_grid
+from dorat.errors import ConfigError
+from dorat.objectives import LossOutput, StepContext, build_method
+from dorat.objectives.done import KLDROWeighting
+from dorat.objectives.fairness import FRLWeighting, WATWeighting
+from dorat.probe import ClassStats
+from dorat.run import train
+
+
+def _stats(clean: list[float], robust: list[float], loss: list[float] | None = None,
+           kl: list[float] | None = None) -> ClassStats:
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    n = len(clean)
+    return ClassStats(t(clean), t(robust), t(loss or [0.0] * n), t(loss or [0.0] * n), t(kl or [0.0] * n),
+                      sum(clean) / n, sum(robust) / n, 0.0)
+
+
+def test_frl_multipliers_weights_and_margins_by_hand() -> None:
+    frl = FRLWeighting(reweight=True, remargin=True, tau_clean=0.05, tau_boundary=0.0, rate=0.5,
+                       rate_margin=0.2, lim=0.5, max_margin=3.0, warmup=0)
+    frl.bind({"num_classes": 3})
+    s = _stats([0.1, 0.2, 0.6], [0.3, 0.5, 0.9])
+    frl.start_epoch(0, 10, lambda: s)
+    # clean: total 0.3, γ0 = err − 0.3 − 0.05 = [−0.25, −0.15, 0.25]; λ0 = max(0, 0.5·γ0)
+    assert frl.lam[0].tolist() == pytest.approx([0, 0, 0.125])
+    # boundary [0.2, 0.3, 0.3], total 0.5667 − 0.3: γ1 = [−1/15, 1/30, 1/30]; λ1 = max(0, 2·0.5·γ1)
+    assert frl.lam[1].tolist() == pytest.approx([0, 1 / 30, 1 / 30])
+    # λ2 = 0.2·γ1 (not clamped); margins exp(2λ2) clamped to [0.98, 3]
+    assert frl.lam[2].tolist() == pytest.approx([-0.2 / 15, 0.2 / 30, 0.2 / 30])
+    assert frl.class_eps().tolist() == pytest.approx([0.98, math.exp(0.4 / 30), math.exp(0.4 / 30)])
+    # class weights 1/C + λ − mean(λ): clean [1/3 − 1/24, 1/3 − 1/24, 1/3 + 1/12]
+    third = 0.125 / 3
+    assert frl.class_weights(0).tolist() == pytest.approx([1 / 3 - third, 1 / 3 - third, 1 / 3 + 2 * third])
+    y = torch.tensor([0, 2, 2, 1])
+    out = LossOutput(torch.ones(4), None, base=torch.ones(4))
+    w = frl.weights(out, y, None, StepContext(0, 10, 0))
+    cw = frl.class_weights(1)[y].float()
+    assert torch.allclose(w, cw / cw.sum()) and float(w.sum()) == pytest.approx(1.0)
+    wb = frl.base_weights(out, y, StepContext(0, 10, 0))
+    assert float(wb.sum()) == pytest.approx(1.0) and wb[1] > wb[0]  # the worst class weighs most
+    # the simplex bound: the reweight multipliers never hold more than lim in total
+    for _ in range(20):
+        frl.start_epoch(1, 10, lambda: s)
+    assert float(frl.lam[0].sum()) <= 0.5 + 1e-12 and float(frl.lam[1].sum()) <= 0.5 + 1e-12
+
+
+def test_frl_is_uniform_during_warmup_and_does_not_probe() -> None:
+    frl = FRLWeighting(warmup=2)
+    frl.bind({"num_classes": 3})
+    frl.start_epoch(1, 10, lambda: pytest.fail("probed during the warm-up"))
+    out = LossOutput(torch.ones(3), None)
+    assert torch.allclose(frl.weights(out, torch.tensor([0, 1, 2]), None, StepContext(1, 10, 0)),
+                          torch.full((3,), 1 / 3))
+    assert frl.class_eps() is None and frl.base_weights(out, torch.tensor([0]), StepContext(1, 10, 0)) is None
+
+
+def test_wat_hedge_by_hand() -> None:
+    cfg = C.resolve(None, {"method": "wat"})
+    wat = WATWeighting(eta=0.5)
+    wat.bind({"num_classes": 2, "cfg": cfg})
+    y = torch.tensor([0, 1, 1])
+    out = LossOutput(torch.ones(3), None, base=torch.ones(3))
+    ctx = StepContext(0, 5, 0)
+    wat.start_epoch(0, 5, lambda: pytest.fail("WAT probes after an epoch of training"))
+    assert torch.allclose(wat.weights(out, y, None, ctx), torch.full((3,), 2 / 3))  # official: all ones
+    s = _stats([0, 0], [0, 0], loss=[1.0, 2.0], kl=[0.5, 0.25])
+    wat.start_epoch(1, 5, lambda: s)
+    cost = [1 + 6 * 0.5, 2 + 6 * 0.25]  # clean CE + β·KL, β = trades.beta = 6
+    experts = cost + [sum(cost) / 2]
+    f = [math.exp(0.5 * c) for c in experts]
+    w = [2 * v / sum(f) for v in f]
+    assert wat.w.tolist() == pytest.approx(w)
+    got = wat.weights(out, y, None, StepContext(1, 5, 0))
+    assert got.tolist() == pytest.approx([(w[0] + w[2]) / 3, (w[1] + w[2]) / 3, (w[1] + w[2]) / 3], rel=1e-6)
+    wat.start_epoch(2, 5, lambda: s)  # cumulative: the costs add up
+    f2 = [math.exp(0.5 * 2 * c) for c in experts]
+    assert wat.w.tolist() == pytest.approx([2 * v / sum(f2) for v in f2])
+
+
+def test_done_val_takes_its_class_losses_from_the_validation_probe() -> None:
+    wt = KLDROWeighting(r=0.5, beta=0.2, warmup=0, level="class-val", class_prior="uniform")
+    wt.bind({"num_classes": 3})
+    assert wt.needs_validation()
+    s = _stats([0, 0, 0], [0, 0, 0], loss=[1.0, 2.0, 0.5])
+    wt.start_epoch(0, 4, lambda: s)
+    y = torch.tensor([0, 1, 1, 2])
+    w = wt.weights(LossOutput(torch.tensor([9.0, 0.0, 0.0, 9.0]), None), y, None, StepContext(0, 4, 0))
+    pi = torch.softmax(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64) / 0.5, 0)
+    expect = (pi / torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64))[y]  # π_c / n_c, batch losses ignored
+    assert torch.allclose(w.double(), expect.float().double(), rtol=1e-6)
+
+
+def test_batch_normaliser_is_the_self_normalised_softmax() -> None:
+    loss = torch.tensor([0.1, 2.0, 0.5, 3.0])
+    batch = KLDROWeighting(r=0.7, beta=0.1, warmup=0, normaliser="batch")
+    running = KLDROWeighting(r=0.7, beta=0.1, warmup=0)
+    for wt in (batch, running):
+        wt.bind({"num_classes": 10})
+    y = torch.zeros(4, dtype=torch.long)
+    for scale in (1.0, 5.0):  # the losses jump: running's weight sum drifts, batch's does not
+        wb = batch.weights(LossOutput(loss * scale, None), y, None, StepContext(0, 1, 0))
+        wr = running.weights(LossOutput(loss * scale, None), y, None, StepContext(0, 1, 0))
+        assert torch.allclose(wb, torch.softmax(loss * scale / 0.7, 0))
+        assert float(wb.sum()) == pytest.approx(1)
+    assert float(wr.sum()) > 2  # the running normaliser lags the jump: Σŵ far above 1
+    mean = KLDROWeighting(r=0.7, beta=1.0, warmup=0, normaliser="batch", rescale="mean")
+    mean.bind({"num_classes": 10})
+    w1 = mean.weights(LossOutput(loss, None), y, None, StepContext(0, 1, 0))
+    w5 = mean.weights(LossOutput(loss * 5, None), y, None, StepContext(0, 1, 0))
+    assert torch.allclose(w1, w5)  # rescale=mean: r does not depend on the loss scale
+
+
+def test_pgd_with_class_wise_radii_stays_in_each_ball() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x = torch.rand(6, 1, 4, 4) * 0.5 + 0.25
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    eps = torch.tensor([0.02, 0.05, 0.1, 0.02, 0.05, 0.1])
+    r = pgd(model, x, y, PGDSpec(eps, eps / 4, 10), generator=torch.Generator().manual_seed(0))
+    d = (r.x_adv - x).flatten(1).abs().amax(1)
+    assert (d <= eps + 1e-6).all() and (d >= 0.9 * eps).all()  # linear model: each reaches its radius
+
+
+def test_remargin_attacks_each_class_at_its_radius() -> None:
+    cfg = C.resolve(None, {"method": "frl-rm"}, ["frl.warmup=0", "attack.steps=5"])
+    m = build_method(cfg, {"num_classes": 3})
+    m.weighting.start_epoch(0, 1, lambda: _stats([0.1, 0.1, 0.1], [0.2, 0.3, 0.9]))
+    scale = m.weighting.class_eps()
+    assert scale is not None and scale[2] > 1 and scale[0] == pytest.approx(0.98)
+    seen = {}
+
+    class Spy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen["x"] = x.detach()
+            return self.lin(x.flatten(1))
+
+    model, x, y = Spy(), torch.full((3, 1, 4, 4), 0.5), torch.tensor([0, 1, 2])
+    ctx = StepContext(0, 1, 0, torch.Generator().manual_seed(0))
+    out = m.step(model, x, y, ctx)
+    assert torch.allclose(ctx.eps_scale, scale.float()[y])
+    assert out.objective.requires_grad
+
+
+def test_warmup_covering_the_run_warns(tmp_path: Path, synthetic_npz: Path) -> None:
+    logs: list[str] = []
+    cfg = C.resolve(None, {"dataset": f"npz:{synthetic_npz}", "method": "done", "epochs": 1,
+                           "batch_size": 64}, ["attack.steps=1", "eval.n=20", "eval.checks=false"])
+    train(cfg, tmp_path / "r", log=logs.append)
+    assert any(line.startswith("warning: done.warmup=1 covers all 1 epochs") for line in logs)
+    rec = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[-1])
+    assert rec["w_sum_mean"] == pytest.approx(1.0) and rec["reweighting"] is False
+
+
+def test_validation_methods_need_a_validation_split_with_every_class(synthetic_npz: Path) -> None:
+    from dorat.run import prepare
+
+    with pytest.raises(ConfigError, match="reads the validation split every epoch: set data.val_size"):
+        prepare(C.resolve(None, {"dataset": f"npz:{synthetic_npz}", "method": "wat"}))
+    with pytest.raises(ConfigError, match=r"class\(es\) \[.*\] have no validation example"):
+        prepare(C.resolve(None, {"dataset": f"npz:{synthetic_npz}", "method": "done-val"},
+                          ["data.val_size=2"]))
+
+
+def test_a_preset_cannot_change_anything_but_the_method() -> None:
+    C.register_preset("bad-preset", attack="pgd", loss="ce", weighting="uniform", set={"optim.lr": 0.5})
+    try:
+        with pytest.raises(ConfigError, match="sets optim.lr, outside its own parts"):
+            C.resolve(None, {"method": "bad-preset"})
+    finally:
+        del C.PRESETS["bad-preset"]
+    a, d = C.resolve(None, {"method": "at"}), C.resolve(None, {"method": "done"})
+    assert dict(a.optim) == dict(d.optim)  # the optimizer is shared: grad_clip included
+
+
+def test_compare_warns_when_methods_differ_outside_their_parts(tmp_path: Path) -> None:
+    grid = tmp_path / "g.yaml"
+    grid.write_text("base: fmnist-demo\nmethods: [at, {name: done-lr, method: done, set: {optim.lr: 0.01,"
+                    " done.r: 2}}, {name: fat2, method: fat, set: {fat.tau: 2}}]\n")
+    lines = comparability_warnings(load_grid(grid, tmp_path / "out"))
+    assert any("at and done-lr differ in optim.lr (0.05 vs 0.01)" in s for s in lines)
+    assert not any("done.r" in s or "fat.tau" in s for s in lines)  # their own parts
+
+
+@pytest.mark.parametrize("method", ["frl-rwrm", "wat", "done-val"])
+def test_validation_driven_methods_train_log_and_resume_bitwise(tmp_path: Path, synthetic_npz: Path,
+                                                               method: str) -> None:
+    cfg = C.resolve(None, {"dataset": f"npz:{synthetic_npz}", "method": method, "epochs": 3,
+                           "batch_size": 64},
+                    ["attack.steps=2", "eval.n=40", "eval.checks=false", "data.val_size=80", "val.n=40",
+                     "val.steps=2", "frl.warmup=1", "done.warmup=1", "optim.lr=0.02"])
+    full = train(cfg, tmp_path / "a", log=lambda s: None)
+    assert train(cfg, tmp_path / "b", stop_after_epoch=2, log=lambda s: None) is None
+    resumed = train(cfg, tmp_path / "b", resume=True, log=lambda s: None)
+    assert full["ra"] == resumed["ra"] and full["sa"] == resumed["sa"]
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert all("val_seconds" in rec for rec in log[1:])  # the validation cost, every epoch it ran
+    key = {"frl-rwrm": "class_eps_scale", "wat": "class_w", "done-val": "class_loss"}[method]
+    assert len(log[-1][key]) == 4
