@@ -18,7 +18,7 @@ from dorat.compare import comparability_warnings, load_grid
 from dorat.errors import ConfigError
 from dorat.objectives import LossOutput, StepContext, build_method
 from dorat.objectives.done import KLDROWeighting
-from dorat.objectives.fairness import FRLWeighting, WATWeighting
+from dorat.objectives.fairness import CFAWeighting, DAFAWeighting, FRLWeighting, WATWeighting
 from dorat.probe import ClassStats
 from dorat.run import train
 
@@ -91,6 +91,56 @@ def test_wat_hedge_by_hand() -> None:
     wat.start_epoch(2, 5, lambda: s)  # cumulative: the costs add up
     f2 = [math.exp(0.5 * 2 * c) for c in experts]
     assert wat.w.tolist() == pytest.approx([2 * v / sum(f2) for v in f2])
+
+
+def test_cfa_margins_betas_and_fawa_by_hand() -> None:
+    cfg = C.resolve(None, {"method": "trades-cfa"})
+    cfa = CFAWeighting(ccm=True, ccr=True, lambda_margin=0.5, lambda_beta=0.5, fawa=True, fawa_decay=0.5,
+                       fawa_threshold=0.3, warmup=0)
+    cfa.bind({"num_classes": 2, "cfg": cfg})
+    y = torch.tensor([0, 0, 1, 1])
+    # class 0: 1 of 2 right under attack, class 1: 2 of 2
+    logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [0.0, 5.0], [0.0, 5.0]])
+    out = LossOutput(torch.ones(4), logits, base=torch.ones(4))
+    cfa.start_epoch(0, 5)
+    assert torch.allclose(cfa.weights(out, y, None, StepContext(0, 5, 0)), torch.full((4,), 0.25))
+    cfa.start_epoch(1, 5)  # r = [0.5, 1.0] from the epoch before
+    assert cfa.class_eps().tolist() == pytest.approx([1.0, 1.5])  # (λ1 + r_c)
+    k = torch.tensor([1.0, 1.0, 1.5, 1.5], dtype=torch.float64)
+    beta_c = k * 6 / (1 + k * 6)  # β_c = (λ2 + r_c)β / (1 + (λ2 + r_c)β)
+    w = cfa.weights(out, y, None, StepContext(1, 5, 0))
+    wb = cfa.base_weights(out, y, StepContext(1, 5, 0))
+    assert w.double().tolist() == pytest.approx((beta_c / 6 / 4).tolist(), rel=1e-6)  # the loss is β·KL
+    assert wb.double().tolist() == pytest.approx(((1 - beta_c) / 4).tolist(), rel=1e-6)
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    cfa.end_epoch(1, 5, lambda: _stats([0, 0], [0.5, 0.6]), model)  # worst class 0.4 >= 0.3: in
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    cfa.end_epoch(2, 5, lambda: _stats([0, 0], [0.9, 0.1]), model)  # worst 0.1 < 0.3: left out
+    cfa.end_epoch(3, 5, lambda: _stats([0, 0], [0.5, 0.5]), model)  # in: 0.5·1 + 0.5·3
+    assert torch.allclose(cfa.final_state()["weight"], torch.full((2, 2), 2.0))
+
+
+def test_dafa_class_weights_by_hand() -> None:
+    dafa = DAFAWeighting(lam=1.0, warmup=1)
+    dafa.bind({"num_classes": 3, "cfg": C.resolve(None, {"method": "dafa"})})
+    p = torch.tensor([[0.5, 0.4, 0.1], [0.2, 0.7, 0.1], [0.0, 0.1, 0.9]], dtype=torch.float64)
+    # p_ii = [0.5, 0.7, 0.9]: class 0 is the hardest and gains p01·p11 + p02·p22; class 1 gains
+    # p12·p22 from the easier 2 and loses p01·p11 to the harder 0; class 2 loses p02·p22 + p12·p22
+    expect = [1 + 0.4 * 0.7 + 0.1 * 0.9, 1 - 0.4 * 0.7 + 0.1 * 0.9, 1 - 0.1 * 0.9 - 0.1 * 0.9]
+    assert dafa.class_weights(p).tolist() == pytest.approx(expect)
+    y = torch.tensor([0, 1, 2, 0])
+    logits = torch.log(p[y].float())
+    dafa.start_epoch(0, 4)  # the last warm-up epoch: collect the adversarial softmax per class
+    out = LossOutput(torch.ones(4), logits, base=torch.ones(4))
+    assert torch.allclose(dafa.weights(out, y, None, StepContext(0, 4, 0)), torch.full((4,), 0.25))
+    dafa.start_epoch(1, 4)
+    assert dafa.class_eps().tolist() == pytest.approx(expect, rel=1e-5)
+    wb = dafa.base_weights(out, y, StepContext(1, 4, 0))  # TRADES: the clean CE is weighted, KL not
+    assert wb.tolist() == pytest.approx([expect[i] / 4 for i in (0, 1, 2, 0)], rel=1e-5)
+    assert torch.allclose(dafa.weights(out, y, None, StepContext(1, 4, 0)), torch.full((4,), 0.25))
 
 
 def test_done_val_takes_its_class_losses_from_the_validation_probe() -> None:
@@ -201,18 +251,21 @@ def test_compare_warns_when_methods_differ_outside_their_parts(tmp_path: Path) -
     assert not any("done.r" in s or "fat.tau" in s for s in lines)  # their own parts
 
 
-@pytest.mark.parametrize("method", ["frl-rwrm", "wat", "done-val"])
+@pytest.mark.parametrize("method", ["frl-rwrm", "wat", "done-val", "trades-cfa", "dafa-at"])
 def test_validation_driven_methods_train_log_and_resume_bitwise(tmp_path: Path, synthetic_npz: Path,
                                                                method: str) -> None:
     cfg = C.resolve(None, {"dataset": f"npz:{synthetic_npz}", "method": method, "epochs": 3,
                            "batch_size": 64},
                     ["attack.steps=2", "eval.n=40", "eval.checks=false", "data.val_size=80", "val.n=40",
-                     "val.steps=2", "frl.warmup=1", "done.warmup=1", "optim.lr=0.02"])
+                     "val.steps=2", "frl.warmup=1", "done.warmup=1", "optim.lr=0.02", "cfa.fawa_threshold=0",
+                     "dafa.warmup=1"])
     full = train(cfg, tmp_path / "a", log=lambda s: None)
     assert train(cfg, tmp_path / "b", stop_after_epoch=2, log=lambda s: None) is None
     resumed = train(cfg, tmp_path / "b", resume=True, log=lambda s: None)
     assert full["ra"] == resumed["ra"] and full["sa"] == resumed["sa"]
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
-    assert all("val_seconds" in rec for rec in log[1:])  # the validation cost, every epoch it ran
-    key = {"frl-rwrm": "class_eps_scale", "wat": "class_w", "done-val": "class_loss"}[method]
+    if method != "dafa-at":  # the validation cost, every epoch it ran (DAFA reads none)
+        assert all("val_seconds" in rec for rec in log[1:])
+    key = {"frl-rwrm": "class_eps_scale", "wat": "class_w", "done-val": "class_loss",
+           "trades-cfa": "class_eps_scale", "dafa-at": "class_w"}[method]
     assert len(log[-1][key]) == 4

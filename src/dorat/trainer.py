@@ -265,6 +265,8 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
         for i, (x, y, idx) in enumerate(bar):
             trainer.step(x, y, StepContext(epoch, epochs, epoch * steps_per_epoch + i, gen), stats, idx)
         bar.close()
+        method.weighting.end_epoch(epoch, epochs, None if probe is None else partial(
+            _measure, probe, model, epoch, measured), model)
         stats.reduce(d)
         summary = stats.summary()
         if not math.isfinite(summary["loss"]):
@@ -291,6 +293,12 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs:
             return None
 
+    final = method.weighting.final_state()
+    if getattr(method.weighting, "final_message", None):
+        log(method.weighting.final_message)  # type: ignore[attr-defined]
+    if final is not None:
+        model.load_state_dict(final)
+        log(f"the final model is {cfg.method.weighting}'s weight average, not the last epoch's weights")
     distributed.on_main(d, lambda: save_weights(out / "model.safetensors", model, meta=_meta(cfg)))
     return True
 

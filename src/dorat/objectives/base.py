@@ -105,6 +105,13 @@ class Weighting:
         probes the current model on the validation split (dorat.probe), for weightings whose
         ``needs_validation()`` is true."""
 
+    def end_epoch(self, epoch: int, epochs: int, measure: Measure | None, model: nn.Module) -> None:
+        """Called after each epoch's training, before its checkpoint (weight averages)."""
+
+    def final_state(self) -> dict[str, torch.Tensor] | None:
+        """Model weights to finish with instead of the last ones (CFA's FAWA), or None."""
+        return None
+
     def needs_validation(self) -> bool:
         """True if ``start_epoch`` reads the validation split (then the run must hold one)."""
         return False

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from dorat.attacks import AttackResult
+from dorat.errors import DoratError
 from dorat.objectives.base import LossOutput, Measure, StepContext, Weighting
 from dorat.parts import nonneg, opt, positive, register
 
@@ -158,3 +159,174 @@ class WATWeighting(Weighting):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cum, self.w = state["cum"], state["w"]
+
+
+def _class_means(acc: torch.Tensor | None, v: torch.Tensor, y: torch.Tensor, C: int) -> torch.Tensor:
+    """Accumulate per-class sums of ``v`` (rows: examples) and counts in ``acc`` [C, D+1]."""
+    v = v.detach().double().reshape(len(y), -1)
+    add = torch.zeros(C, v.shape[1] + 1, dtype=torch.float64, device=y.device)
+    add.index_add_(0, y, torch.cat([v, torch.ones(len(y), 1, dtype=v.dtype, device=v.device)], 1))
+    return add if acc is None else acc.to(y.device) + add
+
+
+@register("weighting", "cfa")
+@dataclass
+class CFAWeighting(Weighting):
+    """CFA (Wei et al., CVPR 2023; official code PKU-ML/CFA): class-wise calibrated margins
+    ε_c = (λ1 + r_c)·ε (CCM) and TRADES weights β_c = (λ2 + r_c)β / (1 + (λ2 + r_c)β) (CCR), r_c
+    the class's robust training accuracy in the previous epoch; FAWA keeps an EMA of the weights
+    over the epochs whose validation worst-class robust accuracy clears a threshold, and that
+    average is the final model."""
+
+    ccm: bool = opt(True, "class-wise calibrated margins (attack radius per class)")
+    ccr: bool = opt(False, "class-wise calibrated TRADES β (TRADES losses only)")
+    lambda_margin: float = opt(0.5, "λ1 of CCM (official default 0.5)", nonneg)
+    lambda_beta: float = opt(0.5, "λ2 of CCR (official default 0.5)", nonneg)
+    fawa: bool = opt(True, "fairness-aware weight averaging (the final model is the average)")
+    fawa_decay: float = opt(0.88, "FAWA's EMA decay per epoch (official 0.88)",
+                            lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    fawa_threshold: float = opt(0.2, "validation worst-class robust accuracy an epoch must reach "
+                                "to enter the average (official: 0.24; README example 0.2)",
+                                lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
+    warmup: int | str = opt("5%", "plain training first (official begin: 10 of 200 epochs)", kind="warmup")
+
+    def bind(self, info: dict[str, Any]) -> None:
+        cfg = info["cfg"]
+        self.C = info.get("num_classes", 10)
+        self.beta = cfg.trades.beta if cfg.method.loss == "trades" else None
+        self.robust: torch.Tensor | None = None  # r_c of the previous epoch
+        self.acc: torch.Tensor | None = None  # this epoch's per-class [correct, count]
+        self.avg: dict[str, torch.Tensor] | None = None  # FAWA's average
+        self.active = False
+
+    def needs_validation(self) -> bool:
+        return self.fawa
+
+    def start_epoch(self, epoch: int, epochs: int, measure: Measure | None = None) -> None:
+        if self.acc is not None:
+            self.robust = (self.acc[:, 0] / self.acc[:, 1].clamp_min(1)).cpu()
+        self.acc = None
+        self.active = self.robust is not None and not self.in_warmup(StepContext(epoch, epochs, 0))
+
+    def weights(self, out: LossOutput, y: torch.Tensor, info: AttackResult | None,
+                ctx: StepContext) -> torch.Tensor:
+        right = (out.logits_adv.detach().argmax(1) == y)  # type: ignore[union-attr]
+        self.acc = _class_means(self.acc, right, y, self.C)
+        b = self._class_beta(y)
+        if b is None:
+            return self.uniform(out, y)
+        return (b / (self.beta * len(y))).to(out.loss.dtype)  # the loss is β·KL: weight β_c/β
+
+    def base_weights(self, out: LossOutput, y: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+        b = self._class_beta(y)
+        return None if b is None else ((1 - b) / len(y)).to(out.base.dtype)  # type: ignore[union-attr]
+
+    def _class_beta(self, y: torch.Tensor) -> torch.Tensor | None:
+        if not (self.active and self.ccr and self.beta is not None):
+            return None
+        k = (self.lambda_beta + self.robust.to(y.device))[y]  # type: ignore[union-attr]
+        return k * self.beta / (1 + k * self.beta)
+
+    def class_eps(self) -> torch.Tensor | None:
+        if not (self.active and self.ccm):
+            return None
+        return self.lambda_margin + self.robust  # type: ignore[operator]
+
+    def end_epoch(self, epoch: int, epochs: int, measure: Measure | None, model: torch.nn.Module) -> None:
+        if not self.fawa or measure is None:
+            return
+        worst = float(1 - measure().robust_err.max())
+        if worst >= self.fawa_threshold:  # this epoch enters the average
+            sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if self.avg is None:
+                self.avg = sd
+            else:
+                d, old = self.fawa_decay, self.avg
+                self.avg = {k: (old[k].to(v.device) * d + v * (1 - d)).to(v.dtype)
+                            if v.is_floating_point() else v for k, v in sd.items()}
+        self.last_worst = worst
+
+    def final_state(self) -> dict[str, torch.Tensor] | None:
+        if self.fawa and self.avg is None:
+            self.final_message = (f"warning: no epoch reached cfa.fawa_threshold={self.fawa_threshold} "
+                                  "(validation worst-class robust accuracy): the final model is the "
+                                  "last epoch's, not a FAWA average")
+        return self.avg
+
+    def epoch_log(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"reweighting": self.active}
+        if self.active and self.ccm:
+            out["class_eps_scale"] = [round(float(v), 5) for v in self.class_eps()]  # type: ignore[union-attr]
+        if self.fawa:
+            out["fawa_epochs_in"] = self.avg is not None
+            if hasattr(self, "last_worst"):
+                out["val_worst_class_ra"] = self.last_worst
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"robust": self.robust, "acc": self.acc, "avg": self.avg}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.robust, self.acc, self.avg = state["robust"], state["acc"], state["avg"]
+
+
+@register("weighting", "dafa")
+@dataclass
+class DAFAWeighting(Weighting):
+    """DAFA (ICLR 2024; official code rucy74/DAFA): after the warm-up, class weights from the
+    class similarity p̄_ij (mean adversarial softmax of class i's examples in the last warm-up
+    epoch): w_i = 1 + λ Σ_{j≠i} (p̄_ij·p̄_jj if p̄_ii < p̄_jj else −p̄_ji·p̄_ii); they scale the
+    class's ε and step and its clean-CE term (TRADES) or adversarial CE (AT)."""
+
+    lam: float = opt(1.0, "λ of DAFA (official: 1.0 for CIFAR-10, 1.5 for CIFAR-100 and STL-10)", nonneg)
+    warmup: int | str = opt("63.6%", "plain training first (official: 70 of 110 epochs)", kind="warmup")
+
+    def bind(self, info: dict[str, Any]) -> None:
+        self.C = info.get("num_classes", 10)
+        self.trades = info["cfg"].method.loss == "trades"
+        self.memory: torch.Tensor | None = None  # per-class sums of softmax(adv logits) + counts
+        self.w: torch.Tensor | None = None  # the class weights, once computed
+        self.collect = False
+
+    def start_epoch(self, epoch: int, epochs: int, measure: Measure | None = None) -> None:
+        first = not self.in_warmup(StepContext(epoch, epochs, 0))
+        if first and self.w is None and self.memory is not None:
+            self.w = self.class_weights(self.memory[:, :-1] / self.memory[:, -1:].clamp_min(1))
+            if float(self.w.min()) <= 0:
+                raise DoratError(f"DAFA's class weights reached {float(self.w.min()):.3g} (<= 0: a "
+                                 "class would get no attack radius); lower dafa.lam")
+        self.collect = self.w is None and not self.in_warmup(StepContext(epoch + 1, epochs, 0))
+
+    def class_weights(self, p: torch.Tensor) -> torch.Tensor:
+        d = torch.diagonal(p)
+        harder = d[:, None] < d[None, :]  # i is the harder class of the pair (i, j)
+        gain = torch.where(harder, p * d[None, :], -p.T * d[:, None])
+        gain.fill_diagonal_(0)
+        return (1 + self.lam * gain.sum(1)).cpu()
+
+    def weights(self, out: LossOutput, y: torch.Tensor, info: AttackResult | None,
+                ctx: StepContext) -> torch.Tensor:
+        if self.collect:
+            probs = torch.softmax(out.logits_adv.detach().double(), 1)  # type: ignore[union-attr]
+            self.memory = _class_means(self.memory, probs, y, self.C)
+        if self.w is None or self.trades:  # TRADES: the robust KL term stays uniform
+            return self.uniform(out, y)
+        return (self.w.to(y.device)[y] / len(y)).to(out.loss.dtype)
+
+    def base_weights(self, out: LossOutput, y: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+        if self.w is None:
+            return None
+        return (self.w.to(y.device)[y] / len(y)).to(out.base.dtype)  # type: ignore[union-attr]
+
+    def class_eps(self) -> torch.Tensor | None:
+        return self.w
+
+    def epoch_log(self) -> dict[str, Any]:
+        return {"reweighting": self.w is not None,
+                **({"class_w": [round(float(v), 5) for v in self.w]} if self.w is not None else {})}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"memory": self.memory, "w": self.w}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.memory, self.w = state["memory"], state["w"]
