@@ -19,6 +19,7 @@ import torch.nn as nn
 
 import dorat
 from dorat import config as C
+from dorat.compare import load_grid
 from dorat.errors import ConfigError
 from dorat.evaluate import EvalSettings, evaluate
 from dorat.objectives import build_method
@@ -254,3 +255,16 @@ def test_evaluate_takes_uint8_or_unit_floats_and_refuses_anything_else(synthetic
         evaluate(model, xt.float(), yt, list("abcd"), ["pgd"], s)
     with pytest.raises(ConfigError, match="dtype torch.int16"):
         evaluate(model, xt.to(torch.int16), yt, list("abcd"), ["pgd"], s)
+
+
+def test_the_committed_results_grid_is_still_recognised_as_finished() -> None:
+    """Run directories written before the redesign (old keys: done.lower in every config,
+    burn_in fractions) read as the same runs: nothing is retrained."""
+    from dorat.compare.grid import _validate
+
+    for spec, out in (("fmnist.yaml", "grid"), ("fmnist-longtail-sweep.yaml", "sweep-longtail")):
+        grid = load_grid(ROOT / "benchmarks" / "results" / spec, ROOT / "benchmarks" / "results" / out)
+        assert set(_validate(grid, None)) == {"done"}, spec
+    trades = C.from_dict(C.load_yaml(str(ROOT / "benchmarks/results/grid/runs/fashion-mnist/balanced/"
+                                         "trades/seed0/config.yaml"))[0], "saved")
+    assert trades.method.attack == "pgd-kl"  # the old `done.lower: pgd` acted in DONE presets only

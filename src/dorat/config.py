@@ -41,10 +41,20 @@ def _share(v: Any) -> Any:
     return f"{100 * v:g}%" if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
+_OLD_DONE = ("done", "done-cid", "done-class")  # the presets that read done.lower, done.hypergrad
+
+
+def _if_done(v: Any, flat: dict[str, Any]) -> Any:
+    """done.lower and done.hypergrad acted only in these presets; elsewhere they were ignored."""
+    return v if flat.get("method.name") in _OLD_DONE else _IGNORED
+
+
+_IGNORED = object()
+
 # old dotted key -> (new dotted key, value map). Older config.yaml files and --set still work.
 ALIASES: dict[str, tuple[str, Any]] = {
-    "done.lower": ("method.attack", _same),
-    "done.hypergrad": ("method.hypergrad", _same),
+    "done.lower": ("method.attack", _if_done),
+    "done.hypergrad": ("method.hypergrad", _if_done),
     "done.cg_iters": ("hypergrad.cg_iters", _same),
     "done.cg_damping": ("hypergrad.damping", _same),
     "done.barrier_c": ("barrier.c", _same),
@@ -233,7 +243,9 @@ def _merge(flat: dict[str, Any], updates: Mapping[str, Any], source: str | None)
         try:
             if key in ALIASES:
                 key, fn = ALIASES[key]
-                value = fn(value)
+                value = fn(value, flat) if fn is _if_done else fn(value)
+                if value is _IGNORED:
+                    continue
             if key == "method":  # a preset name: its label here, its parts and set in the base
                 key = "method.name"
             flat[key] = _lookup(key).coerce(value)

@@ -84,7 +84,7 @@ def _warmup(value: Any) -> Any:
         share = float(value.strip()[:-1])
         if not 0 <= share <= 100:
             raise ValueError
-        return f"{share:g}%"
+        return f"{share:g}%" if share else 0  # no share is no epoch: one spelling
     raise ValueError
 
 
