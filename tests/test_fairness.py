@@ -266,6 +266,9 @@ def test_validation_driven_methods_train_log_and_resume_bitwise(tmp_path: Path, 
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     if method != "dafa-at":  # the validation cost, every epoch it ran (DAFA reads none)
         assert all("val_seconds" in rec for rec in log[1:])
+    from dorat.report import write_report
+
+    assert (Path(write_report([tmp_path / "a"], tmp_path / "rep")).parent / "class_params.png").is_file()
     key = {"frl-rwrm": "class_eps_scale", "wat": "class_w", "done-val": "class_loss",
            "trades-cfa": "class_eps_scale", "dafa-at": "class_w"}[method]
     assert len(log[-1][key]) == 4

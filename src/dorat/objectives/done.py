@@ -164,8 +164,8 @@ class KLDROWeighting(Weighting):
         sums = self._sum(torch.zeros(C, dtype=torch.float64, device=dev).index_add_(0, y, ld))
         present = counts > 0
         if self.level == "class-val":  # L_c measured on validation data by start_epoch
-            if self.class_loss is None:  # not measured yet (warm-up): uniform over classes
-                self.class_loss = torch.zeros(C, dtype=torch.float64, device=dev)
+            if self.class_loss is None:  # not measured yet (warm-up): uniform
+                return torch.full_like(ld, 1.0 / len(y))
             self.class_seen = torch.ones(C, dtype=torch.bool, device=dev)
             present = torch.zeros_like(present)
         # running per-class loss L̄_c (initialised with the first batch that holds class c)

@@ -178,6 +178,42 @@ def plot_weights(results: Sequence[RunResult], classes: Sequence[str], path: Pat
     return path
 
 
+# per-class parameters a method logs each epoch (dorat.objectives.fairness, done), with labels
+CLASS_PARAMS = {"class_eps_scale": "attack radius multiplier (ε_c / ε)",
+                "class_w_clean": "clean-term class weight", "class_w_boundary": "boundary-term class weight",
+                "class_w": "class weight", "class_loss": "class loss the DRO weights",
+                "class_acc": "running class accuracy"}
+
+
+def class_param_keys(r: RunResult) -> list[str]:
+    return [k for k in CLASS_PARAMS if any(k in x for x in r.log)]
+
+
+def plot_class_params(results: Sequence[RunResult], classes: Sequence[str], path: Path) -> Path:
+    """Each class-level parameter a run logs (margins, class weights, class losses), per class
+    over the epochs: one row per run, one panel per parameter."""
+    plt = _plt()
+    rows = [(r, class_param_keys(r)) for r in results if class_param_keys(r)]
+    ncol = max(len(k) for _, k in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(5.5 * ncol, 3.8 * len(rows)), squeeze=False)
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for row, (r, keys) in zip(axes, rows):
+        for ax, key in zip(row, keys):
+            pts = [(x["epoch"], x[key]) for x in r.log if key in x]
+            for c in range(len(classes)):
+                ax.plot([e for e, _ in pts], [v[c] if c < len(v) else math.nan for _, v in pts],
+                        marker=".", color=cmap(c % cmap.N), label=classes[c])
+            ax.set_title(f"{r.name}: {CLASS_PARAMS[key]}", fontsize=10)
+            ax.set_xlabel("epoch")
+        row[0].legend(ncol=2, fontsize=7)
+        for ax in row[len(keys):]:
+            ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_top_weighted(r: RunResult, path: Path, k: int = 24) -> Path | None:
     """The k training examples with the largest weight in the last epoch, with label, weight
     and adversarial loss: are they hard, or mislabelled?"""
@@ -242,6 +278,10 @@ def figure_lines(results: Sequence[RunResult], out: Path, prefix: str = "",
     if any(r.log for r in results):
         plot_training(results, out / f"{prefix}training.png")
         lines += [f"![training curves]({prefix}training.png)", ""]
+    if same and any(class_param_keys(r) for r in results):
+        plot_class_params(results, classes, out / f"{prefix}class_params.png")
+        lines += ["Class-level parameters over the epochs (margins, class weights, class losses):", "",
+                  f"![class parameters]({prefix}class_params.png)", ""]
     if same and any(r.reweights for r in results):
         plot_weights(results, classes, out / f"{prefix}weights.png")
         lines += ["Weight diagnostics of the reweighting runs (weights in units of the uniform "
