@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,17 @@ import yaml
 
 from dorat import parts
 from dorat.errors import ConfigError
+from dorat.presets import (  # noqa: F401  (re-exported: the config's API)
+    PART_KEYS,
+    PRESETS,
+    SHARED_SECTIONS,
+    Preset,
+    get_preset,
+    method_names,
+    part_sections,
+    presets,
+    register_preset,
+)
 
 
 def _ensure_parts() -> None:
@@ -32,11 +42,11 @@ def _ensure_parts() -> None:
 
 # -- renamed keys ----------------------------------------------------------------------------
 
-def _same(v: Any) -> Any:
+def _same(v: Any, flat: dict[str, Any]) -> Any:
     return v
 
 
-def _share(v: Any) -> Any:
+def _share(v: Any, flat: dict[str, Any]) -> Any:
     """An old burn-in (a fraction of the epochs) as the warm-up convention's share, 'N%'."""
     return f"{100 * v:g}%" if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
@@ -66,68 +76,6 @@ ALIASES: dict[str, tuple[str, Any]] = {
     "mail.burn_in": ("mail.warmup", _share),
     "wmmr.burn_in": ("wmmr.warmup", _share),
 }
-
-
-# -- presets as data -------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    help: str
-    attack: str
-    loss: str
-    weighting: str
-    hypergrad: str = "none"
-    set: Mapping[str, Any] = None  # type: ignore[assignment]
-
-    @property
-    def parts(self) -> dict[str, str]:
-        return {"attack": self.attack, "loss": self.loss, "weighting": self.weighting,
-                "hypergrad": self.hypergrad}
-
-
-PRESETS: dict[str, Preset] = {}
-_BUILTIN: list[bool] = []
-PART_KEYS = ("attack", "loss", "weighting", "hypergrad")
-
-
-def register_preset(name: str, attack: str, loss: str, weighting: str, hypergrad: str = "none",
-                    help: str = "", set: Mapping[str, Any] | None = None) -> Preset:
-    """Add a method preset: a name for parts + config overrides (dotted keys)."""
-    _load_presets()
-    p = Preset(name, help, attack, loss, weighting, hypergrad, dict(set or {}))
-    PRESETS[name] = p
-    return p
-
-
-def _load_presets() -> None:
-    """The built-in presets (configs/methods.yaml), once; plug-ins may add their own."""
-    if _BUILTIN:
-        return
-    _BUILTIN.append(True)
-    text = resources.files("dorat").joinpath("configs", "methods.yaml").read_text()
-    for name, row in yaml.safe_load(text).items():
-        PRESETS.setdefault(name, Preset(name, row.get("help", ""), row["attack"], row["loss"],
-                                        row["weighting"], row.get("hypergrad", "none"),
-                                        dict(row.get("set") or {})))
-
-
-def presets() -> dict[str, Preset]:
-    _load_presets()
-    parts.load_plugins()
-    return PRESETS
-
-
-def method_names() -> list[str]:
-    return list(presets())
-
-
-def get_preset(name: str) -> Preset:
-    table = presets()
-    if name not in table:
-        raise ConfigError(f"unknown method '{name}'; choose one of {', '.join(table)} (or compose "
-                          "one with --set method.attack=... method.loss=... method.weighting=...)")
-    return table[name]
 
 
 # -- the frozen config -----------------------------------------------------------------------
@@ -243,7 +191,7 @@ def _merge(flat: dict[str, Any], updates: Mapping[str, Any], source: str | None)
         try:
             if key in ALIASES:
                 key, fn = ALIASES[key]
-                value = fn(value, flat) if fn is _if_done else fn(value)
+                value = fn(value, flat)
                 if value is _IGNORED:
                     continue
             if key == "method":  # a preset name: its label here, its parts and set in the base
@@ -277,19 +225,6 @@ def _validated(flat: dict[str, Any]) -> Config:
         if check is not None:
             check(cfg)
     return cfg
-
-
-SHARED_SECTIONS = ("attack",)  # the threat model: read by every attack, the same for all methods
-
-
-def part_sections(parts_of: Mapping[str, str]) -> set[str]:
-    """The config sections a method's own parts read (their fields' sections and what they
-    declare in ``reads``), the shared threat model excluded."""
-    out: set[str] = set()
-    for kind in PART_KEYS:
-        cls = parts.get(kind, parts_of[kind])
-        out |= set(parts.field_sections(cls).values()) | set(getattr(cls, "reads", ()))
-    return out - set(SHARED_SECTIONS)
 
 
 def _check_preset(preset: Preset) -> None:
