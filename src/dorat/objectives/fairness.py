@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
+from dorat import distributed
 from dorat.attacks import AttackResult
+from dorat.distributed import Dist
 from dorat.errors import DoratError
 from dorat.objectives.base import LossOutput, Measure, StepContext, Weighting
 from dorat.parts import nonneg, opt, positive, register
@@ -161,6 +163,11 @@ class WATWeighting(Weighting):
         self.cum, self.w = state["cum"], state["w"]
 
 
+def _global(acc: torch.Tensor, dist: Dist | None) -> torch.Tensor:
+    """Per-class sums of this rank, summed over the ranks (every rank then sets the same)."""
+    return distributed.all_sum(dist, acc.clone()) if dist is not None else acc
+
+
 def _class_means(acc: torch.Tensor | None, v: torch.Tensor, y: torch.Tensor, C: int) -> torch.Tensor:
     """Accumulate per-class sums of ``v`` (rows: examples) and counts in ``acc`` [C, D+1]."""
     v = v.detach().double().reshape(len(y), -1)
@@ -194,6 +201,7 @@ class CFAWeighting(Weighting):
         cfg = info["cfg"]
         self.C = info.get("num_classes", 10)
         self.beta = cfg.trades.beta if cfg.method.loss == "trades" else None
+        self.dist = info.get("dist")
         self.robust: torch.Tensor | None = None  # r_c of the previous epoch
         self.acc: torch.Tensor | None = None  # this epoch's per-class [correct, count]
         self.avg: dict[str, torch.Tensor] | None = None  # FAWA's average
@@ -204,7 +212,8 @@ class CFAWeighting(Weighting):
 
     def start_epoch(self, epoch: int, epochs: int, measure: Measure | None = None) -> None:
         if self.acc is not None:
-            self.robust = (self.acc[:, 0] / self.acc[:, 1].clamp_min(1)).cpu()
+            acc = _global(self.acc, self.dist)
+            self.robust = (acc[:, 0] / acc[:, 1].clamp_min(1)).cpu()
         self.acc = None
         self.active = self.robust is not None and not self.in_warmup(StepContext(epoch, epochs, 0))
 
@@ -284,6 +293,7 @@ class DAFAWeighting(Weighting):
     def bind(self, info: dict[str, Any]) -> None:
         self.C = info.get("num_classes", 10)
         self.trades = info["cfg"].method.loss == "trades"
+        self.dist = info.get("dist")
         self.memory: torch.Tensor | None = None  # per-class sums of softmax(adv logits) + counts
         self.w: torch.Tensor | None = None  # the class weights, once computed
         self.collect = False
@@ -291,7 +301,8 @@ class DAFAWeighting(Weighting):
     def start_epoch(self, epoch: int, epochs: int, measure: Measure | None = None) -> None:
         first = not self.in_warmup(StepContext(epoch, epochs, 0))
         if first and self.w is None and self.memory is not None:
-            self.w = self.class_weights(self.memory[:, :-1] / self.memory[:, -1:].clamp_min(1))
+            mem = _global(self.memory, self.dist)
+            self.w = self.class_weights(mem[:, :-1] / mem[:, -1:].clamp_min(1))
             if float(self.w.min()) <= 0:
                 raise DoratError(f"DAFA's class weights reached {float(self.w.min()):.3g} (<= 0: a "
                                  "class would get no attack radius); lower dafa.lam")
