@@ -175,6 +175,36 @@ def plot_rows(rows: list[dict], key: str, path: Path, title: str, ylabel: str) -
     return True
 
 
+def plot_frontier(rows: list[dict], path: Path, title: str) -> bool:
+    """Every method in the (RA-AA, worst-class RA under all attacks) plane, mean over seeds with
+    the seed spread (± std) as error bars, and PGD-AT's point as the reference; False if no
+    row has the AutoAttack evaluation."""
+    keys = ("aa1000:ra.aa", "aa1000:worst_class.worst")
+    rows = [r for r in rows if all(k in r["metrics"] for k in keys)]
+    if not rows:
+        return False
+    from dorat.report.runs import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8.5, 6))
+    cmap, marks = plt.get_cmap("tab20"), "osD^v<>pPhX*"
+    for i, r in enumerate(rows):
+        (x, y) = (100 * r["metrics"][k]["mean"] for k in keys)
+        (dx, dy) = (100 * r["metrics"][k]["std"] for k in keys)
+        ax.errorbar(x, y, xerr=dx, yerr=dy, fmt=marks[i % len(marks)], capsize=3, ms=7,
+                    color="black" if r["method"] == "at" else cmap(i % 20),
+                    label=f"{r['method']} (n={len(r['seeds'])})")
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    ax.set_xlabel("RA-AA (%), AutoAttack on 1,000 points")
+    ax.set_ylabel("worst-class robust accuracy (%), worst of PGD, CW, AutoAttack")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def load_aggregate(runs: Path, committed: Path) -> dict | None:
     """A compare aggregate: RUNS/results.json, copied to ``committed`` (docs/results/), or, when
     its runs are not here (a sweep that ran once, on another machine), the committed copy."""
@@ -246,6 +276,12 @@ def main() -> None:
         lines += ["## Test results", "", f"{grid['finished_runs']} of {grid['total_runs']} runs "
                   "finished; a table with fewer than 3 seeds in a row is partial.", ""]
         lines += markdown_tables(grid, GRID_COLUMNS)
+        for setting in ("balanced", "longtail"):
+            rows = [r for r in grid["rows"] if r["setting"] == setting]
+            png = f"frontier_{setting}.png"
+            if plot_frontier(rows, res / png, f"Fashion-MNIST {setting}: average against worst-class "
+                             "robustness (mean ± std over seeds)"):
+                lines += [f"![{setting}: RA-AA against worst-class RA](results/{png})", ""]
         for setting in ("balanced", "longtail"):
             paired = paired_lines(grid, setting)
             if paired:
