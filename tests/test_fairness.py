@@ -44,6 +44,7 @@ def test_frl_multipliers_weights_and_margins_by_hand() -> None:
     # λ2 = 0.2·γ1 (not clamped); margins exp(2λ2) clamped to [0.98, 3]
     assert frl.lam[2].tolist() == pytest.approx([-0.2 / 15, 0.2 / 30, 0.2 / 30])
     assert frl.class_eps().tolist() == pytest.approx([0.98, math.exp(0.4 / 30), math.exp(0.4 / 30)])
+    assert frl.epoch_log()["lambda"][0] == pytest.approx([0, 0, 0.125])  # the multipliers are logged
     # class weights 1/C + λ − mean(λ): clean [1/3 − 1/24, 1/3 − 1/24, 1/3 + 1/12]
     third = 0.125 / 3
     assert frl.class_weights(0).tolist() == pytest.approx([1 / 3 - third, 1 / 3 - third, 1 / 3 + 2 * third])
@@ -112,6 +113,7 @@ def test_cfa_margins_betas_and_fawa_by_hand() -> None:
     wb = cfa.base_weights(out, y, StepContext(1, 5, 0))
     assert w.double().tolist() == pytest.approx((beta_c / 6 / 4).tolist(), rel=1e-6)  # the loss is β·KL
     assert wb.double().tolist() == pytest.approx(((1 - beta_c) / 4).tolist(), rel=1e-6)
+    assert cfa.epoch_log()["class_beta"] == pytest.approx([6 / 7, 9 / 10], rel=1e-4)  # logged per class
     model = nn.Linear(2, 2)
     with torch.no_grad():
         model.weight.fill_(1.0)

@@ -106,6 +106,7 @@ class FRLWeighting(Weighting):
             out["class_w_boundary"] = [round(float(v), 5) for v in self.class_weights(1)]
             if self.remargin:
                 out["class_eps_scale"] = [round(float(v), 5) for v in self.class_eps()]  # type: ignore[union-attr]
+            out["lambda"] = [[round(float(v), 5) for v in row] for row in self.lam]  # clean, bndy, margin
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -266,6 +267,8 @@ class CFAWeighting(Weighting):
         out: dict[str, Any] = {"reweighting": self.active}
         if self.active and self.ccm:
             out["class_eps_scale"] = [round(float(v), 5) for v in self.class_eps()]  # type: ignore[union-attr]
+        if self.active and self.ccr and self.beta is not None:
+            out["class_beta"] = [round(float(v), 5) for v in self._class_beta(torch.arange(self.C))]  # type: ignore[union-attr]
         if self.fawa:
             out["fawa_epochs_in"] = self.avg is not None
             if hasattr(self, "last_worst"):

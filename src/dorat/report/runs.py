@@ -182,7 +182,7 @@ def plot_weights(results: Sequence[RunResult], classes: Sequence[str], path: Pat
 CLASS_PARAMS = {"class_eps_scale": "attack radius multiplier (ε_c / ε)",
                 "class_w_clean": "clean-term class weight", "class_w_boundary": "boundary-term class weight",
                 "class_w": "class weight", "class_loss": "class loss the DRO weights",
-                "class_acc": "running class accuracy"}
+                "class_acc": "running class accuracy", "class_beta": "TRADES β_c (CFA's CCR)"}
 
 
 def class_param_keys(r: RunResult) -> list[str]:
