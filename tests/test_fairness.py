@@ -274,3 +274,19 @@ def test_validation_driven_methods_train_log_and_resume_bitwise(tmp_path: Path, 
     key = {"frl-rwrm": "class_eps_scale", "wat": "class_w", "done-val": "class_loss",
            "trades-cfa": "class_eps_scale", "dafa-at": "class_w"}[method]
     assert len(log[-1][key]) == 4
+
+
+@pytest.mark.parametrize("sets,fragment", [
+    (["method=trades-cfa", "cfa.lambda_margin=-0.5"], "cfa.lambda_margin' must be >= 0"),
+    (["method=frl-rm", "frl.max_margin=0.5"], "frl.max_margin' must be >= 1"),
+    (["method=dafa", "dafa.lam=-1"], "dafa.lam' must be >= 0"),
+    (["method=wat", "wat.eta=0"], "wat.eta' must be > 0"),
+])
+def test_negative_margin_or_beta_schedules_are_refused_before_training(
+        tmp_path: Path, sets: list[str], fragment: str) -> None:
+    from dorat.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "r"), *[a for s in sets for a in ("--set", s)]]) == 2
+    assert not (tmp_path / "r").exists()  # refused before anything is written
+    with pytest.raises(ConfigError, match=fragment):
+        C.resolve(None, sets=sets)
