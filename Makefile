@@ -39,7 +39,7 @@ test: data
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff check src tests benchmarks scripts examples
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
