@@ -294,8 +294,8 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
             return None
 
     final = method.weighting.final_state()
-    if getattr(method.weighting, "final_message", None):
-        log(method.weighting.final_message)  # type: ignore[attr-defined]
+    if method.weighting.final_message:
+        log(method.weighting.final_message)
     if final is not None:
         model.load_state_dict(final)
         log(f"the final model is {cfg.method.weighting}'s weight average, not the last epoch's weights")

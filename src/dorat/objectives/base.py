@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 import torch.nn as nn
@@ -92,6 +92,7 @@ class Weighting:
     (per-example weights in units of the uniform weight) or ``weights``, and may keep state."""
 
     name = "uniform"
+    final_message: ClassVar[str | None] = None  # one line the trainer logs after final_state(), if set
 
     def bind(self, info: dict[str, Any]) -> None:
         """Data facts, once the data is read (num_classes, class_counts, cfg, dist)."""
