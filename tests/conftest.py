@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import contextlib
 import gzip
+import signal
 import struct
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +80,18 @@ needs_fmnist = pytest.mark.skipif(
     not fmnist_available(),
     reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
 )
+
+
+@contextlib.contextmanager
+def holder(path: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process that owns the run directory ``path`` (dorat.locks) until the block ends,
+    when it is killed with SIGKILL (it never releases the lock itself)."""
+    code = ("import sys, time; from dorat import locks\n"
+            "with locks.own(sys.argv[1]):\n    print('owned', flush=True); time.sleep(120)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "owned"
+        yield p
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()

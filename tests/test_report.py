@@ -198,74 +198,27 @@ def test_aggregate_with_missing_seed_uses_finished_ones(tmp_path: Path, syntheti
     assert agg["rows"][0]["metrics"]["sa"]["std"] == 0.0 and agg["finished_runs"] == 1
 
 
-def test_compare_processes_share_out_through_run_locks(tmp_path: Path, synthetic_npz: Path) -> None:
-    import subprocess
-    import sys
+def test_compare_leaves_a_run_another_process_owns_and_takes_it_once_that_one_is_killed(
+        tmp_path: Path, synthetic_npz: Path) -> None:
+    from conftest import holder
 
     f = _compare_file(tmp_path, synthetic_npz)
     out = tmp_path / "out"
     held = load_grid(f, out).runs[0]
-    held.path.mkdir(parents=True)
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     logs: list[str] = []
-    try:
-        (held.path / ".compare.lock").write_text(str(sleeper.pid))  # a live compare works on it
+    with holder(held.path) as p:  # a live process owns the run directory
         compare(f, out, only=["at"], log=logs.append)
-        assert any(f"at/seed0: another compare (pid {sleeper.pid})" in m for m in logs)
+        assert any(f"at/seed0: another process (pid {p.pid}) is running it" in m for m in logs)
         assert not (held.path / "metrics.json").exists()  # left to the other process
-        assert (held.path / ".compare.lock").read_text() == str(sleeper.pid)
         other = next(r for r in load_grid(f, out).runs if r.name == "at" and r.seed == 1)
-        assert (other.path / "metrics.json").is_file() and not (other.path / ".compare.lock").exists()
+        assert (other.path / "metrics.json").is_file() and not (other.path / ".lock").exists()
         rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
         assert rows["at"]["seeds"] == [1]
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-    # its process is gone (killed): the stale lock is taken over, and released afterwards
+    # its owner was killed (kill -9): the kernel released the lock, the run is trained now
     logs.clear()
     compare(f, out, only=["at"], log=logs.append)
     assert any("at/seed0: training" in m for m in logs)
-    assert (held.path / "metrics.json").is_file() and not (held.path / ".compare.lock").exists()
-
-
-def test_run_lock_tells_a_live_owner_from_a_dead_or_reused_pid(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from dorat.compare.execute import _proc_stat, _run_lock, _start_time
-
-    run = tmp_path / "run"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        start = _start_time(sleeper.pid)
-        run.mkdir()
-        (run / ".compare.lock").write_text(" ".join([str(sleeper.pid), *start]))
-        with _run_lock(run) as holder:
-            assert holder == sleeper.pid  # alive: left alone
-        assert (run / ".compare.lock").is_file()
-        if start:  # Linux: the same pid with another start time is a reused pid, the lock stale
-            (run / ".compare.lock").write_text(f"{sleeper.pid} {int(start[0]) + 1}")
-            with _run_lock(run) as holder:
-                assert holder == 0
-                assert (run / ".compare.lock").read_text().split()[0] == str(os.getpid())
-            assert not (run / ".compare.lock").exists()
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-    if start:  # Linux: a worker that exited but is not reaped yet (a zombie) holds no lock
-        done = subprocess.Popen([sys.executable, "-c", "pass"])
-        start = _start_time(done.pid)
-        while (stat := _proc_stat(done.pid)) and stat[0] != "Z":
-            time.sleep(0.05)
-        (run / ".compare.lock").write_text(" ".join([str(done.pid), *start]))
-        with _run_lock(run) as holder:
-            assert holder == 0
-        done.wait()
-    (run / ".compare.lock").write_text("not a pid")  # garbage: stale
-    with _run_lock(run) as holder:
-        assert holder == 0
+    assert (held.path / "metrics.json").is_file() and not (held.path / ".lock").exists()
 
 
 def test_compare_workers_split_the_grid(tmp_path: Path, synthetic_npz: Path,
@@ -281,7 +234,7 @@ def test_compare_workers_split_the_grid(tmp_path: Path, synthetic_npz: Path,
     assert {w for w, _ in trained} == {"w1", "w2"}  # both took part
     agg = json.loads((out / "results.json").read_text())
     assert agg["finished_runs"] == 4 and all(r["seeds"] == [0, 1] for r in agg["rows"])
-    assert not list(out.rglob(".compare.lock"))
+    assert not list(out.rglob(".lock"))
 
 
 def test_compare_checks_methods_before_writing_or_starting_workers(tmp_path: Path,

@@ -18,11 +18,12 @@ a run resumed after epoch e ends with the same weights as an uninterrupted one (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from dorat import config as cfglib
-from dorat import distributed
+from dorat import distributed, locks
 from dorat.attacks import EVAL_ATTACKS
 from dorat.checkpoint import load_state, load_weights, write_text_atomic
 from dorat.checks import warning_lines
@@ -285,43 +286,72 @@ def train(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = 
 
     Launched by torchrun (WORLD_SIZE > 1), every process calls this: data-parallel training,
     rank 0 writes (see dorat.distributed)."""
-    from dorat import trainer
-
     out = Path(out)
     d = distributed.from_env(cfg.device)
     try:
-        if not d.main:
-            log = lambda s: None  # noqa: E731
-        log = log or (lambda s: print(s, file=sys.stderr))
-        distributed.on_main(d, lambda: _check_run_dir(out, resume, overwrite))
-        if resume:
-            cfg = read_config(out).replace({"device": cfg.device})
-        _check_parallel(cfg, d)
-        run = prepare(cfg, d, data, model)
-        _warn_idle_weighting(run, log)
-        state = load_state(out / "checkpoint.safetensors")[0] if resume else None
-
-        def setup_dir() -> None:
-            files = (*RUN_FILES, JOURNAL.format(name="metrics"))
-            if resume:
-                for name in files:  # temporary files of writes a crash interrupted
-                    for tmp in out.glob(f".{name}.*.tmp"):
-                        tmp.unlink(missing_ok=True)
-            _ensure_writable(out)
-            if overwrite and not resume:
-                for f in files:
-                    (out / f).unlink(missing_ok=True)
-            if not resume:
-                write_text_atomic(out / "config.yaml", cfglib.dump(cfg))
-
-        distributed.on_main(d, setup_dir)
-        if trainer.fit(run, out, state, stop_after_epoch, log, d) is None:
-            return None
-
-        def finish() -> dict[str, Any]:
-            progress = trainer.show_progress(cfg)
-            return final_evaluation(run, out, progress, log)
-
-        return distributed.broadcast(d, distributed.on_main(d, finish))
+        with contextlib.ExitStack() as owned:
+            if d.main:
+                owned.enter_context(_own(out))
+            return _train(cfg, out, d, resume, overwrite, stop_after_epoch, log, data, model)
     finally:
         distributed.teardown(d)
+
+
+@contextlib.contextmanager
+def _own(out: Path) -> Iterator[None]:
+    """This process owns ``out`` while it trains (dorat.locks): a second `dorat train` or
+    `dorat compare` on the same directory is refused instead of mixing two runs in it."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory; choose another path")
+    owned = contextlib.ExitStack()
+    try:
+        owned.enter_context(locks.own(out))
+    except locks.Busy as e:
+        raise ConfigError(f"{out} is in use by another dorat process"
+                          f"{f' (pid {e.pid})' if e.pid else ''}; wait for it to finish or "
+                          "choose another --out") from None
+    except OSError as e:
+        raise ConfigError(f"cannot create output directory {out} ({e.strerror}); choose another "
+                          "--out") from None
+    with owned:
+        yield
+
+
+def _train(cfg: Config, out: Path, d: distributed.Dist, resume: bool, overwrite: bool,
+           stop_after_epoch: int | None, log: Callable[[str], None] | None, data: Dataset | None,
+           model: nn.Module | None) -> dict[str, Any] | None:
+    from dorat import trainer
+
+    if not d.main:
+        log = lambda s: None  # noqa: E731
+    log = log or (lambda s: print(s, file=sys.stderr))
+    distributed.on_main(d, lambda: _check_run_dir(out, resume, overwrite))
+    if resume:
+        cfg = read_config(out).replace({"device": cfg.device})
+    _check_parallel(cfg, d)
+    run = prepare(cfg, d, data, model)
+    _warn_idle_weighting(run, log)
+    state = load_state(out / "checkpoint.safetensors")[0] if resume else None
+
+    def setup_dir() -> None:
+        files = (*RUN_FILES, JOURNAL.format(name="metrics"))
+        if resume:
+            for name in files:  # temporary files of writes a crash interrupted
+                for tmp in out.glob(f".{name}.*.tmp"):
+                    tmp.unlink(missing_ok=True)
+        _ensure_writable(out)
+        if overwrite and not resume:
+            for f in files:
+                (out / f).unlink(missing_ok=True)
+        if not resume:
+            write_text_atomic(out / "config.yaml", cfglib.dump(cfg))
+
+    distributed.on_main(d, setup_dir)
+    if trainer.fit(run, out, state, stop_after_epoch, log, d) is None:
+        return None
+
+    def finish() -> dict[str, Any]:
+        progress = trainer.show_progress(cfg)
+        return final_evaluation(run, out, progress, log)
+
+    return distributed.broadcast(d, distributed.on_main(d, finish))

@@ -26,8 +26,8 @@ writes RUN/eval-<name>.json, also skipped when present. A finished run whose mod
 (e.g. only its small result files were kept in git) but that still misses an extra evaluation
 is trained again.
 
-Several compare processes may share one OUT: each run is taken under its own lock
-(RUN/.compare.lock), so they split the grid between them. ``workers=N`` (``--workers N``)
+Several compare processes may share one OUT: each owns one run directory at a time
+(dorat.locks), so they split the grid between them. ``workers=N`` (``--workers N``)
 starts N such processes and splits the machine between them: on CPU each gets cores/N threads
 (small models use 2 single-threaded processes better than one with 2 threads), with CUDA
 each gets one GPU in turn.

@@ -1,19 +1,20 @@
 """Executing a grid: each run trained (or resumed) and evaluated in a run directory, in this
-process or in N worker processes that split the grid through per-run lock files.
+process or in N worker processes that split the grid by owning one run directory at a time
+(dorat.locks).
 
 This is the seam a launcher plugs into: ``run_grid`` walks the runs and ``_do_run`` does one."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dorat import locks
 from dorat.compare.grid import (
     FAILED,
     Grid,
@@ -26,16 +27,14 @@ from dorat.compare.grid import (
 )
 from dorat.errors import DoratError
 
-LOCK = ".compare.lock"  # RUN/.compare.lock: the pid of the compare process working on that run
-
 
 def run_grid(grid: Grid, log: Callable[[str], None] | None = None, progress: bool = False,
              only: Sequence[str] | None = None, retry_failed: bool = False) -> None:
     """Train and evaluate every run of the grid that has not finished yet (only the methods
     named in ``only``, when given). A run that fails with a user-level error (diverged loss,
     bad value) is recorded in RUN/failed.json and the grid goes on; failed runs are skipped
-    on later calls unless ``retry_failed``. A run that another live compare process holds
-    (RUN/.compare.lock) is left to it."""
+    on later calls unless ``retry_failed``. A run that another live process owns (dorat.locks)
+    is left to it."""
     log = log or (lambda s: print(s, file=sys.stderr))
     statuses = _validate(grid, only)
     todo = sum(not _finished(r, grid.evals) for r in grid.runs)
@@ -50,15 +49,21 @@ def run_grid(grid: Grid, log: Callable[[str], None] | None = None, progress: boo
             continue
         if _finished(r, grid.evals):
             continue
-        with _run_lock(r.path) as holder:
-            if holder:
-                log(f"{tag}: another compare (pid {holder}) is running it; left to that one")
-                continue
-            st = _status(r)  # again, under the lock: another process may have finished it
-            if st == "failed" and not retry_failed:
-                log(f"{tag}: failed in another compare ({_failure(r)}); skipped")
-                continue
-            _do_run(r, grid.evals, st, tag, log, progress)
+        try:
+            r.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DoratError(f"cannot create {r.path} ({e.strerror}); choose another --out"
+                             ) from None
+        try:
+            with locks.own(r.path):
+                st = _status(r)  # again, as owner: another process may have finished it
+                if st == "failed" and not retry_failed:
+                    log(f"{tag}: failed in another compare ({_failure(r)}); skipped")
+                    continue
+                _do_run(r, grid.evals, st, tag, log, progress)
+        except locks.Busy as e:
+            log(f"{tag}: another process{f' (pid {e.pid})' if e.pid else ''} is running it; "
+                "left to that one")
 
 
 def _do_run(r: RunSpec, evals: Sequence[dict[str, Any]], st: str, tag: str,
@@ -115,75 +120,6 @@ def _extra_eval(r: RunSpec, e: dict[str, Any], log: Callable[[str], None], tag: 
     metrics = evaluate_run(run, progress=progress, log=log,
                            journal=r.path / JOURNAL.format(name=f"eval-{e['name']}"))
     write_text_atomic(target, json.dumps(metrics, indent=2))
-
-
-@contextlib.contextmanager
-def _run_lock(path: Path) -> Iterator[int]:
-    """Hold RUN/.compare.lock while one process trains and evaluates that run. Yields 0 when
-    this process holds it, else the pid of the live process that does (nothing is done then).
-    A lock left by a process that died (kill -9, a reboot) is taken over; the lock names the
-    process by pid and start time, so a reused pid does not keep a dead lock alive, and a dead
-    process its parent has not reaped yet (a zombie) holds no lock."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DoratError(f"cannot create {path} ({e.strerror}); choose another --out") from None
-    lock = path / LOCK
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            try:
-                owner = lock.read_text().split()
-                age = time.time() - lock.stat().st_mtime
-            except OSError:
-                continue  # released meanwhile: try again
-            if not owner and age < 10:  # created, not written yet: its owner is writing it
-                time.sleep(0.1)
-                continue
-            if owner and owner[0].isdigit() and _alive(int(owner[0]), owner[1:2]):
-                yield int(owner[0])
-                return
-            lock.unlink(missing_ok=True)  # stale
-    with os.fdopen(fd, "w") as f:
-        f.write(" ".join([str(os.getpid()), *_start_time(os.getpid())]))
-    try:
-        yield 0
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _proc_stat(pid: int) -> list[str]:
-    """Fields 3... of /proc/PID/stat (Linux; the name in (...) may hold spaces), else nothing."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return []
-
-
-_START = slice(19, 20)  # field 22 of /proc/PID/stat, the start time, as a 0- or 1-item list
-
-
-def _start_time(pid: int) -> list[str]:
-    """The process's start time in clock ticks since boot (Linux), else nothing."""
-    return _proc_stat(pid)[_START]
-
-
-def _alive(pid: int, start: list[str] | None = None) -> bool:
-    if pid == os.getpid():
-        return False  # our own lock, left by an earlier call that died in this process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    stat = _proc_stat(pid)
-    if stat[:1] == ["Z"]:
-        return False  # exited, not yet reaped by its parent (a killed compare worker)
-    now = stat[_START]
-    return not (start and now and start != now)  # the pid was reused by another process
 
 
 def available_cores() -> int:
