@@ -95,3 +95,12 @@ def holder(path: Path) -> Iterator[subprocess.Popen[str]]:
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`dorat ARGV` in this process: exit code, stdout, stderr."""
+    from dorat.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

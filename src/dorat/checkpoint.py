@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -91,6 +92,43 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def strict(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None: strict JSON has no NaN, and a
+    per-class accuracy of a class the evaluation set lacks is undefined (null), not a number."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    return json.dumps(strict(obj), indent=indent, allow_nan=False)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Strict JSON (see `strict`), written atomically."""
+    write_text_atomic(path, json_text(obj))
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file written by `write_json_atomic`; a null in a list of numbers (an undefined
+    per-class value) reads back as NaN, so arithmetic and min() treat it as before."""
+    def numbers(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: numbers(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            if obj and all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
+                           for v in obj) and any(v is not None for v in obj):
+                return [math.nan if v is None else v for v in obj]
+            return [numbers(v) for v in obj]
+        return obj
+
+    return numbers(json.loads(Path(path).read_text()))
+
+
 def save_state(path: Path, state: dict[str, Any], meta: dict[str, str] | None = None) -> None:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = pack(state, tensors)
@@ -136,6 +174,11 @@ def save_weights(path: Path, model: torch.nn.Module, meta: dict[str, str] | None
 def load_weights(path: Path, model: torch.nn.Module) -> dict[str, str]:
     """Load model weights from safetensors into ``model``; a mismatch is a CheckpointError."""
     sd, meta = read_safetensors(path, f"no model weights at {path}; train first (`dorat train --out ...`)")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path} holds NaN or infinite weights ({bad[0]}"
+                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); the model "
+                              "is broken: train it again (lower optim.lr if it diverged)")
     load_state_dict_checked(model, sd, str(path))
     return meta
 

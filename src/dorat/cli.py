@@ -7,7 +7,6 @@ User errors (bad config value, missing data, wrong checkpoint) print one line
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -174,7 +173,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from dorat.checkpoint import write_text_atomic
+    from dorat.checkpoint import write_json_atomic
     from dorat.evaluate import summary_lines
     from dorat.run import evaluate_run, load_run
 
@@ -189,7 +188,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise DoratError(f"cannot write {out}: directory {out.parent} does not exist")
     metrics = evaluate_run(run, progress=sys.stderr.isatty(),
                            log=lambda m: print(m, file=sys.stderr))
-    write_text_atomic(out, json.dumps(metrics, indent=2))
+    write_json_atomic(out, metrics)
     print("\n".join(summary_lines(metrics)))
     print(f"results in {out}")
     return 0

@@ -258,7 +258,7 @@ def load_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
     """Read a config preset by name (``fmnist-demo``) or a YAML file by path."""
     path = Path(name_or_path)
     if path.is_file():
-        text, source = path.read_text(), str(path)
+        text, source = read_text_file(path, "config file"), str(path)
     else:
         res = resources.files("dorat").joinpath("configs", f"{name_or_path}.yaml")
         if not res.is_file() or name_or_path == "methods":
@@ -268,10 +268,50 @@ def load_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
     return parse_yaml(text, source), source
 
 
-def parse_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load`` with one clear error naming the file, line and column."""
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file's contents; unreadable or not UTF-8 is one ConfigError."""
     try:
-        return yaml.safe_load(text) or {}
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8"
+                          ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path} ({e.strerror})") from None
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(f"key '{key}' appears twice (lines {first} and {second}); keep one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first is not None:
+                raise DuplicateKey(key, first.line + 1, key_node.start_mark.line + 1)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load``, except that a duplicate key in a mapping is an error."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``safe_load`` with one clear error naming the file, line and column."""
+    try:
+        return safe_load(text) or {}
+    except DuplicateKey as e:
+        raise ConfigError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

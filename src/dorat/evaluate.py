@@ -47,11 +47,12 @@ class EvalSettings:
         return self.eps / 4 if self.alpha is None else self.alpha
 
 
-def stratified_subset(y: torch.Tensor, n: int | None, num_classes: int, seed: int) -> torch.Tensor:
+def stratified_subset(y: torch.Tensor, n: int | None, num_classes: int, seed: int,
+                      what: str = "eval.n") -> torch.Tensor:
     """Indices of a seeded, class-stratified subset of size n (all indices if n is None)."""
     if n is None or n >= len(y):
         return torch.arange(len(y))
-    return stratified_indices(y.cpu(), balanced_counts(y.cpu(), n, num_classes), seed, salt=7)
+    return stratified_indices(y.cpu(), balanced_counts(y.cpu(), n, num_classes, what), seed, salt=7)
 
 
 def _attack_batch(model: nn.Module, attack: str, x: torch.Tensor, y: torch.Tensor,
@@ -284,7 +285,7 @@ def evaluate(
         metrics["notes"] = [f"AutoAttack: {m}" for m in notes]
     if checks:
         found = table_checks(metrics)
-        sub = stratified_subset(y, check_n, len(classes), settings.seed + 1)
+        sub = stratified_subset(y, check_n, len(classes), settings.seed + 1, "eval.check_n")
         sweep, changed = eps_sweep(model, x[sub], y[sub], settings, device)
         metrics["checks"] = found + eps_sweep_checks(sweep, changed, len(classes))
         metrics["eps_sweep"] = sweep

@@ -52,6 +52,11 @@ def nonneg(v: Any) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
+def seed_value(v: Any) -> str | None:
+    """Seeds are mixed into 64-bit generator seeds (seed * 1_000_003 + salt): keep them 32-bit."""
+    return None if 0 <= v < 2**32 else "must be in [0, 2^32 - 1]"
+
+
 def unit(v: Any) -> str | None:
     return None if 0 <= v <= 1 else "must be in [0, 1]"
 

@@ -55,8 +55,8 @@ class ValidationProbe:
 
     def __init__(self, val: Split, num_classes: int, eps: float, norm: str, n: int, steps: int,
                  batch_size: int, seed: int, device: torch.device, channels_last: bool = False) -> None:
-        idx = stratified_indices(val.y.cpu(), balanced_counts(val.y.cpu(), min(n, len(val)), num_classes),
-                                 seed, salt=17)
+        counts = balanced_counts(val.y.cpu(), min(n, len(val)), num_classes, "val.n")
+        idx = stratified_indices(val.y.cpu(), counts, seed, salt=17)
         self.x, self.y = val.x[idx.to(val.x.device)], val.y[idx.to(val.y.device)]
         self.num_classes, self.seed, self.device = num_classes, seed, device
         self.spec = PGDSpec(eps, eps / 4, steps, norm, "ce", train_mode=False)

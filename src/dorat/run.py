@@ -34,13 +34,13 @@ import torch.nn as nn
 from dorat import config as cfglib
 from dorat import distributed, locks
 from dorat.attacks import EVAL_ATTACKS
-from dorat.checkpoint import load_state, load_weights, write_text_atomic
+from dorat.checkpoint import load_state, load_weights, read_json, write_json_atomic, write_text_atomic
 from dorat.checks import warning_lines
 from dorat.config import Config
-from dorat.data import Dataset, load_dataset
+from dorat.data import Dataset, check_dataset, load_dataset
 from dorat.data.loader import Split, make_splits
-from dorat.errors import CheckpointError, ConfigError, DoratError
-from dorat.evaluate import evaluate, settings_from_config
+from dorat.errors import CheckpointError, ConfigError, DataError, DoratError
+from dorat.evaluate import evaluate, settings_from_config, stratified_subset
 from dorat.models import build_model, use_channels_last
 from dorat.objectives import Method, build_method
 from dorat.probe import ValidationProbe
@@ -91,16 +91,25 @@ def prepare(cfg: Config, d: distributed.Dist | None = None, data: Dataset | None
     device = distributed.device_for(d, resolve_device(cfg.device))
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data.dir, cfg.data.download)
+    else:
+        check_dataset(data)
     train, val = run_splits(cfg, data)
     if cfg.eval.split == "val" and val is None:
         raise ConfigError("eval.split=val needs a validation split: set data.val_size (e.g. 5000)")
+    y_eval = val.y if cfg.eval.split == "val" and val is not None else data.y_test
+    stratified_subset(y_eval, cfg.eval.n, data.num_classes, cfg.eval.seed)  # too small: an error
+    if cfg.eval.checks:  # now, not after training
+        stratified_subset(y_eval, cfg.eval.check_n, data.num_classes, cfg.eval.seed, "eval.check_n")
     method = build_method(cfg, {"num_classes": data.num_classes, "dist": d,
                                 "class_counts": train.class_counts(data.num_classes)})
     if method.weighting.needs_validation():
         ValidationProbe.check(val, data.num_classes, f"method.weighting={cfg.method.weighting}")
     torch.manual_seed(cfg.seed)
     if model is None:
-        c, h, _ = data.shape
+        c, h, w = data.shape
+        if h != w:
+            raise DataError(f"dataset '{data.name}' has {h}×{w} images but the models are built "
+                            "for square ones; pad or crop the images to a square")
         try:
             model = build_model(cfg.model, c, h, data.num_classes)
         except ValueError as e:
@@ -132,7 +141,7 @@ def load_run(run_dir: str | Path, device: str | None = "auto",
 
 
 def load_metrics(run_dir: str | Path, name: str = "metrics.json") -> dict[str, Any]:
-    return json.loads((Path(run_dir) / name).read_text())
+    return read_json(Path(run_dir) / name)
 
 
 @dataclass
@@ -161,7 +170,7 @@ def load_result(run_dir: str | Path, metrics_file: str = "auto", name: str | Non
         raise DoratError(f"{d} has no {metrics_file}: the run has not finished (resume it with "
                          f"`dorat train --out {d} --resume`) or name another file with --metrics")
     try:
-        metrics = json.loads(mpath.read_text())
+        metrics = read_json(mpath)
     except ValueError as e:
         raise DoratError(f"cannot read the results in {d}: {e}") from None
     log = read_log(d)
@@ -224,7 +233,7 @@ def evaluate_run(run: Run, progress: bool = False, log: Callable[[str], None] | 
 def final_evaluation(run: Run, out: Path, progress: bool, log: Callable[[str], None]
                      ) -> dict[str, Any]:
     metrics = evaluate_run(run, progress, log, journal=out / JOURNAL.format(name="metrics"))
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dorat.attacks import attack_names_problem
-from dorat.parts import nonneg, opt, positive, section, unit
+from dorat.parts import nonneg, opt, positive, section, seed_value, unit
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -17,7 +17,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 class RunConfig:
     dataset: str = opt("fashion-mnist", "dataset name or npz:PATH (see `dorat data list`)")
     model: str = opt("small-cnn", "a registered model, or module:factory returning an nn.Module")
-    seed: int = opt(0, "fixes data order, initialisation and attack noise", nonneg)
+    seed: int = opt(0, "fixes data order, initialisation and attack noise", seed_value)
     device: str = opt("auto", "auto = CUDA when present, else CPU", choices=DEVICES)
     epochs: int = opt(10, "training epochs", positive)
     batch_size: int = opt(128, "the global mini-batch", positive)
@@ -77,7 +77,7 @@ class EvalConfig:
     alpha: float | None = opt(None, "PGD/CW step (null: eps/4)", positive)
     restarts: int = opt(1, "random restarts per attack", positive)
     batch_size: int = opt(500, "evaluation batch", positive)
-    seed: int = opt(0, "attack noise and the stratified subset", nonneg)
+    seed: int = opt(0, "attack noise and the stratified subset", seed_value)
     aa_version: str = opt("standard", "AutoAttack version (official settings)",
                           choices=("standard", "plus", "rand"))
     checks: bool = opt(True, "run the sanity checks (an ε sweep with PGD)")

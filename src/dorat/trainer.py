@@ -20,7 +20,13 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from dorat import distributed
-from dorat.checkpoint import load_state_dict_checked, save_state, save_weights, write_text_atomic
+from dorat.checkpoint import (
+    json_text,
+    load_state_dict_checked,
+    save_state,
+    save_weights,
+    write_text_atomic,
+)
 from dorat.config import Config
 from dorat.data.loader import Batches, resolve_augment
 from dorat.errors import CheckpointError, ConfigError, DoratError
@@ -314,7 +320,7 @@ def _write_epoch(out: Path, record: dict[str, Any], weights: dict[str, torch.Ten
     # Log line first, then the checkpoint: after a crash between the two, resume drops the line
     # of the epoch the checkpoint does not hold.
     with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json_text(record, indent=None) + "\n")
     save_state(out / "weights.safetensors", weights, meta={"epoch": str(record["epoch"])})
     save_state(out / "checkpoint.safetensors", state, meta=_meta(cfg))
 

@@ -69,7 +69,7 @@ def run_grid(grid: Grid, log: Callable[[str], None] | None = None, progress: boo
 def _do_run(r: RunSpec, evals: Sequence[dict[str, Any]], st: str, tag: str,
             log: Callable[[str], None], progress: bool) -> None:
     """Train (or resume) one run, then its missing extra evaluations. Holds the run's lock."""
-    from dorat.checkpoint import write_text_atomic
+    from dorat.checkpoint import write_json_atomic
     from dorat.run import train
 
     if st == "failed":  # only reached with retry_failed
@@ -90,7 +90,7 @@ def _do_run(r: RunSpec, evals: Sequence[dict[str, Any]], st: str, tag: str,
             train(r.cfg, r.path, resume=st == "resume", overwrite=st == "new", log=log)
         except DoratError as e:
             r.path.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(r.path / FAILED, json.dumps({"error": str(e)}, indent=2))
+            write_json_atomic(r.path / FAILED, {"error": str(e)})
             log(f"{tag}: FAILED ({e}); recorded in {r.path / FAILED}, going on")
             return
         log(f"{tag}: finished in {time.perf_counter() - t0:.0f}s")
@@ -107,7 +107,7 @@ def _failure(r: RunSpec) -> str:
 
 def _extra_eval(r: RunSpec, e: dict[str, Any], log: Callable[[str], None], tag: str,
                 progress: bool) -> None:
-    from dorat.checkpoint import write_text_atomic
+    from dorat.checkpoint import write_json_atomic
     from dorat.run import JOURNAL, evaluate_run, load_run
 
     target = r.path / f"eval-{e['name']}.json"
@@ -119,7 +119,7 @@ def _extra_eval(r: RunSpec, e: dict[str, Any], log: Callable[[str], None], tag: 
     run = load_run(r.path, r.cfg.device, over)
     metrics = evaluate_run(run, progress=progress, log=log,
                            journal=r.path / JOURNAL.format(name=f"eval-{e['name']}"))
-    write_text_atomic(target, json.dumps(metrics, indent=2))
+    write_json_atomic(target, metrics)
 
 
 def available_cores() -> int:

@@ -74,7 +74,7 @@ def load_grid(path: str | Path, out: str | Path, device: str | None = None,
               data_dir: str | None = None) -> Grid:
     """Parse and validate a compare file into the list of runs (nothing is written)."""
     path = find_compare_file(path)
-    spec = cfglib.parse_yaml(path.read_text(), str(path))
+    spec = cfglib.parse_yaml(cfglib.read_text_file(path, "compare file"), str(path))
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(sorted(TOP_KEYS))}")
     unknown = set(spec) - TOP_KEYS

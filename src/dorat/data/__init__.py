@@ -17,7 +17,7 @@ from dorat.data.fetch import download, find_or_fetch, get_spec, locate
 from dorat.data.registry import SPECS
 from dorat.errors import DataError
 
-__all__ = ["Dataset", "load_dataset", "dataset_names", "locate", "download", "SPECS"]
+__all__ = ["Dataset", "check_dataset", "load_dataset", "dataset_names", "locate", "download", "SPECS"]
 
 
 @dataclass
@@ -43,14 +43,18 @@ def dataset_names() -> list[str]:
     return list(SPECS) + ["npz:PATH"]
 
 
-def _validate(name: str, x: np.ndarray, y: np.ndarray, split: str, n_classes: int) -> None:
-    if len(x) == 0:
-        raise DataError(f"dataset '{name}' has an empty {split} split; it needs at least one example")
-    if y.min() < 0 or y.max() >= n_classes:
-        raise DataError(
-            f"dataset '{name}' has {split} labels in [{y.min()}, {y.max()}] but {n_classes} classes; "
-            "labels must be 0..C-1"
-        )
+def check_dataset(ds: Dataset) -> None:
+    """At least two classes with training examples, every label one of the data set's classes,
+    and train and test images of one shape (user files are checked further by their reader)."""
+    from dorat.data.readers import check_labels
+
+    where = f"dataset '{ds.name}'"
+    if len(ds.x_test) == 0:
+        raise DataError(f"{where} has an empty test split; it needs at least one example")
+    check_labels(where, ds.y_train.numpy(), ds.y_test.numpy(), ds.num_classes)
+    if tuple(ds.x_train.shape[1:]) != tuple(ds.x_test.shape[1:]):
+        raise DataError(f"{where}: train images {tuple(ds.x_train.shape[1:])} and test images "
+                        f"{tuple(ds.x_test.shape[1:])} differ in shape")
 
 
 def load_dataset(name: str, data_dir: str | None = None, allow_download: bool = True) -> Dataset:
@@ -65,9 +69,7 @@ def load_dataset(name: str, data_dir: str | None = None, allow_download: bool = 
         root = find_or_fetch(name, data_dir, allow_download)
         x, y, xt, yt, classes = spec.read(root)
         augment = spec.augment
-    _validate(name, x, y, "train", len(classes))
-    _validate(name, xt, yt, "test", len(classes))
-    return Dataset(
+    ds = Dataset(
         name=name,
         x_train=torch.from_numpy(np.ascontiguousarray(x)),
         y_train=torch.from_numpy(y.astype(np.int64)),
@@ -76,3 +78,5 @@ def load_dataset(name: str, data_dir: str | None = None, allow_download: bool = 
         classes=list(classes),
         augment=augment,
     )
+    check_dataset(ds)
+    return ds

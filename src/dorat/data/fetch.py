@@ -19,10 +19,12 @@ DEBIAN_ROOT = Path("/usr/share/datasets")
 
 
 def candidate_dirs(name: str, data_dir: str | None = None) -> list[Path]:
-    """Lookup order: --data-dir, $DORAT_DATA, ~/.cache/dorat, Debian's /usr/share/datasets."""
-    out: list[Path] = []
+    """Lookup order: $DORAT_DATA, ~/.cache/dorat, Debian's /usr/share/datasets; only --data-dir
+    (DIR/NAME, then DIR) when it is given: a directory the user names is never silently
+    replaced by another one."""
     if data_dir:
-        out += [Path(data_dir) / name, Path(data_dir)]
+        return [Path(data_dir) / name, Path(data_dir)]
+    out: list[Path] = []
     if os.environ.get("DORAT_DATA"):
         out.append(Path(os.environ["DORAT_DATA"]) / name)
     out.append(Path.home() / ".cache" / "dorat" / name)

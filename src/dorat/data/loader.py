@@ -76,9 +76,16 @@ def stratified_indices(y: torch.Tensor, per_class: list[int], seed: int, salt: i
     return torch.cat(chosen).sort().values
 
 
-def balanced_counts(y: torch.Tensor, n: int, num_classes: int) -> list[int]:
-    """Split n examples over classes as evenly as availability allows."""
+def balanced_counts(y: torch.Tensor, n: int, num_classes: int, what: str = "") -> list[int]:
+    """Split n examples over classes as evenly as availability allows. Fewer than one per class
+    present is an error (``what`` names the setting): a stratified subset must not silently
+    drop classes."""
     avail = torch.bincount(y, minlength=num_classes).tolist()
+    present = sum(a > 0 for a in avail)
+    if n < present:
+        raise ConfigError(f"{what or 'a stratified subset'}={n} is smaller than the {present} "
+                          f"classes; a stratified subset needs at least one example per class, so "
+                          f"use at least {present}")
     counts = [0] * num_classes
     remaining = min(n, sum(avail))
     while remaining > 0:
@@ -115,13 +122,15 @@ def make_splits(
     if val_size:
         if val_size >= len(y):
             raise ConfigError(f"data.val_size={val_size} leaves no training data (train has {len(y)})")
-        vidx = stratified_indices(y, balanced_counts(y, val_size, num_classes), seed, salt=1)
+        vidx = stratified_indices(y, balanced_counts(y, val_size, num_classes, "data.val_size"),
+                                  seed, salt=1)
         mask = torch.ones(len(y), dtype=torch.bool)
         mask[vidx] = False
         val = Split(x[vidx], y[vidx])
         idx = idx[mask]
     if train_subset is not None and train_subset < len(idx):
-        sub = stratified_indices(y[idx], balanced_counts(y[idx], train_subset, num_classes), seed, 2)
+        counts = balanced_counts(y[idx], train_subset, num_classes, "data.train_subset")
+        sub = stratified_indices(y[idx], counts, seed, 2)
         idx = idx[sub]
     if imbalance_ratio > 1:
         avail = torch.bincount(y[idx], minlength=num_classes)

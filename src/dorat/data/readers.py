@@ -11,6 +11,7 @@ import csv
 import gzip
 import io
 import pickle
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -239,8 +240,9 @@ def read_npz(path: Path) -> tuple[np.ndarray, ...]:
             arrays = {k: f[k] for k in f.files}
     except FileNotFoundError:
         raise DataError(f"npz file {path} does not exist") from None
-    except (OSError, ValueError, zlib.error) as e:
-        raise DataError(f"{path} is not a readable .npz file ({e})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"{path} is not a readable .npz file ({e or type(e).__name__}); write it "
+                        "again with np.savez") from None
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise DataError(
@@ -277,9 +279,38 @@ def read_npz(path: Path) -> tuple[np.ndarray, ...]:
         out += [np.ascontiguousarray(x), y.astype(np.int64)]
     if out[0].shape[1:] != out[2].shape[1:]:
         raise DataError(f"{path}: train images {out[0].shape[1:]} and test {out[2].shape[1:]} differ")
-    n_classes = int(max(out[1].max(initial=0), out[3].max(initial=0))) + 1
+    n_classes = check_labels(str(path), out[1], out[3])
     names = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
     if names is not None and len(names) < n_classes:
         raise DataError(f"{path}: 'classes' names {len(names)} classes but labels go to {n_classes - 1}")
     out.append(names or [str(i) for i in range(n_classes)])
     return tuple(out)
+
+
+def check_labels(where: str, y_train: np.ndarray, y_test: np.ndarray,
+                 num_classes: int | None = None) -> int:
+    """The number of classes K of integer labels, checked: at least two classes have training
+    examples and every label is in 0..K-1. K is ``num_classes`` for a data set with named
+    classes; else K-1 is the largest training label and every class 0..K-1 must have training
+    examples (a test label outside them would otherwise build a bigger model). Nothing of size K
+    is built before K is checked, so a stray label of 10^12 is an error, not a memory blow-up."""
+    if len(y_train) == 0:
+        raise DataError(f"{where}: the training split is empty")
+    present = np.unique(y_train)
+    if len(present) < 2:
+        raise DataError(f"{where}: every training label is {present[0]}; a classifier needs at "
+                        "least two classes")
+    k = int(present[-1]) + 1 if num_classes is None else num_classes
+    for split, y in (("training", present), ("test", y_test)):
+        if len(y) and (y.min() < 0 or y.max() >= k):
+            bad = np.unique(y[(y < 0) | (y >= k)])[:5]
+            raise DataError(f"{where}: {split} labels {', '.join(map(str, bad))} are outside the "
+                            f"{k} classes 0..{k - 1}"
+                            + (" of the training split" if num_classes is None else " it names"))
+    if num_classes is None and len(present) != k:
+        gaps = ", ".join(map(str, np.setdiff1d(np.arange(min(k, len(present) + 3)), present)[:3]))
+        more = ", ..." if k - len(present) > 3 else ""
+        raise DataError(f"{where}: labels go up to {k - 1} but only {len(present)} classes have "
+                        f"training examples (none for {gaps}{more}); labels "
+                        "must be 0..K-1 with every class in the training split: remap them")
+    return k

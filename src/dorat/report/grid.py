@@ -3,13 +3,13 @@ tables, and the grid's report (results.json, results.md, report.md)."""
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dorat.checkpoint import read_json
 from dorat.compare.grid import FAILED, Grid, _finished
 
 
@@ -68,13 +68,13 @@ def aggregate(grid: Grid) -> dict[str, Any]:
                     if (r.path / "metrics.json").is_file():
                         pending.append(r.seed)
                     continue
-                m = json.loads((r.path / "metrics.json").read_text())
+                m = read_json(r.path / "metrics.json")
                 seeds.append(r.seed)
                 classes = m["classes"]
                 flat = flat_metrics(m)
                 per_class.setdefault("main", []).append(m["per_class"][main_key(m)])
                 for e in grid.evals:  # all written: the run is finished
-                    em = json.loads((r.path / f"eval-{e['name']}.json").read_text())
+                    em = read_json(r.path / f"eval-{e['name']}.json")
                     flat.update(flat_metrics(em, f"{e['name']}:"))
                     per_class.setdefault(e["name"], []).append(em["per_class"][main_key(em)])
                 for k, v in flat.items():
@@ -163,13 +163,13 @@ def markdown_tables(agg: dict[str, Any], columns: Sequence[str] | None = None) -
 def write_outputs(grid: Grid, out: str | Path) -> Path:
     """results.json, results.md and report.md (tables + per-class plot of the means + the
     training and weight plots of each method's first seed). Returns report.md's path."""
-    from dorat.checkpoint import write_text_atomic
+    from dorat.checkpoint import write_json_atomic, write_text_atomic
     from dorat.report.runs import check_lines, figure_lines, plot_per_class
     from dorat.run import load_result
 
     out = Path(out)
     agg = aggregate(grid)
-    write_text_atomic(out / "results.json", json.dumps(agg, indent=2))
+    write_json_atomic(out / "results.json", agg)
     tables = markdown_tables(agg)
     head = [f"# {grid.title}", "",
             f"{agg['finished_runs']} of {agg['total_runs']} runs finished. Mean ± sample std over "

@@ -1,0 +1,342 @@
+"""The hostile-input matrix: every bad input a careless or hostile user can give, one row each.
+
+Each row is a command line built from a scratch directory and a finished run (copied per case),
+the substring of the one-line message it must print, and what must hold afterwards: exit 2, one
+line `dorat: error: ...`, no traceback, and no file written or changed anywhere under the scratch
+directory (the earlier, finished run included). The fault tests (kill -9, SIGTERM, a full disk,
+two processes on one run directory) are in test_reliability.py and test_locks.py."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_mnist_dir, run_cli
+from dorat.cli import main
+
+
+def _mnist(tmp_path: Path) -> Path:
+    make_mnist_dir(tmp_path / "data" / "mnist", n_train=40, n_test=20)
+    return tmp_path / "data"
+
+
+def _idx_dir(tmp_path: Path, damage: str) -> Path:
+    root = tmp_path / damage
+    make_mnist_dir(root / "mnist")
+    if damage == "truncated":
+        p = root / "mnist" / "train-images-idx3-ubyte.gz"
+        p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-100]))
+    elif damage == "corrupt-header":
+        p = root / "mnist" / "train-labels-idx1-ubyte.gz"
+        p.write_bytes(gzip.compress(b"\x07\x07" + gzip.decompress(p.read_bytes())[2:]))
+    elif damage == "bad-gzip":
+        p = root / "mnist" / "t10k-images-idx3-ubyte.gz"
+        p.write_bytes(p.read_bytes()[:40])
+    elif damage == "missing":
+        (root / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    return root
+
+
+def _npz(tmp_path: Path, hw: int = 12, k: int = 4, **change: np.ndarray | None) -> str:
+    rng = np.random.default_rng(0)
+    arrays: dict[str, np.ndarray] = {
+        "x_train": rng.integers(0, 256, (40, hw, hw), dtype=np.uint8), "y_train": np.arange(40) % k,
+        "x_test": rng.integers(0, 256, (20, hw, hw), dtype=np.uint8), "y_test": np.arange(20) % k}
+    for k, v in change.items():
+        if v is None:
+            arrays.pop(k)
+        else:
+            arrays[k] = v
+    path = tmp_path / "user.npz"
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+def _yaml(tmp_path: Path, text: str) -> str:
+    (tmp_path / "c.yaml").write_text(text)
+    return str(tmp_path / "c.yaml")
+
+
+NAN = np.full((40, 12, 12), np.nan, dtype=np.float32)
+# id -> (argv builder(tmp_path, finished_run_dir), substring of the one-line message)
+MATRIX: dict[str, tuple] = {
+    # datasets
+    "idx-truncated": (lambda t, r: ["train", "--dataset", "mnist", "--data-dir",
+                                    str(_idx_dir(t, "truncated")), "--set", "data.download=false"],
+                      "truncated"),
+    "idx-corrupt-header": (lambda t, r: ["train", "--dataset", "mnist", "--data-dir",
+                                         str(_idx_dir(t, "corrupt-header")), "--set",
+                                         "data.download=false"], "no valid IDX header"),
+    "idx-bad-gzip": (lambda t, r: ["train", "--dataset", "mnist", "--data-dir",
+                                   str(_idx_dir(t, "bad-gzip")), "--set", "data.download=false"],
+                     "mnist"),
+    "idx-missing-file": (lambda t, r: ["train", "--dataset", "mnist", "--data-dir",
+                                       str(_idx_dir(t, "missing")), "--set", "data.download=false"],
+                         "is not on this machine"),
+    "npz-missing-file": (lambda t, r: ["train", "--dataset", f"npz:{t}/none.npz"], "does not exist"),
+    "npz-missing-array": (lambda t, r: ["train", "--dataset", _npz(t, x_test=None)], "lacks arrays x_test"),
+    "npz-float-0-255": (lambda t, r: ["train", "--dataset", _npz(t, x_train=np.full((40, 12, 12), 200.0))],
+                        "holds floats outside [0, 1]"),
+    "npz-int-dtype": (lambda t, r: ["train", "--dataset", _npz(t, x_train=np.zeros((40, 12, 12), np.int16))],
+                      "has dtype int16; uint8 pixels"),
+    "npz-nan-pixels": (lambda t, r: ["train", "--dataset", _npz(t, x_train=NAN)], "floats outside [0, 1]"),
+    "npz-wrong-shape": (lambda t, r: ["train", "--dataset", _npz(t, x_train=np.zeros(40, np.uint8))],
+                        "must be N×H×W or N×H×W×C"),
+    "npz-label-count": (lambda t, r: ["train", "--dataset", _npz(t, y_train=np.zeros(7, np.int64))],
+                        "one label per image"),
+    "npz-negative-labels": (lambda t, r: ["train", "--dataset",
+                                          _npz(t, y_train=np.arange(40) % 4 - 1)], "negative labels"),
+    "npz-empty": (lambda t, r: ["train", "--dataset", _npz(t, x_train=np.zeros((0, 12, 12), np.uint8),
+                                                            y_train=np.zeros(0, np.int64))],
+                  "the training split is empty"),
+    "unknown-dataset": (lambda t, r: ["train", "--dataset", "imagenet-xyz"], "unknown dataset 'imagenet-x"),
+    # configs and flags
+    "unknown-method": (lambda t, r: ["train", "--method", "nope"], "unknown method 'nope'"),
+    "unknown-model": (lambda t, r: ["train", "--model", "vgg99"], "unknown model 'vgg99'"),
+    "eps-negative": (lambda t, r: ["train", "--set", "attack.eps=-0.1"], "attack.eps' must be in [0, 1]"),
+    "eps-above-1": (lambda t, r: ["train", "--set", "attack.eps=1.5"], "attack.eps' must be in [0, 1]"),
+    "steps-zero": (lambda t, r: ["train", "--set", "attack.steps=0"], "attack.steps' must be > 0"),
+    "r-zero": (lambda t, r: ["train", "--method", "done", "--set", "done.r=0"], "done.r' must be > 0"),
+    "r-negative": (lambda t, r: ["train", "--set", "done.r=-1"], "done.r' must be > 0"),
+    "beta-zero": (lambda t, r: ["train", "--set", "done.beta=0"], "done.beta' must be in (0, 1]"),
+    "beta-above-1": (lambda t, r: ["train", "--set", "done.beta=1.5"], "done.beta' must be in (0, 1]"),
+    "unknown-key": (lambda t, r: ["train", "--set", "attack.epz=0.1"],
+                    "unknown config key 'attack.epz'. Did you mean: attack.eps"),
+    "unknown-key-in-yaml": (lambda t, r: ["train", "--config", _yaml(t, "optim:\n  lrr: 0.1\n")],
+                            "unknown config key 'optim.lrr'"),
+    "invalid-yaml": (lambda t, r: ["train", "--config", _yaml(t, "epochs: [1\n")], "not valid YAML"),
+    "wrong-type": (lambda t, r: ["train", "--set", "optim.lr=abc"], "optim.lr' must be float"),
+    "batch-size-zero": (lambda t, r: ["train", "--set", "batch_size=0"], "batch_size' must be > 0"),
+    "unknown-attack": (lambda t, r: ["train", "--set", "eval.attacks=pgd,fab"], "unknown attack(s) fab"),
+    "imbalance-below-1": (lambda t, r: ["train", "--set", "data.imbalance_ratio=0.5"], "must be >= 1"),
+    "no-such-preset": (lambda t, r: ["train", "--config", "no-such-preset"], "neither a file nor a preset"),
+    # run directories and checkpoints
+    "finished-run-dir": (lambda t, r: ["train", "--dataset", f"npz:{t}/../toy.npz", "--out", str(r)],
+                         "already holds a finished run"),
+    "out-is-a-file": (lambda t, r: ["train", "--out", str(r / "config.yaml")], "is not a directory"),
+    "out-unwritable": (lambda t, r: ["train", "--dataset", f"npz:{t}/../toy.npz", "--out",
+                                     str(r / "metrics.json" / "sub")], "cannot create output directory"),
+    "resume-nothing": (lambda t, r: ["train", "--out", str(t / "empty"), "--resume"], "nothing to resume"),
+    "eval-not-a-run": (lambda t, r: ["eval", str(t / "norun")], "is not a dorat run"),
+    "eval-out-dir-missing": (lambda t, r: ["eval", str(r), "--out", str(t / "no" / "e.json")],
+                             "does not exist"),
+    "eval-n-zero": (lambda t, r: ["eval", str(r), "--n", "0"], "eval.n' must be > 0"),
+    "checkpoint-other-model": (lambda t, r: ["eval", str(_swap(r, "model: small-cnn",
+                                                                "model: preact-resnet18"))],
+                               "does not fit this model"),
+    "checkpoint-other-dataset": (lambda t, r: ["eval", str(_swap(r, f"dataset: npz:{t}/../toy.npz",
+                                                                  f"dataset: {_npz(t, hw=28, k=7)}"))],
+                                 "does not fit this model"),
+    "checkpoint-truncated": (lambda t, r: ["train", "--out", str(_truncate_ckpt(r)), "--resume"],
+                             "is not a readable safetensors file"),
+    "report-unfinished": (lambda t, r: ["report", str(_unfinish(r)), "--out", str(t / "rep")],
+                          "has no metrics.json"),
+    "compare-bad-file": (lambda t, r: ["compare", _yaml(t, "methods: [at]\nseedz: [1]\n"), "--out",
+                                       str(t / "cmp")], "unknown key(s) seedz"),
+    "compare-bad-yaml": (lambda t, r: ["compare", _yaml(t, "methods:\n  - at\nseeds: [0]\n  - done\n"),
+                                       "--out", str(t / "cmp")], "not valid YAML at line 4, column 3"),
+    "data-fetch-unknown": (lambda t, r: ["data", "fetch", "imagenet-xyz"], "unknown dataset"),
+    # more datasets: damaged or odd user files (each an error before anything is written)
+    "npz-truncated": (lambda t, r: ["train", "--dataset", _cut(_npz(t))], "not a readable .npz file"),
+    "npz-object-pickle": (lambda t, r: ["train", "--dataset", _npz(t, y_test=_object_array(t))],
+                          "not a readable .npz file"),
+    "npz-test-label-unseen": (lambda t, r: ["train", "--dataset", _npz(t, y_test=np.arange(20) % 5)],
+                              "test labels 4 are outside the 4 classes"),
+    "npz-single-class": (lambda t, r: ["train", "--dataset", _npz(t, y_train=np.zeros(40, np.int64))],
+                         "a classifier needs at least two classes"),
+    "npz-huge-label": (lambda t, r: ["train", "--dataset",
+                                     _npz(t, y_train=np.r_[np.arange(39) % 4, 10**12])],
+                       "labels go up to 1000000000000 but only 5 classes"),
+    "npz-label-gap": (lambda t, r: ["train", "--dataset", _npz(t, y_train=np.arange(40) % 4 * 2,
+                                                               y_test=np.arange(20) % 4 * 2)],
+                      "none for 1, 3, 5"),
+    "npz-non-square": (lambda t, r: ["train", "--dataset",
+                                     _npz(t, x_train=np.zeros((40, 14, 12), np.uint8),
+                                          x_test=np.zeros((20, 14, 12), np.uint8))],
+                       "has 14×12 images but the models are built for square ones"),
+    "data-dir-without-the-data": (lambda t, r: ["train", "--dataset", "mnist", "--data-dir", str(t),
+                                                "--set", "data.download=false"],
+                                  "is not on this machine"),
+    # more configs: sizes that only the data can check, files, seeds
+    "train-subset-below-classes": (lambda t, r: ["train", "--dataset", _npz(t), "--set",
+                                                 "data.train_subset=3"],
+                                   "data.train_subset=3 is smaller than the 4 classes"),
+    "val-size-below-classes": (lambda t, r: ["train", "--dataset", _npz(t), "--set", "data.val_size=2"],
+                               "data.val_size=2 is smaller than the 4 classes"),
+    "eval-n-below-classes": (lambda t, r: ["train", "--dataset", _npz(t), "--set", "eval.n=3"],
+                             "eval.n=3 is smaller than the 4 classes"),
+    "check-n-below-classes": (lambda t, r: ["train", "--dataset", _npz(t), "--set", "eval.check_n=2"],
+                              "eval.check_n=2 is smaller than the 4 classes"),
+    "eval-n-below-classes-on-eval": (lambda t, r: ["eval", str(r), "--n", "2"],
+                                     "eval.n=2 is smaller than the 4 classes"),
+    "yaml-duplicate-key": (lambda t, r: ["train", "--config", _yaml(t, "seed: 1\nepochs: 2\nseed: 3\n")],
+                           "key 'seed' appears twice (lines 1 and 3); keep one"),
+    "yaml-nested-duplicate": (lambda t, r: ["train", "--config",
+                                            _yaml(t, "attack:\n  eps: 0.1\n  eps: 0.3\n")],
+                              "key 'eps' appears twice"),
+    "yaml-not-utf8": (lambda t, r: ["train", "--config", _raw(t, "c.yaml", b"method: \xff\xfe\n")],
+                      "is not UTF-8 text"),
+    "yaml-python-tag": (lambda t, r: ["train", "--config", _yaml(t, _python_tag(t))],
+                        "not valid YAML"),
+    "compare-python-tag": (lambda t, r: ["compare", _yaml(t, _python_tag(t)), "--out", str(t / "cmp")],
+                           "not valid YAML"),
+    "compare-duplicate-key": (lambda t, r: ["compare", _yaml(t, "methods: [at]\nmethods: [done]\n"),
+                                            "--out", str(t / "cmp")], "key 'methods' appears twice"),
+    "run-config-python-tag": (lambda t, r: ["eval", str(_write(r, "config.yaml", _python_tag(t)))],
+                              "not valid YAML"),
+    "seed-overflow": (lambda t, r: ["train", "--seed", "99999999999999999999"],
+                      "'seed' must be in [0, 2^32 - 1]"),
+    "seed-negative": (lambda t, r: ["train", "--seed", "-1"], "'seed' must be in [0, 2^32 - 1]"),
+    "eval-seed-overflow": (lambda t, r: ["train", "--set", "eval.seed=4294967296"],
+                           "'eval.seed' must be in [0, 2^32 - 1]"),
+    # models and checkpoints: a code-running pickle offered to every loading path runs no code
+    # (the marker file it would create is under the scratch directory, which must not change)
+    "model-pickle": (lambda t, r: ["eval", str(_pickle_into(t, r, "model.safetensors"))],
+                     "is not a readable safetensors file"),
+    "model-torch-save": (lambda t, r: ["eval", str(_pickle_into(t, r, "model.safetensors", True))],
+                         "is not a readable safetensors file"),
+    "checkpoint-pickle": (lambda t, r: ["train", "--out", str(_unfinish(_pickle_into(
+        t, r, "checkpoint.safetensors"))), "--resume"], "is not a readable safetensors file"),
+    "checkpoint-torch-save": (lambda t, r: ["train", "--out", str(_unfinish(_pickle_into(
+        t, r, "checkpoint.safetensors", True))), "--resume"], "is not a readable safetensors file"),
+    "weights-pickle": (lambda t, r: ["report", str(_pickle_into(t, r, "weights.safetensors")),
+                                     "--out", str(t / "rep")], "is not a readable safetensors file"),
+    "model-nan-weights": (lambda t, r: ["eval", str(_nan_weights(r))], "holds NaN or infinite weights"),
+    "model-empty-file": (lambda t, r: ["eval", str(_write(r, "model.safetensors", ""))],
+                         "is not a readable safetensors file"),
+}
+
+
+class _Boom:
+    """Unpickling this runs ``touch MARKER``."""
+
+    marker = ""
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {_Boom.marker}",))
+
+
+def _marker(t: Path) -> str:
+    return str(t / "pwned")
+
+
+def _pickle_into(t: Path, run: Path, name: str, torch_zip: bool = False) -> Path:
+    import torch
+
+    _Boom.marker = _marker(t)
+    if torch_zip:  # the same payload as torch.save writes it (a zip holding data.pkl)
+        torch.save({"w": _Boom()}, run / name)
+    else:
+        (run / name).write_bytes(pickle.dumps({"w": _Boom()}))
+    return run
+
+
+def _object_array(t: Path) -> np.ndarray:
+    _Boom.marker = _marker(t)
+    a = np.empty(20, dtype=object)
+    a[:] = [_Boom()] * 20
+    return a
+
+
+def _python_tag(t: Path) -> str:
+    return f"epochs: !!python/object/apply:os.system ['touch {_marker(t)}']\n"
+
+
+def _nan_weights(run: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(run / "model.safetensors")
+    save_file({k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in sd.items()},
+              run / "model.safetensors")
+    return run
+
+
+def _write(run: Path, name: str, text: str) -> Path:
+    (run / name).write_text(text)
+    return run
+
+
+def _raw(t: Path, name: str, data: bytes) -> str:
+    (t / name).write_bytes(data)
+    return str(t / name)
+
+
+def _cut(dataset: str) -> str:
+    p = Path(dataset[4:])
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    return dataset
+
+
+def _swap(run: Path, old: str, new: str) -> Path:
+    cfg = (run / "config.yaml").read_text()
+    assert old in cfg, (old, cfg)
+    (run / "config.yaml").write_text(cfg.replace(old, new))
+    return run
+
+
+def _truncate_ckpt(run: Path) -> Path:
+    (run / "metrics.json").unlink()
+    p = run / "checkpoint.safetensors"
+    p.write_bytes(p.read_bytes()[:200])
+    return run
+
+
+def _unfinish(run: Path) -> Path:
+    (run / "metrics.json").unlink()
+    return run
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import make_synthetic_npz
+
+    d = tmp_path_factory.mktemp("matrix")
+    npz = make_synthetic_npz(d / "toy.npz", n_train=128, n_test=40)
+    assert main(["train", "--dataset", f"npz:{npz}", "--epochs", "1", "--out", str(d / "run"),
+                 "--set", "attack.steps=1", "--set", "eval.n=20", "--set", "eval.checks=false"]) == 0
+    return d / "run"
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(MATRIX))
+def test_bad_input_matrix(case: str, tmp_path: Path, finished_run: Path,
+                          capsys: pytest.CaptureFixture) -> None:
+    """Each bad input: exit 2, one line `dorat: error: ...` naming the problem, and no output
+    written (the tree under tmp_path is unchanged apart from what the case itself set up)."""
+    import shutil
+
+    work = tmp_path / "w"
+    work.mkdir()
+    shutil.copy(finished_run.parent / "toy.npz", tmp_path / "toy.npz")
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    cfg = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(cfg.replace(str(finished_run.parent / "toy.npz"),
+                                                 str(work / ".." / "toy.npz")))
+    build, needle = MATRIX[case]
+    argv = build(work, run)
+    if argv[0] == "train" and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    before = _snapshot(tmp_path)
+    code, out, err = run_cli(capsys, *argv)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (argv, err)
+    assert len(lines) == 1 and lines[0].startswith("dorat: error: "), (argv, err)
+    assert needle in lines[0], (needle, lines[0])
+    assert "Traceback" not in err
+    assert _snapshot(tmp_path) == before, "the failed command wrote or changed files"
+    assert not (tmp_path / "out").exists()
+
+
+def test_matrix_is_big_enough() -> None:
+    assert len(MATRIX) >= 70
+
+
