@@ -121,7 +121,6 @@ MATRIX: dict[str, tuple] = {
     "out-is-a-file": (lambda t, r: ["train", "--out", str(r / "config.yaml")], "is not a directory"),
     "out-unwritable": (lambda t, r: ["train", "--dataset", f"npz:{t}/../toy.npz", "--out",
                                      str(r / "metrics.json" / "sub")], "cannot create output directory"),
-    "resume-nothing": (lambda t, r: ["train", "--out", str(t / "empty"), "--resume"], "nothing to resume"),
     "eval-not-a-run": (lambda t, r: ["eval", str(t / "norun")], "is not a dorat run"),
     "eval-out-dir-missing": (lambda t, r: ["eval", str(r), "--out", str(t / "no" / "e.json")],
                              "does not exist"),

@@ -10,9 +10,11 @@ mid-write leaves the previous checkpoint intact. Loading never unpickles anythin
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -68,9 +70,10 @@ def unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def atomic_path(path: Path):  # noqa: ANN201
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = ""
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
         # mkstemp makes 0600, and writers such as safetensors may recreate the file: give the
         # finished file the usual permissions
@@ -78,13 +81,66 @@ def atomic_path(path: Path):  # noqa: ANN201
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        raise_if_full(e, path)
+        raise
+    else:
         with contextlib.suppress(OSError):
             dfd = os.open(path.parent, os.O_RDONLY)
             os.fsync(dfd)
             os.close(dfd)
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def raise_if_full(e: BaseException, path: Path) -> None:
+    """A write of ``path`` that failed for lack of space becomes one CheckpointError (safetensors
+    reports the OS error only in its message)."""
+    full = (e.errno in _FULL if isinstance(e, OSError)
+            else any(f"os error {n})" in str(e) for n in _FULL))
+    if full:
+        raise CheckpointError(f"no space left on the device writing {path}; its previous version "
+                              "is kept: free space (or move the run), then continue with --resume"
+                              ) from None
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header in place with its metadata keys sorted. safetensors keeps
+    the metadata in a hash map whose order changes between processes, so two saves of the same
+    tensors differed in bytes and a file hash could not tell whether a resume was exact. The
+    header's length and the data offsets do not change (same JSON, other key order)."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        if isinstance(header.get("__metadata__"), dict):
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # always equal in practice; padding is allowed by the format
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))
+
+
+def probe_writable(path: Path) -> None:
+    """Check now that ``path`` can be written (by creating and removing a temporary file beside
+    it), so a long computation does not end in a failed write; a CheckpointError if not."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text("")
+            raise _Probe
+    except _Probe:
+        pass
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path} ({e.strerror}); choose a writable --out"
+                              ) from None
+
+
+class _Probe(Exception):
+    """Leaves atomic_path before it replaces anything."""
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -135,6 +191,7 @@ def save_state(path: Path, state: dict[str, Any], meta: dict[str, str] | None = 
     metadata = {"format": FORMAT, "state": json.dumps(skeleton), **(meta or {})}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        _canonical_header(tmp)
 
 
 def read_safetensors(path: Path, missing: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -169,6 +226,7 @@ def save_weights(path: Path, model: torch.nn.Module, meta: dict[str, str] | None
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata=meta or {})
+        _canonical_header(tmp)
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> dict[str, str]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,18 @@ from dorat.errors import DoratError
 from dorat.parts import load_plugins
 
 EXIT_USER_ERROR = 2
+
+
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM killed
+
+
+class Terminated(BaseException):
+    """SIGTERM (what Slurm and most schedulers send before killing a job), raised like Ctrl-C:
+    the run stops where it is, temporary files are removed, the last checkpoint is kept."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,8 +58,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--data-dir", help="directory holding the dataset files")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint (safe to repeat: starts it "
+                        "when there is none, reports it when finished); --set may change optim.*, "
+                        "eval.*, log.*, perf.*, val.* and --epochs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in --out (the new one is built in --out/.next "
+                        "and replaces it only when it finishes)")
     p.add_argument("--channels-last", choices=["auto", "on", "off"],
                    help="channels-last memory format (perf.channels_last; default auto = on for "
                         "CPU and CUDA)")
@@ -80,6 +99,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=None,
                    help="run the sanity checks (default: the run's eval.checks)")
     p.add_argument("--out", help="metrics JSON file (default RUN_DIR/eval.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier evaluation in the --out file")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     p.add_argument("--data-dir")
     _add_plugin(p)
@@ -148,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(a: argparse.Namespace) -> int:
     from dorat.evaluate import summary_lines
     from dorat.run import train
+    from dorat.rundir import has_checkpoint
 
     if a.list_keys:
         load_plugins(a.plugin)
@@ -161,11 +183,17 @@ def cmd_train(a: argparse.Namespace) -> int:
                              "perf.amp": a.amp, "perf.compile": a.compile, "perf.sync_bn": a.sync_bn,
                              "plugins": a.plugin or None}
     cfg = cfglib.resolve(a.config, flags, a.set)
-    if a.resume and (a.config or a.set or any(v is not None for k, v in flags.items()
-                                                if k not in ("device", "data.dir", "plugins"))):
-        print("dorat: note: --resume continues with the run's saved config.yaml; "
-              "other options are ignored", file=sys.stderr)
-    metrics = train(cfg, a.out, resume=a.resume, overwrite=a.overwrite)
+    changes = dict(cfglib.parse_set(item) for item in a.set)
+    if a.epochs is not None:
+        changes["epochs"] = a.epochs
+    if a.data_dir is not None:
+        changes["data.dir"] = a.data_dir
+    if a.resume and has_checkpoint(Path(a.out)) and (a.config or any(
+            v is not None for k, v in flags.items()
+            if k not in ("device", "data.dir", "plugins", "epochs"))):
+        print("dorat: note: --resume continues with the run's saved config.yaml (changed only by "
+              "--set and --epochs); other options are ignored", file=sys.stderr)
+    metrics = train(cfg, a.out, resume=a.resume, overwrite=a.overwrite, changes=changes)
     if metrics is not None and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
         print("\n".join(summary_lines(metrics)))
         print(f"results in {a.out}/metrics.json")
@@ -173,7 +201,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from dorat.checkpoint import write_json_atomic
+    from dorat.checkpoint import probe_writable, write_json_atomic
     from dorat.evaluate import summary_lines
     from dorat.run import evaluate_run, load_run
 
@@ -186,6 +214,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     out = Path(a.out) if a.out else run_dir / "eval.json"
     if not out.parent.is_dir():
         raise DoratError(f"cannot write {out}: directory {out.parent} does not exist")
+    if out.exists() and not a.overwrite:
+        raise DoratError(f"{out} already holds an evaluation; pass --overwrite to replace it or "
+                         "--out FILE to keep both")
+    probe_writable(out)  # before an evaluation that may take an hour, not after it
     metrics = evaluate_run(run, progress=sys.stderr.isatty(),
                            log=lambda m: print(m, file=sys.stderr))
     write_json_atomic(out, metrics)
@@ -250,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     from dorat.runtime import tune_allocator
 
     tune_allocator()  # glibc keeps freed memory: far fewer page faults (dorat.runtime)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "compare": cmd_compare,
                 "data": cmd_data}[a.cmd](a)
@@ -260,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dorat: interrupted; continue a training run with --resume", file=sys.stderr)
         return 130
+    except Terminated:
+        print("dorat: terminated (SIGTERM); the last finished epoch's checkpoint is kept: run the "
+              "same command with --resume to continue", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

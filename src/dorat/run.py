@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,24 +31,19 @@ import torch
 import torch.nn as nn
 
 from dorat import config as cfglib
-from dorat import distributed, locks
+from dorat import distributed, rundir
 from dorat.attacks import EVAL_ATTACKS
-from dorat.checkpoint import load_state, load_weights, read_json, write_json_atomic, write_text_atomic
+from dorat.checkpoint import load_state, load_weights, read_json, write_json_atomic
 from dorat.checks import warning_lines
 from dorat.config import Config
 from dorat.data import Dataset, check_dataset, load_dataset
 from dorat.data.loader import Split, make_splits
-from dorat.errors import CheckpointError, ConfigError, DataError, DoratError
+from dorat.errors import ConfigError, DataError, DoratError
 from dorat.evaluate import evaluate, settings_from_config, stratified_subset
 from dorat.models import build_model, use_channels_last
 from dorat.objectives import Method, build_method
 from dorat.probe import ValidationProbe
-
-RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.safetensors", "model.safetensors",
-             "weights.safetensors", "metrics.json")
-# An evaluation's progress while it runs (RUN/.metrics.partial.safetensors,
-# RUN/.eval-NAME.partial.safetensors): resumed after an interruption, deleted when it is done.
-JOURNAL = ".{name}.partial.safetensors"
+from dorat.rundir import JOURNAL, RUN_FILES  # noqa: F401 (part of this module's interface)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -237,31 +231,6 @@ def final_evaluation(run: Run, out: Path, progress: bool, log: Callable[[str], N
     return metrics
 
 
-def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory; choose another path")
-    if resume:
-        if not (out / "checkpoint.safetensors").exists():
-            raise CheckpointError(
-                f"nothing to resume in {out} (no checkpoint.safetensors); drop --resume to start")
-        return
-    present = [f for f in RUN_FILES if (out / f).exists()]
-    if present and not overwrite:
-        what = "a finished run" if "metrics.json" in present else "an unfinished run"
-        raise ConfigError(f"{out} already holds {what}; pass --resume to continue it, --overwrite "
-                          "to replace it, or choose another --out")
-
-
-def _ensure_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create output directory {out} ({e.strerror}); choose another --out"
-                          ) from None
-    if not os.access(out, os.W_OK):
-        raise ConfigError(f"output directory {out} is not writable; choose another --out")
-
-
 def _check_parallel(cfg: Config, d: distributed.Dist) -> None:
     if not d.active:
         return
@@ -289,9 +258,12 @@ def _warn_idle_weighting(run: Run, log: Callable[[str], None]) -> None:
 
 def train(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False,
           stop_after_epoch: int | None = None, log: Callable[[str], None] | None = None,
-          data: Dataset | None = None, model: nn.Module | None = None) -> dict[str, Any] | None:
+          data: Dataset | None = None, model: nn.Module | None = None,
+          changes: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """Train (or resume) a run in ``out``; returns final metrics (None if stopped early).
     ``data`` and ``model``: in-memory objects instead of what the config names (dorat.fit).
+    What happens with what ``out`` already holds (resume, restart, replace beside, report a
+    finished run) is `dorat.rundir.plan`; ``changes``: dotted keys to change on resume.
 
     Launched by torchrun (WORLD_SIZE > 1), every process calls this: data-parallel training,
     rank 0 writes (see dorat.distributed)."""
@@ -300,67 +272,46 @@ def train(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = 
     try:
         with contextlib.ExitStack() as owned:
             if d.main:
-                owned.enter_context(_own(out))
-            return _train(cfg, out, d, resume, overwrite, stop_after_epoch, log, data, model)
+                owned.enter_context(rundir.own(out))
+            return _train(cfg, out, d, resume, overwrite, stop_after_epoch, log, data, model,
+                          changes or {})
     finally:
         distributed.teardown(d)
 
 
-@contextlib.contextmanager
-def _own(out: Path) -> Iterator[None]:
-    """This process owns ``out`` while it trains (dorat.locks): a second `dorat train` or
-    `dorat compare` on the same directory is refused instead of mixing two runs in it."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory; choose another path")
-    owned = contextlib.ExitStack()
-    try:
-        owned.enter_context(locks.own(out))
-    except locks.Busy as e:
-        raise ConfigError(f"{out} is in use by another dorat process"
-                          f"{f' (pid {e.pid})' if e.pid else ''}; wait for it to finish or "
-                          "choose another --out") from None
-    except OSError as e:
-        raise ConfigError(f"cannot create output directory {out} ({e.strerror}); choose another "
-                          "--out") from None
-    with owned:
-        yield
-
-
 def _train(cfg: Config, out: Path, d: distributed.Dist, resume: bool, overwrite: bool,
            stop_after_epoch: int | None, log: Callable[[str], None] | None, data: Dataset | None,
-           model: nn.Module | None) -> dict[str, Any] | None:
+           model: nn.Module | None, changes: Mapping[str, Any]) -> dict[str, Any] | None:
     from dorat import trainer
 
     if not d.main:
         log = lambda s: None  # noqa: E731
     log = log or (lambda s: print(s, file=sys.stderr))
-    distributed.on_main(d, lambda: _check_run_dir(out, resume, overwrite))
-    if resume:
-        cfg = read_config(out).replace({"device": cfg.device})
-    _check_parallel(cfg, d)
-    run = prepare(cfg, d, data, model)
+    def decide() -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+        p = rundir.plan(out, cfg, resume, overwrite, changes, read_config, log)
+        return p.mode, str(p.dir), p.cfg.to_dict(), p.changes  # plain data for the other ranks
+
+    mode, where, flat, changed = distributed.broadcast(d, distributed.on_main(d, decide))
+    p = rundir.Plan(mode, cfglib.from_dict(flat, str(out / "config.yaml")), Path(where), changed)
+    if p.mode == "finished":
+        return load_metrics(out)
+    _check_parallel(p.cfg, d)
+    run = prepare(p.cfg, d, data, model)
     _warn_idle_weighting(run, log)
-    state = load_state(out / "checkpoint.safetensors")[0] if resume else None
-
-    def setup_dir() -> None:
-        files = (*RUN_FILES, JOURNAL.format(name="metrics"))
-        if resume:
-            for name in files:  # temporary files of writes a crash interrupted
-                for tmp in out.glob(f".{name}.*.tmp"):
-                    tmp.unlink(missing_ok=True)
-        _ensure_writable(out)
-        if overwrite and not resume:
-            for f in files:
-                (out / f).unlink(missing_ok=True)
-        if not resume:
-            write_text_atomic(out / "config.yaml", cfglib.dump(cfg))
-
-    distributed.on_main(d, setup_dir)
-    if trainer.fit(run, out, state, stop_after_epoch, log, d) is None:
+    state = load_state(p.dir / "checkpoint.safetensors")[0] if p.mode == "resume" else None
+    if p.changes:
+        log(f"resuming with {', '.join(f'{k}={v}' for k, v in p.changes.items())} "
+            f"(recorded in {p.dir / rundir.HISTORY})")
+    distributed.on_main(d, lambda: rundir.set_up(p, out, cfglib.dump,
+                                                 int(state["epoch"]) if state else 0))
+    if trainer.fit(run, p.dir, state, stop_after_epoch, log, d) is None:
         return None
 
     def finish() -> dict[str, Any]:
-        progress = trainer.show_progress(cfg)
-        return final_evaluation(run, out, progress, log)
+        metrics = final_evaluation(run, p.dir, trainer.show_progress(p.cfg), log)
+        if p.replaces:
+            rundir.promote(out)
+            log(f"the new run replaced the one in {out}")
+        return metrics
 
     return distributed.broadcast(d, distributed.on_main(d, finish))

@@ -23,6 +23,7 @@ from dorat import distributed
 from dorat.checkpoint import (
     json_text,
     load_state_dict_checked,
+    raise_if_full,
     save_state,
     save_weights,
     write_text_atomic,
@@ -240,6 +241,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
             load_state_dict_checked(model, state["model"], str(out / "checkpoint.safetensors"))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            _apply_optim_config(trainer, cfg)
             method.weighting.load_state_dict(state["method"])
             start_epoch = int(state["epoch"])
         except (KeyError, ValueError, RuntimeError) as e:
@@ -309,6 +311,18 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
     return True
 
 
+def _apply_optim_config(trainer: Trainer, cfg: Config) -> None:
+    """After loading a checkpoint: the optimizer follows the run's config, which a resume may
+    have changed (optim.lr, momentum, weight decay, the schedule or the epochs). With an
+    unchanged config this recomputes the very same values, so a resume stays bitwise exact."""
+    o, sched = cfg.optim, trainer.scheduler
+    sched.base_lrs = [o.lr for _ in sched.base_lrs]
+    for g, lmbda in zip(trainer.optimizer.param_groups, sched.lr_lambdas):
+        g.update(initial_lr=o.lr, lr=o.lr * lmbda(sched.last_epoch), momentum=o.momentum,
+                 weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
+    sched._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]  # what get_last_lr() says
+
+
 def _measure(probe: ValidationProbe, model: nn.Module, epoch: int, seconds: list[float]) -> ClassStats:
     stats = probe.measure(model, epoch)
     seconds.append(stats.seconds)
@@ -319,8 +333,12 @@ def _write_epoch(out: Path, record: dict[str, Any], weights: dict[str, torch.Ten
                  state: dict[str, Any], cfg: Config) -> None:
     # Log line first, then the checkpoint: after a crash between the two, resume drops the line
     # of the epoch the checkpoint does not hold.
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json_text(record, indent=None) + "\n")
+    try:
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json_text(record, indent=None) + "\n")
+    except OSError as e:  # a torn last line is dropped on resume, like a line ahead of the checkpoint
+        raise_if_full(e, out / "log.jsonl")
+        raise
     save_state(out / "weights.safetensors", weights, meta={"epoch": str(record["epoch"])})
     save_state(out / "checkpoint.safetensors", state, meta=_meta(cfg))
 

@@ -174,7 +174,15 @@ def _run_workers(path: str | Path, out: Path, workers: int, device: str | None,
         t = threading.Thread(target=pump, daemon=True)
         t.start()
         pumps.append(t)
-    codes = [p.wait() for p in procs]
+    try:
+        codes = [p.wait() for p in procs]
+    except BaseException:  # Ctrl-C or SIGTERM (a Slurm job's end): stop the workers too; each
+        for p in procs:    # keeps its last checkpoint, the next compare resumes them
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait()
+        raise
     for t in pumps:
         t.join()
     bad = [(k + 1, c) for k, c in enumerate(codes) if c != 0]
