@@ -280,7 +280,8 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
         if not math.isfinite(summary["loss"]):
             raise DoratError(
                 f"training diverged at epoch {epoch + 1} (loss is {summary['loss']}); the last good "
-                f"checkpoint in {out} is kept: lower optim.lr or check the data, then --resume"
+                f"checkpoint in {out} is kept: continue with a lower rate (--resume --set optim.lr=...) "
+                "or check the data"
             )
         seconds = time.perf_counter() - t0
         record = {
