@@ -78,5 +78,6 @@ def test_train_refuses_a_directory_another_process_trains_in(
     assert (run / "config.yaml").read_text() == "marker: kept\n"
     # a refused run leaves no directory behind
     fresh = tmp_path / "fresh"
-    assert main([*args, "--out", str(fresh), "--resume"]) == 2
-    assert "nothing to resume" in capsys.readouterr().err and not fresh.exists()
+    assert main([*args, "--out", str(fresh), "--set", "eval.n=2"]) == 2
+    assert "eval.n=2 is smaller than the 4 classes" in capsys.readouterr().err
+    assert not fresh.exists()
