@@ -129,18 +129,12 @@ def probe_writable(path: Path) -> None:
     """Check now that ``path`` can be written (by creating and removing a temporary file beside
     it), so a long computation does not end in a failed write; a CheckpointError if not."""
     try:
-        with atomic_path(path) as tmp:
-            tmp.write_text("")
-            raise _Probe
-    except _Probe:
-        pass
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise CheckpointError(f"cannot write {path} ({e.strerror}); choose a writable --out"
                               ) from None
-
-
-class _Probe(Exception):
-    """Leaves atomic_path before it replaces anything."""
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

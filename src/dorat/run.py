@@ -43,7 +43,7 @@ from dorat.evaluate import evaluate, settings_from_config, stratified_subset
 from dorat.models import build_model, use_channels_last
 from dorat.objectives import Method, build_method
 from dorat.probe import ValidationProbe
-from dorat.rundir import JOURNAL, RUN_FILES  # noqa: F401 (part of this module's interface)
+from dorat.rundir import JOURNAL
 
 
 def resolve_device(name: str) -> torch.device:

@@ -82,9 +82,8 @@ def has_checkpoint(out: Path) -> bool:
 def plan(out: Path, cfg: Config, resume: bool, overwrite: bool, changes: Mapping[str, Any],
          read_config: Callable[[Path], Config], log: Callable[[str], None]) -> Plan:
     """What `train` does in ``out`` (see the module docstring). Writes nothing except completing
-    a replacement that a crash interrupted."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory; choose another path")
+    a replacement that a crash interrupted. The caller owns ``out`` (`own`, which also checks
+    that it is a directory)."""
     finish_replacement(out)
     stage = out / STAGE
     if resume:

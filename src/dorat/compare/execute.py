@@ -108,7 +108,8 @@ def _failure(r: RunSpec) -> str:
 def _extra_eval(r: RunSpec, e: dict[str, Any], log: Callable[[str], None], tag: str,
                 progress: bool) -> None:
     from dorat.checkpoint import write_json_atomic
-    from dorat.run import JOURNAL, evaluate_run, load_run
+    from dorat.run import evaluate_run, load_run
+    from dorat.rundir import JOURNAL
 
     target = r.path / f"eval-{e['name']}.json"
     if target.is_file():
