@@ -158,6 +158,25 @@ def test_done_val_takes_its_class_losses_from_the_validation_probe() -> None:
     assert torch.allclose(w.double(), expect.float().double(), rtol=1e-6)
 
 
+def test_done_val_rate_averages_the_class_losses_over_epochs() -> None:
+    """val_rate η: L̄_t = (1 − η) L̄_{t−1} + η L_t, the first measurement taken as it is; before
+    it (warm-up) the weights are uniform."""
+    wt = KLDROWeighting(r=1.0, warmup=1, level="class-val", class_prior="uniform", val_rate=0.25)
+    wt.bind({"num_classes": 2})
+    y = torch.tensor([0, 1])
+    out = LossOutput(torch.tensor([5.0, 0.0]), None)
+    wt.start_epoch(0, 3, lambda: _stats([0, 0], [0, 0], loss=[9.0, 9.0]))  # warm-up: not measured
+    assert wt.class_loss is None
+    assert wt.weights(out, y, None, StepContext(0, 3, 0)).tolist() == [0.5, 0.5]
+    wt.start_epoch(1, 3, lambda: _stats([0, 0], [0, 0], loss=[2.0, 1.0]))
+    assert wt.class_loss.tolist() == [2.0, 1.0]
+    wt.start_epoch(2, 3, lambda: _stats([0, 0], [0, 0], loss=[0.0, 3.0]))
+    assert wt.class_loss.tolist() == [0.75 * 2.0, 0.75 * 1.0 + 0.25 * 3.0]
+    w = wt.weights(out, y, None, StepContext(2, 3, 0))
+    pi = torch.softmax(torch.tensor([1.5, 1.5], dtype=torch.float64), 0)
+    assert w.tolist() == pytest.approx(pi.tolist())
+
+
 def test_batch_normaliser_is_the_self_normalised_softmax() -> None:
     loss = torch.tensor([0.1, 2.0, 0.5, 3.0])
     batch = KLDROWeighting(r=0.7, beta=0.1, warmup=0, normaliser="batch")

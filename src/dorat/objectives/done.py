@@ -83,6 +83,11 @@ class KLDROWeighting(Weighting):
                           choices=("running", "batch"))
     rescale: str = opt("none", "mean: divide the losses by the global batch's mean loss before the "
                        "softmax (r then does not depend on the loss scale)", choices=("none", "mean"))
+    val_rate: float = opt(1.0, "class-val: how far the class losses move to each epoch's validation "
+                          "measurement (1: replaced; below 1: an average over epochs, i.e. a "
+                          "mirror-descent step on the class weights that damps the best-response "
+                          "oscillation at small r); not in the paper",
+                          lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
     max_weight: float | None = opt(None, "cap each weight at this multiple of the uniform weight "
                                    "(outliers, label noise); not in the paper",
                                    lambda v: None if v >= 1 else "must be >= 1")
@@ -115,8 +120,12 @@ class KLDROWeighting(Weighting):
         self._adapt_r()
         if self.level == "class-val" and measure is not None and \
                 not self.in_warmup(StepContext(epoch, epochs, 0)):
-            # the class losses L_c: the validation split's per-class robust CE, this epoch
-            self.class_loss = measure().robust_loss.double()
+            # the class losses L_c: the validation split's per-class robust CE, this epoch,
+            # averaged over epochs at rate val_rate (log π_t = (1−η) log π_{t−1} + η L_t/r + c)
+            new = measure().robust_loss.double()
+            old = self.class_loss
+            self.class_loss = new if old is None else \
+                (1 - self.val_rate) * old.to(new.device) + self.val_rate * new
             self.class_seen = torch.ones(len(self.class_loss), dtype=torch.bool)
         self._ess_acc = None
         self._ess_n = 0
@@ -156,6 +165,8 @@ class KLDROWeighting(Weighting):
 
     def _class_weights(self, loss: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         C, dev = self.num_classes, loss.device
+        if self.level == "class-val" and self.class_loss is None:
+            return torch.full_like(loss, 1.0 / len(y))  # not measured yet (warm-up): uniform
         if self.class_loss is None:
             self.class_loss = torch.zeros(C, dtype=torch.float64, device=dev)
             self.class_seen = torch.zeros(C, dtype=torch.bool, device=dev)
@@ -164,8 +175,6 @@ class KLDROWeighting(Weighting):
         sums = self._sum(torch.zeros(C, dtype=torch.float64, device=dev).index_add_(0, y, ld))
         present = counts > 0
         if self.level == "class-val":  # L_c measured on validation data by start_epoch
-            if self.class_loss is None:  # not measured yet (warm-up): uniform
-                return torch.full_like(ld, 1.0 / len(y))
             self.class_seen = torch.ones(C, dtype=torch.bool, device=dev)
             present = torch.zeros_like(present)
         # running per-class loss L̄_c (initialised with the first batch that holds class c)
