@@ -92,6 +92,62 @@ def test_cifar10_and_cifar100_pickles(tmp_path: Path) -> None:
     assert ds.num_classes == 100 and ds.y_train.tolist() == l
 
 
+def _cifar10_folder(root: Path) -> None:
+    root.mkdir(parents=True)
+    for i in range(1, 6):
+        _cifar_batch(root / f"data_batch_{i}", 7, "labels", 10, i)
+    _cifar_batch(root / "test_batch", 5, "labels", 10, 9)
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f, protocol=2)
+
+
+def test_cifar10_archive_put_in_the_folder_is_checked_and_unpacked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The offline message says: put cifar-10-python.tar.gz in the folder. That works: its MD5 is
+    checked (here the MD5 of this small archive in the real layout stands in for the real one),
+    it is unpacked, and a wrong file is one clear error naming the MD5 expected."""
+    import dataclasses
+    import hashlib
+    import tarfile
+
+    from dorat.data import registry
+
+    _cifar10_folder(tmp_path / "src" / "cifar-10-batches-py")
+    folder = tmp_path / "data" / "cifar10"
+    folder.mkdir(parents=True)
+    archive = folder / "cifar-10-python.tar.gz"
+    with pytest.raises(DataError, match=r"cifar-10-python.tar.gz \(MD5 c58f30108f718f92721af3b95e74349a\)"):
+        load_dataset("cifar10", data_dir=str(tmp_path / "data"), allow_download=False)
+    archive.write_bytes(b"not the archive")
+    with pytest.raises(DataError, match="expected c58f30108f718f92721af3b95e74349a"):
+        load_dataset("cifar10", data_dir=str(tmp_path / "data"), allow_download=False)
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    spec = registry.SPECS["cifar10"]
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(registry.SPECS, "cifar10", dataclasses.replace(
+        spec, downloads=[dataclasses.replace(spec.downloads[0], md5=md5)]))
+    ds = load_dataset("cifar10", data_dir=str(tmp_path / "data"), allow_download=False)
+    assert ds.x_train.shape == (35, 3, 32, 32) and ds.classes[3] == "c3"
+    assert sorted(p.name for p in folder.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    # an archive with a link or a path outside the folder is refused, nothing unpacked
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "cifar10").mkdir()
+    bad = evil / "cifar10" / "cifar-10-python.tar.gz"
+    with tarfile.open(bad, "w:gz") as t:
+        info = tarfile.TarInfo("../../outside.txt")
+        info.size = 0
+        t.addfile(info)
+    bad_md5 = hashlib.md5(bad.read_bytes()).hexdigest()
+    monkeypatch.setitem(registry.SPECS, "cifar10", dataclasses.replace(
+        spec, downloads=[dataclasses.replace(spec.downloads[0], md5=bad_md5)]))
+    with pytest.raises(DataError, match="outside"):
+        load_dataset("cifar10", data_dir=str(evil), allow_download=False)
+    assert not (tmp_path / "outside.txt").exists() and [p.name for p in (evil / "cifar10").iterdir()] == [
+        "cifar-10-python.tar.gz"]
+
+
 def test_cifar_pickle_with_code_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "cifar100" / "cifar-100-python"
     root.mkdir(parents=True)

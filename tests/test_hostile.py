@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import make_mnist_dir, run_cli
 from dorat.cli import main
@@ -208,7 +209,73 @@ MATRIX: dict[str, tuple] = {
     "model-nan-weights": (lambda t, r: ["eval", str(_nan_weights(r))], "holds NaN or infinite weights"),
     "model-empty-file": (lambda t, r: ["eval", str(_write(r, "model.safetensors", ""))],
                          "is not a readable safetensors file"),
+    # dorat eval --model: a user's model (tests/external_nets.py) and weights
+    "model-no-colon": (lambda t, r: _ext(t, "external_nets"), "must be MODULE:FACTORY"),
+    "model-not-importable": (lambda t, r: _ext(t, "no_such_package_xyz.nets:make"), "cannot import"),
+    "model-no-such-factory": (lambda t, r: _ext(t, "external_nets:nope"), "has no attribute 'nope'"),
+    "model-not-callable": (lambda t, r: _ext(t, "external_nets:NOT_CALLABLE"), "is not callable"),
+    "model-factory-raises": (lambda t, r: _ext(t, "external_nets:broken"), "checkpoint server"),
+    "model-not-a-module": (lambda t, r: _ext(t, "external_nets:not_a_module"), "not a torch.nn.Module"),
+    "model-wrong-input": (lambda t, r: _ext(t, "external_nets:make_cifar_shaped"), "does not take"),
+    "model-no-dataset": (lambda t, r: ["eval", "--model", "external_nets:make_linear", "--out",
+                                       str(t / "card.json")], "needs --dataset"),
+    "model-unknown-dataset": (lambda t, r: _ext(t, dataset="cifar11"), "unknown dataset 'cifar11'"),
+    "model-no-eps": (lambda t, r: _ext(t, eps=None), "no standard eps"),
+    "model-and-run-dir": (lambda t, r: ["eval", str(r)] + _ext(t)[1:], "a RUN_DIR brings its own"),
+    "model-neither": (lambda t, r: ["eval"], "name a RUN_DIR to evaluate"),
+    "model-bad-normalize": (lambda t, r: _ext(t) + ["--normalize", "0.5"], "must be MEAN,STD"),
+    "model-val-split": (lambda t, r: _ext(t) + ["--split", "val"], "--model evaluates on the test set"),
+    "model-weights-missing": (lambda t, r: _ext(t) + ["--weights", str(t / "none.pt")], "no weights file"),
+    "model-weights-shape": (lambda t, r: _ext(t) + ["--weights", _tensors(t, {"1.weight": (4, 10),
+                                                                               "1.bias": (4,)})],
+                            "does not fit this model"),
+    "model-weights-keys": (lambda t, r: _ext(t) + ["--weights", _tensors(t, {"fc.weight": (4, 784)})],
+                           "does not fit this model"),
+    "model-weights-pickle": (lambda t, r: _ext(t) + ["--weights", _torch_boom(t)], "needs code to load"),
+    "model-weights-whole-module": (lambda t, r: _ext(t) + ["--weights", _whole_module(t)],
+                                   "needs code to load"),
+    "model-weights-garbage": (lambda t, r: _ext(t) + ["--weights", _raw(t, "w.pt", b"PK\x03\x04junk")],
+                              "not a readable PyTorch file"),
+    "model-weights-not-a-state-dict": (lambda t, r: _ext(t) + ["--weights", _torch_obj(t, [1, 2])],
+                                       "not a state dict"),
+    "model-weights-nan": (lambda t, r: _ext(t) + ["--weights", _torch_obj(t, {
+        "1.weight": torch.full((4, 784), float("nan")), "1.bias": torch.zeros(4)})],
+                          "holds NaN or infinite weights"),
+    "model-card-exists": (lambda t, r: _ext(t) + ["--out", _raw(t, "old.json", b"{}")], "already exists"),
+    "report-not-a-card": (lambda t, r: ["report", _raw(t, "x.json", b'{"sa": 1}'), "--out",
+                                        str(t / "rep")], "is not a dorat card"),
 }
+
+
+def _ext(t: Path, model: str = "external_nets:make_linear", dataset: str | None = "toy",
+         eps: str | None = "0.1") -> list[str]:
+    """`dorat eval --model` on the matrix's toy data (28×28 grey, 4 classes), card in t."""
+    ds = f"npz:{t.parent / 'toy.npz'}" if dataset == "toy" else dataset
+    return (["eval", "--model", model, "--out", str(t / "card.json"), "--attacks", "pgd", "--n", "8"]
+            + (["--dataset", ds] if ds else []) + (["--eps", eps] if eps else []))
+
+
+def _tensors(t: Path, shapes: dict[str, tuple[int, ...]]) -> str:
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(v) for k, v in shapes.items()}, t / "w.safetensors")
+    return str(t / "w.safetensors")
+
+
+def _torch_obj(t: Path, obj: object) -> str:
+    torch.save(obj, t / "w.pt")
+    return str(t / "w.pt")
+
+
+def _torch_boom(t: Path) -> str:
+    _Boom.marker = _marker(t)
+    return _torch_obj(t, {"1.weight": _Boom()})
+
+
+def _whole_module(t: Path) -> str:
+    import external_nets
+
+    return _torch_obj(t, external_nets.make_linear())
 
 
 class _Boom:

@@ -6,6 +6,7 @@ average *and* worst-class robustness. See README.md and docs/ARCHITECTURE.md.
     import dorat
     fitted = dorat.fit(my_model, (x_train, y_train), (x_test, y_test), method="done", epochs=5)
     metrics, _ = dorat.evaluate(fitted.model, x_test, y_test, classes, ["pgd", "cw"])
+    card = dorat.benchmark(any_model, "cifar10", eps=8/255, n=1000)  # a RobustBench-like card
 
 A new part is a dataclass registered by name (``@dorat.register("weighting", "mine")``); see
 examples/ for a plug-in in one file.
@@ -19,13 +20,16 @@ from dorat.parts import opt, register
 __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "ConfigError", "DataError", "DoratError", "Weighting", "__version__",
-           "evaluate", "fit", "opt", "register", "register_preset"]
+           "benchmark", "evaluate", "fit", "opt", "register", "register_preset"]
 
 
 def __getattr__(name: str) -> Any:  # the heavier parts load on first use
     if name == "fit":
         from dorat.api import fit
         return fit
+    if name == "benchmark":
+        from dorat.card import benchmark
+        return benchmark
     if name == "evaluate":
         from dorat.evaluate import evaluate
         return evaluate

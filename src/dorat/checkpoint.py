@@ -226,16 +226,23 @@ def save_weights(path: Path, model: torch.nn.Module, meta: dict[str, str] | None
 def load_weights(path: Path, model: torch.nn.Module) -> dict[str, str]:
     """Load model weights from safetensors into ``model``; a mismatch is a CheckpointError."""
     sd, meta = read_safetensors(path, f"no model weights at {path}; train first (`dorat train --out ...`)")
+    check_finite(sd, path)
+    load_state_dict_checked(model, sd, str(path))
+    return meta
+
+
+def check_finite(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse NaN or infinite weights: such a model evaluates to a plausible chance accuracy."""
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"{path} holds NaN or infinite weights ({bad[0]}"
                               f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); the model "
                               "is broken: train it again (lower optim.lr if it diverged)")
-    load_state_dict_checked(model, sd, str(path))
-    return meta
 
 
-def load_state_dict_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], src: str) -> None:
+def load_state_dict_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], src: str,
+                            hint: str = "it was trained with another model or dataset: use the "
+                                        "RUN_DIR's own config") -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -245,8 +252,5 @@ def load_state_dict_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor],
                   f"unexpected {unexpected[:3]}" if unexpected else
                   f"shape of {shapes[0]} is {tuple(sd[shapes[0]].shape)}, "
                   f"model needs {tuple(own[shapes[0]].shape)}")
-        raise CheckpointError(
-            f"{src} does not fit this model ({detail}); it was trained with another model or "
-            "dataset: use the RUN_DIR's own config"
-        )
+        raise CheckpointError(f"{src} does not fit this model ({detail}); {hint}")
     model.load_state_dict(sd)

@@ -85,9 +85,20 @@ def _add_plugin(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a trained run", description=(
-        "Evaluate RUN_DIR/model.safetensors under attacks; prints the summary and writes JSON."))
-    p.add_argument("run_dir")
+    p = sub.add_parser("eval", help="evaluate a trained run, or any model (--model)", description=(
+        "Evaluate RUN_DIR/model.safetensors under attacks; prints the summary and writes JSON. "
+        "With --model instead of RUN_DIR: any nn.Module from an importable factory, with weights "
+        "from safetensors or a state dict (never unpickling code), evaluated on a dataset's test "
+        "set; writes a card (RobustBench-like JSON with per-class and worst-class accuracy)."))
+    p.add_argument("run_dir", nargs="?", help="a dorat run directory (or use --model)")
+    p.add_argument("--model", metavar="MODULE:FACTORY", help="evaluate your own model: a function "
+                   "or class (no arguments) returning the nn.Module, e.g. my_pkg.nets:make_model")
+    p.add_argument("--weights", help="--model: its weights, .safetensors or a torch.save'd "
+                   "state dict (.pt/.pth); default: as the factory returns the model")
+    p.add_argument("--dataset", help="--model: the dataset whose test set to use (e.g. cifar10)")
+    p.add_argument("--normalize", metavar="MEAN,STD", help="--model: the model expects normalised "
+                   "inputs; MEAN,STD or C means then C stds (the attacks stay in [0, 1] pixels)")
+    p.add_argument("--norm", choices=["linf", "l2"], help="--model: threat model (default linf)")
     p.add_argument("--attacks", help="comma-separated from pgd, cw, aa (AutoAttack standard); "
                    "default: the run's eval.attacks")
     p.add_argument("--n", type=int, help="stratified test subset size (default: the run's)")
@@ -98,7 +109,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    "held-out validation split (data.val_size)")
     p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=None,
                    help="run the sanity checks (default: the run's eval.checks)")
-    p.add_argument("--out", help="metrics JSON file (default RUN_DIR/eval.json)")
+    p.add_argument("--out", help="metrics JSON file (default RUN_DIR/eval.json; with --model "
+                   "card.json)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier evaluation in the --out file")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
@@ -110,7 +122,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="Markdown report with plots for finished runs", description=(
         "Write OUT/report.md with the results table of the runs and PNG plots: per-class robust "
         "accuracy, training curves, and weight diagnostics for reweighting methods."))
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or cards "
+                   "(card.json from `dorat eval --model`)")
     p.add_argument("--out", required=True, help="directory for report.md and the PNGs")
     p.add_argument("--metrics", default="auto", help="metrics file in each RUN_DIR (default: "
                    "eval.json when present, else metrics.json)")
@@ -206,6 +219,16 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from dorat.run import evaluate_run, load_run
 
     load_plugins(a.plugin)
+    external = [o for o, v in (("--model", a.model), ("--weights", a.weights), ("--dataset", a.dataset),
+                               ("--normalize", a.normalize), ("--norm", a.norm)) if v is not None]
+    if a.run_dir is None and a.model is None:
+        raise DoratError("name a RUN_DIR to evaluate, or your own model with --model MODULE:FACTORY "
+                         "--dataset NAME")
+    if a.run_dir is not None and external:
+        raise DoratError(f"{external[0]} is for evaluating your own model; a RUN_DIR brings its own "
+                         "(give one or the other)")
+    if a.model is not None:
+        return _eval_model(a)
     run_dir = Path(a.run_dir)
     run = load_run(run_dir, a.device, {
         "data.dir": a.data_dir, "eval.attacks": a.attacks, "eval.n": a.n, "eval.eps": a.eps,
@@ -223,6 +246,45 @@ def cmd_eval(a: argparse.Namespace) -> int:
     write_json_atomic(out, metrics)
     print("\n".join(summary_lines(metrics)))
     print(f"results in {out}")
+    return 0
+
+
+def _eval_model(a: argparse.Namespace) -> int:
+    """`dorat eval --model`: a user's model on a dataset's test set → a card."""
+    from dorat import card as cards
+    from dorat.checkpoint import probe_writable, write_json_atomic
+    from dorat.data import get_spec
+    from dorat.evaluate import check_attacks, summary_lines
+
+    if a.dataset is None:
+        raise DoratError("--model needs --dataset NAME (the test set to evaluate on, e.g. cifar10)")
+    if a.split == "val":
+        raise DoratError("--split val is for dorat runs (their held-out split); --model evaluates on "
+                         "the test set")
+    if not a.dataset.startswith("npz:"):
+        get_spec(a.dataset)  # an unknown name fails here, before the model is built
+    attacks = [t.strip() for t in a.attacks.split(",")] if a.attacks else ["pgd", "cw", "aa"]
+    check_attacks(attacks)
+    out = Path(a.out or "card.json")
+    if not out.parent.is_dir():
+        raise DoratError(f"cannot write {out}: directory {out.parent} does not exist")
+    if out.exists() and not a.overwrite:
+        raise DoratError(f"{out} already exists; pass --overwrite to replace it or --out FILE")
+    probe_writable(out)
+    model = cards.build_external(a.model)
+    info: dict[str, Any] = {"factory": a.model, "weights": None,
+                            "parameters": sum(p.numel() for p in model.parameters())}
+    if a.weights is not None:
+        cards.load_external_weights(a.weights, model)
+        info.update(weights=Path(a.weights).name, weights_sha256=cards.sha256(Path(a.weights)))
+    card = cards.benchmark(
+        model, a.dataset, a.eps, 1000 if a.n is None else a.n, attacks, norm=a.norm or "linf",
+        steps=a.steps or 20, restarts=a.restarts or 1, checks=a.checks is not False,
+        data_dir=a.data_dir, device=a.device, normalize=a.normalize, model_info=info,
+        progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr))
+    write_json_atomic(out, card)
+    print("\n".join(summary_lines(card)))
+    print(f"card in {out}")
     return 0
 
 

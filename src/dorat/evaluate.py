@@ -11,6 +11,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,3 +327,15 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
                         if bad else ""))
     lines.extend(f"note: {t}" for t in m.get("notes", []))
     return lines
+
+
+class _CallableModule(types.ModuleType):
+    """``dorat.evaluate`` names both this module and its main function. Once the module is
+    imported (as dorat.run does), Python binds the package attribute to the module, so the
+    module itself calls the function: ``dorat.evaluate(model, x, y, ...)`` works in any order."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -142,7 +142,7 @@ def load_metrics(run_dir: str | Path, name: str = "metrics.json") -> dict[str, A
 class RunResult:
     name: str
     path: Path
-    config: Config
+    config: Config | None  # None for a card (dorat eval --model)
     metrics: dict[str, Any]
     metrics_file: str
     log: list[dict[str, Any]] = field(default_factory=list)

@@ -79,16 +79,43 @@ def _safe_extract(archive: Path, dest: Path) -> None:
 
 
 def _offline_message(spec: Spec, target: Path, why: str) -> str:
-    urls = " ".join(d.url for d in spec.downloads)
+    files = ", ".join(f"{d.url} (MD5 {d.md5})" for d in spec.downloads)
     apt = (
         f"install Debian's package (`apt-get install {spec.debian_package}`), or "
         if spec.debian_package else ""
     )
     return (
         f"dataset '{spec.name}' is not on this machine and could not be downloaded ({why}). "
-        f"To fix: {apt}download {urls} and put the files in {target} "
-        "(or pass --data-dir / set DORAT_DATA)"
+        f"To fix: {apt}download {files} and put the file(s) as downloaded in {target} (archives "
+        "are checked and unpacked on first use; or pass --data-dir / set DORAT_DATA)"
     )
+
+
+def unpack_archives(spec: Spec, root: Path) -> bool:
+    """The dataset's archive(s) put in ``root`` by hand (e.g. cifar-10-python.tar.gz, downloaded
+    elsewhere): check each MD5, unpack them safely (no links, nothing outside ``root``) into a
+    temporary folder and move the result in. True when ``root`` is then complete."""
+    archives = [(d, root / d.url.rsplit("/", 1)[-1]) for d in spec.downloads if d.extract]
+    if not archives or not all(p.is_file() for _, p in archives):
+        return False
+    for d, p in archives:
+        got = _md5(p)
+        if got != d.md5:
+            raise DataError(f"{p} has MD5 {got}, expected {d.md5} (an incomplete download or "
+                            f"another file): download it again from {d.url}")
+    try:
+        with tempfile.TemporaryDirectory(dir=root, prefix=".unpack-") as tmp:
+            for _, p in archives:
+                _safe_extract(p, Path(tmp))
+            for item in sorted(Path(tmp).iterdir()):
+                if (root / item.name).exists():
+                    raise DataError(f"{root / item.name} exists but is incomplete; remove it, and "
+                                    f"{archives[0][1].name} is unpacked in its place")
+                os.replace(item, root / item.name)
+    except (OSError, tarfile.TarError, zipfile.BadZipFile) as e:
+        raise DataError(f"cannot unpack {archives[0][1]} into {root} ({e}); check the file and that "
+                        "the folder is writable") from None
+    return is_complete(spec, root)
 
 
 def download(name: str, data_dir: str | None = None, timeout: float = 30.0) -> Path:
@@ -133,6 +160,9 @@ def find_or_fetch(name: str, data_dir: str | None = None, allow_download: bool =
     if root is not None:
         return root
     spec = get_spec(name)
+    for cand in candidate_dirs(name, data_dir):
+        if cand.is_dir() and unpack_archives(spec, cand):
+            return cand
     target = candidate_dirs(name, data_dir)[0]
     if not allow_download:
         raise DataError(_offline_message(spec, target, "downloads are disabled"))

@@ -1,7 +1,7 @@
 """Reports: a Markdown file with the results table and PNG plots (matplotlib, no display).
 
 ``write_report(run_dirs, out)`` reads each RUN_DIR (config.yaml, log.jsonl, the metrics file,
-weights.safetensors) and writes ``out/report.md`` with:
+weights.safetensors), or a card JSON from `dorat eval --model`, and writes ``out/report.md`` with:
 
 * a table: SA, RA per attack, RA of the worst case, worst-class RA and RA-Tail-30 per run,
   plus any failed sanity check;
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dorat.attacks import EVAL_ATTACKS
+from dorat.card import is_card, read_card
 from dorat.errors import DoratError
 from dorat.run import RunResult, load_result
 
@@ -58,7 +59,7 @@ def results_table(results: Sequence[RunResult]) -> list[str]:
         key = main_key(m)
         pc = m["per_class"][key]
         wi = min(range(len(pc)), key=lambda i: (math.isnan(pc[i]), pc[i]))
-        row = [r.name, str(m.get("method", r.config.method.name)), pct(m["sa"])]
+        row = [r.name, str(m["method"] if "method" in m else r.config.method.name), pct(m["sa"])]
         row += [pct(m["ra"].get(a)) for a in attacks]
         row += [pct(m["ra"].get("worst"))] if has_worst else []
         row += [f"{pct(m['worst_class'][key])} ({m['classes'][wi]})", pct(m["tail30"][key]), str(m["n"])]
@@ -293,6 +294,21 @@ def figure_lines(results: Sequence[RunResult], out: Path, prefix: str = "",
     return lines
 
 
+def card_result(path: Path) -> RunResult:
+    """A card from `dorat eval --model` as a row of the report (no config, log or weights)."""
+    return RunResult(path.stem, path, None, read_card(path), path.name)
+
+
+def _described(r: RunResult) -> str:
+    if r.config is None:  # a card
+        m = r.metrics.get("model", {})
+        return (f"`{r.name}` = {r.path} (card: {r.metrics.get('dataset')}, model {m.get('factory')}"
+                + (f", weights {m['weights']}" if m.get("weights") else "") + ")")
+    c = r.config
+    return (f"`{r.name}` = {r.path} ({r.metrics_file}, {c.get('dataset')}, {c.get('model')}, "
+            f"{c.get('epochs')} epochs, seed {c.get('seed')})")
+
+
 def write_report(run_dirs: Sequence[str | Path], out: str | Path, metrics_file: str = "auto",
                  title: str = "dorat report") -> Path:
     """Write ``out/report.md`` (and its PNGs) for the given runs; returns the report's path."""
@@ -300,7 +316,8 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, metrics_file: 
 
     if not run_dirs:
         raise DoratError("name at least one RUN_DIR to report on")
-    results = [load_result(d, metrics_file) for d in run_dirs]
+    results = [card_result(Path(d)) if is_card(Path(d)) else load_result(d, metrics_file)
+               for d in run_dirs]
     _unique_names(results)
     out = Path(out)
     try:
@@ -316,9 +333,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, metrics_file: 
               "Worst class and RA-Tail-30 (mean of the ⌈0.3·C⌉ weakest classes) are under "
               "RA-worst when several attacks ran.", ""]
     lines += results_table(results) + [""]
-    lines += ["Runs: " + "; ".join(
-        f"`{r.name}` = {r.path} ({r.metrics_file}, {r.config.get('dataset')}, {r.config.get('model')}, "
-        f"{r.config.get('epochs')} epochs, seed {r.config.get('seed')})" for r in results), ""]
+    lines += ["Runs: " + "; ".join(_described(r) for r in results), ""]
     checks = check_lines(results)
     lines += (["## Sanity checks that failed", ""] + checks + [""]) if checks else [
         "All sanity checks that ran passed." if any(r.metrics.get("checks") for r in results)

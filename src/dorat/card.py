@@ -1,0 +1,283 @@
+"""Evaluate any model, not only dorat's runs: ``dorat eval --model`` and ``dorat.benchmark``.
+
+A user's ``nn.Module`` comes from an importable factory (``my_pkg.nets:make_model``), its weights
+from a safetensors file or a PyTorch state dict read with ``torch.load(weights_only=True)``
+(nothing is unpickled that could run code). The model takes images in [0, 1]; one trained on
+normalised inputs is wrapped by ``Normalized``. It is evaluated by the same evaluator and sanity
+checks as a dorat run, and the result is a *card*: the evaluation's metrics (the eval.json format,
+so `dorat report` reads it beside run directories) plus RobustBench-like fields (dataset, threat
+model, eps, clean and AutoAttack accuracy in %) and the versions that produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+import pickle
+import platform
+import sys
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from dorat.errors import CheckpointError, ConfigError, DoratError
+
+CARD_FORMAT = "dorat-card/1"
+# RobustBench's standard threat models (robustbench.model_zoo: Linf 8/255 and L2 0.5 on CIFAR)
+STANDARD_EPS = {("cifar10", "linf"): 8 / 255, ("cifar100", "linf"): 8 / 255,
+                ("cifar10", "l2"): 0.5, ("cifar100", "l2"): 0.5}
+THREAT_MODEL = {"linf": "Linf", "l2": "L2"}
+STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "ema")  # common checkpoint nests
+
+
+def import_factory(spec: str) -> Callable[[], Any]:
+    """``MODULE:ATTR`` (ATTR may be dotted) → the callable; the current directory is importable,
+    as with ``python -m``. Any failure is one DoratError."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise ConfigError(f"--model '{spec}' must be MODULE:FACTORY, e.g. my_pkg.nets:make_model "
+                          "(a function or class that returns the nn.Module, called with no arguments)")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except BaseException as e:  # an import runs the module's code: anything may come out
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise ConfigError(f"cannot import '{mod_name}' for --model ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); check the name and that it "
+                          "is importable from here (PYTHONPATH)") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"'{mod_name}' has no attribute '{attr}' (--model {spec})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"--model {spec} is not callable: name a function or class that returns "
+                          "the nn.Module")
+    return obj
+
+
+def build_external(spec: str) -> nn.Module:
+    """Call the factory ``spec`` names; it must return an nn.Module."""
+    factory = import_factory(spec)
+    try:
+        model = factory()
+    except Exception as e:
+        raise ConfigError(f"calling {spec}() failed ({type(e).__name__}: {e}); the factory must "
+                          "build the model with no arguments") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def read_torch_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``torch.save`` file, read with ``weights_only=True``: tensors and plain
+    containers only, never code. A checkpoint that nests it (``{"state_dict": ...}``) and
+    DataParallel's ``module.`` prefix are accepted."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} needs code to load (it pickles objects, not only tensors), which dorat never "
+            "runs: save the weights with torch.save(model.state_dict(), f) or as safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch file ({str(e).splitlines()[0]})"
+                              ) from None
+    if isinstance(obj, Mapping) and not _is_state(obj):
+        obj = next((obj[k] for k in STATE_KEYS if isinstance(obj.get(k), Mapping) and _is_state(obj[k])),
+                   obj)
+    if not isinstance(obj, Mapping) or not _is_state(obj):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors "
+                              f"(nor one under {', '.join(STATE_KEYS)})")
+    sd = dict(obj)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _is_state(obj: Mapping) -> bool:
+    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def load_external_weights(path: str | Path, model: nn.Module) -> None:
+    """Weights from safetensors (by its suffix) or a PyTorch state dict, checked against the model."""
+    from dorat.checkpoint import check_finite, load_state_dict_checked, read_safetensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no weights file at {path}")
+    if path.suffix == ".safetensors":
+        sd, _ = read_safetensors(path, f"no weights file at {path}")
+    else:
+        sd = read_torch_state(path)
+    check_finite(sd, path)
+    load_state_dict_checked(model, sd, str(path),
+                            hint="check that --model builds the architecture these weights are for")
+
+
+class Normalized(nn.Module):
+    """``model((x − mean) / std)``: for a model trained on normalised inputs, so that the attacks
+    work in the [0, 1] pixel space where ε is defined."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def parse_normalize(text: str, channels: int) -> tuple[list[float], list[float]]:
+    """``m,s`` (every channel) or ``m1,..,mC,s1,..,sC`` → (mean, std) of ``channels`` values."""
+    try:
+        v = [float(t) for t in text.split(",")]
+    except ValueError:
+        v = []
+    if len(v) not in (2, 2 * channels):
+        raise ConfigError(f"--normalize '{text}' must be MEAN,STD or {channels} means then {channels} "
+                          f"stds, comma-separated (e.g. 0.4914,0.4822,0.4465,0.2471,0.2435,0.2616)")
+    return per_channel((v[:len(v) // 2], v[len(v) // 2:]), channels)
+
+
+def per_channel(normalize: tuple[Any, Any], channels: int) -> tuple[list[float], list[float]]:
+    """(mean, std), each a number or one value per channel, as two lists of ``channels`` values."""
+    out = []
+    for what, v in zip(("mean", "std"), normalize):
+        vals = [float(v)] if isinstance(v, (int, float)) else [float(t) for t in v]
+        if len(vals) not in (1, channels) or not all(math.isfinite(t) for t in vals):
+            raise ConfigError(f"normalize: the {what} must be one finite number or {channels} (one per "
+                              f"channel), got {v}")
+        out.append(vals * (channels // len(vals)))
+    if min(out[1]) <= 0:
+        raise ConfigError(f"normalize: every std must be > 0, got {normalize[1]}")
+    return out[0], out[1]
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    for pkg in ("dorat", "pyautoattack", "autoattack"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_eps(dataset: str, norm: str) -> float:
+    if (dataset, norm) in STANDARD_EPS:
+        return STANDARD_EPS[(dataset, norm)]
+    raise ConfigError(f"no standard eps for {dataset} ({norm}): give it with --eps (the threat "
+                      "radius on images in [0, 1])")
+
+
+def _check_model_fits(model: nn.Module, x: torch.Tensor, num_classes: int, dataset: str,
+                      device: torch.device) -> None:
+    """One forward pass on two test images: the model takes them and gives C logits each."""
+    from dorat.data.loader import as_unit_images
+
+    try:
+        with torch.no_grad():
+            out = model(as_unit_images(x[:2]).to(device))
+    except Exception as e:
+        raise ConfigError(f"the model does not take {dataset}'s images ({tuple(x.shape[1:])}, in "
+                          f"[0, 1]): {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (min(2, len(x)), num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"the model returns {shape} for {min(2, len(x))} images; it must return "
+                          f"logits of shape (N, {num_classes}) for {dataset}")
+
+
+def benchmark(model: nn.Module, dataset: str, eps: float | None = None, n: int | None = 1000,
+              attacks: Sequence[str] = ("pgd", "cw", "aa"), *, norm: str = "linf", steps: int = 20,
+              restarts: int = 1, checks: bool = True, check_n: int = 200,
+              data_dir: str | None = None, device: str = "auto",
+              normalize: str | tuple[Sequence[float], Sequence[float]] | None = None,
+              model_info: Mapping[str, Any] | None = None, progress: bool = False,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` (inputs in [0, 1]) on ``n`` stratified test points of ``dataset`` under
+    ``attacks`` and return its card (see the module docstring). ``normalize``: (mean, std), or
+    its text "MEAN,STD" / C means then C stds, wraps a model that expects normalised inputs.
+    ``eps`` defaults to RobustBench's standard radius where there is one (CIFAR-10/100: 8/255
+    Linf, 0.5 L2)."""
+    from dorat.data import check_dataset, load_dataset
+    from dorat.evaluate import EvalSettings, check_attacks, evaluate
+    from dorat.run import resolve_device
+
+    if norm not in THREAT_MODEL:
+        raise ConfigError(f"norm '{norm}' is not one of {', '.join(THREAT_MODEL)}")
+    check_attacks(attacks)
+    eps = default_eps(dataset, norm) if eps is None else float(eps)
+    if not (math.isfinite(eps) and eps > 0):
+        raise ConfigError(f"eps must be a positive number, got {eps}")
+    if n is not None and n < 1:
+        raise ConfigError(f"n must be at least 1 (or None for the whole test set), got {n}")
+    dev = resolve_device(device)
+    ds = load_dataset(dataset, data_dir)
+    check_dataset(ds)
+    if normalize is not None:
+        channels = int(ds.x_test.shape[1])
+        normalize = parse_normalize(normalize, channels) if isinstance(normalize, str) else \
+            per_channel(normalize, channels)
+        model = Normalized(model, *normalize)
+    model = model.to(dev).eval()
+    _check_model_fits(model, ds.x_test, ds.num_classes, dataset, dev)
+    settings = EvalSettings(eps=eps, norm=norm, steps=steps, restarts=restarts)
+    metrics, _ = evaluate(model, ds.x_test, ds.y_test, ds.classes, list(attacks), settings, n, dev,
+                          progress, checks=checks, check_n=check_n, log=log)
+    return make_card(metrics, dataset, norm, eps, attacks, model_info, normalize)
+
+
+def make_card(metrics: dict[str, Any], dataset: str, norm: str, eps: float, attacks: Sequence[str],
+              model_info: Mapping[str, Any] | None,
+              normalize: tuple[Sequence[float], Sequence[float]] | None) -> dict[str, Any]:
+    """The evaluation's metrics plus the RobustBench-like header fields."""
+    pct = lambda v: round(100 * v, 2)  # noqa: E731  (RobustBench reports accuracies in %)
+    card = {
+        "format": CARD_FORMAT, "dataset": dataset, "threat_model": THREAT_MODEL[norm], "eps": eps,
+        "n": metrics["n"], "split": "test", "clean_acc": pct(metrics["sa"]),
+        "robust_acc": {k: pct(v) for k, v in metrics["ra"].items()},
+        **({"autoattack_acc": pct(metrics["ra"]["aa"])} if "aa" in attacks else {}),
+        "worst_class_acc": {k: pct(v) for k, v in metrics["worst_class"].items() if k != "clean"},
+        "tail30_acc": {k: pct(v) for k, v in metrics["tail30"].items() if k != "clean"},
+        "model": {**dict(model_info or {}),
+                  "normalize": {"mean": list(normalize[0]), "std": list(normalize[1])}
+                  if normalize is not None else None},
+        "versions": versions(),
+    }
+    return {**card, **metrics, "method": "external"}
+
+
+def is_card(path: Path) -> bool:
+    """A JSON file (not a directory) that `dorat report` should read as a card."""
+    return path.is_file() and path.suffix == ".json"
+
+
+def read_card(path: Path) -> dict[str, Any]:
+    from dorat.checkpoint import read_json
+
+    try:
+        card = read_json(path)
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise DoratError(f"cannot read the card {path} ({e})") from None
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise DoratError(f"{path} is not a dorat card (no \"format\": \"{CARD_FORMAT}\"); give a run "
+                         "directory or a card written by `dorat eval --model`")
+    return card
