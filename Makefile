@@ -12,7 +12,7 @@ $(PY):
 # torch first (a bare `torch` requirement would pull a multi-GB CUDA build), then the project.
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH)
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,all]'
 	touch $(STAMP)
 
 install: $(STAMP)

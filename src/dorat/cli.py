@@ -73,6 +73,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the model (perf.compile)")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="SyncBatchNorm when launched with torchrun on GPUs (perf.sync_bn)")
+    p.add_argument("--log", action="append", choices=["tensorboard"], default=[],
+                   help="also track the run: tensorboard = event files in RUN/tb (log.tensorboard)")
     p.add_argument("--list-keys", action="store_true",
                    help="print every config key with its type, default and help, and exit")
     _add_plugin(p)
@@ -194,6 +196,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                              "epochs": a.epochs, "seed": a.seed, "device": a.device,
                              "data.dir": a.data_dir, "perf.channels_last": a.channels_last,
                              "perf.amp": a.amp, "perf.compile": a.compile, "perf.sync_bn": a.sync_bn,
+                             "log.tensorboard": True if "tensorboard" in a.log else None,
                              "plugins": a.plugin or None}
     cfg = cfglib.resolve(a.config, flags, a.set)
     changes = dict(cfglib.parse_set(item) for item in a.set)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from dorat import config as cfglib
-from dorat import distributed, rundir
+from dorat import distributed, rundir, tracking
 from dorat.attacks import EVAL_ATTACKS
 from dorat.checkpoint import load_state, load_weights, read_json, write_json_atomic
 from dorat.checks import warning_lines
@@ -82,6 +82,7 @@ def prepare(cfg: Config, d: distributed.Dist | None = None, data: Dataset | None
     """Load the data (or take ``data``), build the model (or take ``model``) and the method.
     Writes nothing."""
     d = d or distributed.Dist()
+    tracking.check_available(cfg.log.tensorboard)
     device = distributed.device_for(d, resolve_device(cfg.device))
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data.dir, cfg.data.download)
@@ -228,6 +229,10 @@ def final_evaluation(run: Run, out: Path, progress: bool, log: Callable[[str], N
                      ) -> dict[str, Any]:
     metrics = evaluate_run(run, progress, log, journal=out / JOURNAL.format(name="metrics"))
     write_json_atomic(out / "metrics.json", metrics)
+    if run.cfg.log.tensorboard:
+        tb = tracking.TensorBoard(out, run.data.classes, run.cfg.epochs)
+        tb.final(metrics, run.cfg.epochs)
+        tb.close()
     return metrics
 
 

@@ -37,6 +37,7 @@ RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.safetensors", "model.safete
 # RUN/.eval-NAME.partial.safetensors): resumed after an interruption, deleted when it is done.
 JOURNAL = ".{name}.partial.safetensors"
 HISTORY = "history.jsonl"  # one line per resume that changed the config
+TB_DIR = "tb"              # TensorBoard event files (log.tensorboard; dorat.tracking)
 STAGE = ".next"            # a replacement run (--overwrite) while it trains
 COMPLETE = ".complete"     # in STAGE: the replacement finished; lists the files to move
 # what may change when a run is resumed: nothing that the checkpoint's tensors depend on
@@ -155,6 +156,7 @@ def set_up(p: Plan, out: Path, dump: Callable[[Config], str], epoch: int) -> Non
         ensure_writable(p.dir)
     for f in files:
         (p.dir / f).unlink(missing_ok=True)
+    shutil.rmtree(p.dir / TB_DIR, ignore_errors=True)  # an earlier run's curves
     write_text_atomic(p.dir / "config.yaml", dump(p.cfg))
 
 
@@ -176,8 +178,12 @@ def finish_replacement(out: Path) -> None:
     except (OSError, ValueError):
         return
     for name in names:
+        if (stage / name).is_dir() and (out / name).is_dir():  # tb/: directories do not replace
+            shutil.rmtree(out / name)
         if (stage / name).exists():
             os.replace(stage / name, out / name)
+    if TB_DIR not in names:
+        shutil.rmtree(out / TB_DIR, ignore_errors=True)
     old = [*RUN_FILES, HISTORY, "eval.json", "failed.json"]
     for p in out.iterdir():
         generated = (p.name in old or (p.name.startswith("eval-") and p.name.endswith(".json"))

@@ -90,6 +90,9 @@ class EvalConfig:
 @dataclass(frozen=True)
 class LogConfig:
     progress: str = opt("auto", "progress bars (auto: on a terminal)", choices=("auto", "on", "off"))
+    tensorboard: bool = opt(False, "TensorBoard event files in RUN/tb: per-epoch scalars, per-class "
+                                   "weights, a weight histogram, the final per-class accuracies "
+                                   "(needs the tensorboard package: dorat[tensorboard])")
 
 
 @section("perf")

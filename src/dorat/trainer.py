@@ -35,6 +35,7 @@ from dorat.models import use_channels_last
 from dorat.objectives import StepContext
 from dorat.objectives.base import ess_from_moments
 from dorat.probe import ClassStats, ValidationProbe
+from dorat.tracking import TensorBoard
 
 if TYPE_CHECKING:
     from dorat.run import Run
@@ -259,48 +260,56 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
         v = cfg.val
         probe = ValidationProbe(run.val, run.data.num_classes, cfg.attack.eps, cfg.attack.norm, v.n,
                                 v.steps, v.batch_size, cfg.seed, device, trainer.channels_last)
-    for epoch in range(start_epoch, epochs):
-        measured: list[float] = []  # the probe's seconds this epoch: the validation cost
-        method.weighting.start_epoch(epoch, epochs, None if probe is None else partial(
-            _measure, probe, model, epoch, measured))
-        stats = _Stats(run.data.num_classes, device)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(cfg.seed * 1_000_003 + 20 * 7919 + epoch)
-        model.train()
-        t0 = time.perf_counter()
-        bar = tqdm(batches.indexed(epoch), total=steps_per_epoch, disable=not progress,
-                   desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
-        for i, (x, y, idx) in enumerate(bar):
-            trainer.step(x, y, StepContext(epoch, epochs, epoch * steps_per_epoch + i, gen), stats, idx)
-        bar.close()
-        method.weighting.end_epoch(epoch, epochs, None if probe is None else partial(
-            _measure, probe, model, epoch, measured), model)
-        stats.reduce(d)
-        summary = stats.summary()
-        if not math.isfinite(summary["loss"]):
-            raise DoratError(
-                f"training diverged at epoch {epoch + 1} (loss is {summary['loss']}); the last good "
-                f"checkpoint in {out} is kept: continue with a lower rate (--resume --set optim.lr=...) "
-                "or check the data"
-            )
-        seconds = time.perf_counter() - t0
-        record = {
-            "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **summary,
-            "seconds": round(seconds, 3), "examples_per_s": round(stats.n / max(seconds, 1e-9), 1),
-            **method.weighting.epoch_log(),
-            **({"val_seconds": round(sum(measured), 3)} if measured else {}),
-        }
-        state_now = {
-            "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "method": method.weighting.state_dict(),
-        } if d.main else {}
-        distributed.on_main(d, partial(_write_epoch, out, record, stats.gathered(d), state_now, cfg))
-        log(f"epoch {epoch + 1}/{epochs}: loss {summary['loss']:.4f}  "
-            f"train clean {100 * summary['train_acc_clean']:.1f}%  "
-            f"adv {100 * summary['train_acc_adv']:.1f}%  lr {record['lr']:.4g}  "
-            f"{seconds:.1f}s ({record['examples_per_s']:.0f} ex/s)")
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs:
-            return None
+    tb = TensorBoard(out, run.data.classes, start_epoch) if cfg.log.tensorboard and d.main else None
+    try:
+        for epoch in range(start_epoch, epochs):
+            measured: list[float] = []  # the probe's seconds this epoch: the validation cost
+            method.weighting.start_epoch(epoch, epochs, None if probe is None else partial(
+                _measure, probe, model, epoch, measured))
+            stats = _Stats(run.data.num_classes, device)
+            gen = torch.Generator(device=device)
+            gen.manual_seed(cfg.seed * 1_000_003 + 20 * 7919 + epoch)
+            model.train()
+            t0 = time.perf_counter()
+            bar = tqdm(batches.indexed(epoch), total=steps_per_epoch, disable=not progress,
+                       desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
+            for i, (x, y, idx) in enumerate(bar):
+                trainer.step(x, y, StepContext(epoch, epochs, epoch * steps_per_epoch + i, gen), stats, idx)
+            bar.close()
+            method.weighting.end_epoch(epoch, epochs, None if probe is None else partial(
+                _measure, probe, model, epoch, measured), model)
+            stats.reduce(d)
+            summary = stats.summary()
+            if not math.isfinite(summary["loss"]):
+                raise DoratError(
+                    f"training diverged at epoch {epoch + 1} (loss is {summary['loss']}); the last good "
+                    f"checkpoint in {out} is kept: continue with a lower rate (--resume --set optim.lr=...) "
+                    "or check the data"
+                )
+            seconds = time.perf_counter() - t0
+            record = {
+                "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **summary,
+                "seconds": round(seconds, 3), "examples_per_s": round(stats.n / max(seconds, 1e-9), 1),
+                **method.weighting.epoch_log(),
+                **({"val_seconds": round(sum(measured), 3)} if measured else {}),
+            }
+            state_now = {
+                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "method": method.weighting.state_dict(),
+            } if d.main else {}
+            gathered = stats.gathered(d)
+            distributed.on_main(d, partial(_write_epoch, out, record, gathered, state_now, cfg))
+            if tb is not None:
+                tb.epoch(record, gathered)
+            log(f"epoch {epoch + 1}/{epochs}: loss {summary['loss']:.4f}  "
+                f"train clean {100 * summary['train_acc_clean']:.1f}%  "
+                f"adv {100 * summary['train_acc_adv']:.1f}%  lr {record['lr']:.4g}  "
+                f"{seconds:.1f}s ({record['examples_per_s']:.0f} ex/s)")
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs:
+                return None
+    finally:
+        if tb is not None:
+            tb.close()
 
     final = method.weighting.final_state()
     if method.weighting.final_message:
