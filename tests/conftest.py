@@ -101,6 +101,9 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
     """`dorat ARGV` in this process: exit code, stdout, stderr."""
     from dorat.cli import main
 
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's own errors (one line through dorat.cli._Parser)
+        code = int(e.code or 0)
     out, err = capsys.readouterr()
     return code, out, err

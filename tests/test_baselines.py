@@ -12,9 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dorat import config as C
 from dorat.attacks import AttackResult
 from dorat.cli import main
-from dorat.objectives.attacks import FATAttack, PGDKLAttack
+from dorat.errors import ConfigError
+from dorat.objectives.attacks import FATAttack, FGSMRSAttack, NFGSMAttack, PGDKLAttack
 from dorat.objectives.base import LossOutput, StepContext
 from dorat.objectives.losses import MARTLoss, TRADESLoss
 from dorat.objectives.weightings import GAIRATWeighting, MAILWeighting, WMMRWeighting
@@ -121,15 +123,18 @@ def test_fat_dynamic_tau_and_kl_attack() -> None:
     assert (p * (p.log() - q.log())).sum(1).min() > 0 and (r.x_adv - x).abs().max() <= 0.1 + 1e-6
 
 
-PRESETS = ["trades", "mart", "fat", "gairat", "mail-at", "mail-trades", "wmmr", "done-trades"]
+PRESETS = ["trades", "mart", "fat", "gairat", "mail-at", "mail-trades", "wmmr", "done-trades", "fast-at",
+           "done-n-fgsm"]
 
 
 @pytest.mark.parametrize("method", PRESETS)
 def test_every_preset_trains_through_the_cli(method: str, tmp_path: Path, synthetic_npz: Path,
                                              capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / method
+    steps = 1 if method in ("fast-at", "done-n-fgsm") else 2  # single-step attacks take 1
     code = main(["train", "--method", method, "--dataset", f"npz:{synthetic_npz}", "--epochs", "2",
-                 "--out", str(out), "--set", "attack.steps=2", "--set", "eval.n=40",
+                 "--out", str(out), "--set", f"attack.steps={steps}",
+                 "--set", "eval.n=40",
                  "--set", "attack.eps=0.3", "--set", "attack.alpha=0.15",
                  "--set", "eval.steps=2", "--set", "gairat.warmup=50%", "--set", "mail.warmup=0.5"])
     assert code == 0, capsys.readouterr().err
@@ -138,3 +143,28 @@ def test_every_preset_trains_through_the_cli(method: str, tmp_path: Path, synthe
     log = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
     if method in ("gairat", "mail-at", "mail-trades"):
         assert log[0]["ess"] == pytest.approx(1.0) and log[1]["ess"] < 1.0  # burn-in, then weights
+
+
+def _first_step(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    xd = (x + start).requires_grad_()
+    return torch.autograd.grad(F.cross_entropy(m(xd), y, reduction="sum"), xd)[0].sign()
+
+
+def test_single_step_attacks_are_noise_plus_one_signed_step() -> None:
+    """FGSM-RS: uniform start in the ε-ball, a step of 1.25ε, clipped to the ball. N-FGSM:
+    uniform noise in 2ε, a step of ε, not clipped (only the pixel box)."""
+    m = _Lin()
+    x, y = torch.rand(64, 4) * 0.5 + 0.25, torch.randint(0, 3, (64,))
+    eps = 0.05
+    for attack, noise, step, clip in ((FGSMRSAttack(eps=eps), 1.0, 1.25, True),
+                                      (NFGSMAttack(eps=eps), 2.0, 1.0, False)):
+        r = attack(m, x, y, StepContext(0, 1, 0, torch.Generator().manual_seed(3)))
+        u = torch.rand(x.shape, generator=torch.Generator().manual_seed(3))
+        start = (2 * u - 1) * noise * eps
+        expect = start + step * eps * _first_step(m, x, y, start)
+        if clip:
+            expect = expect.clamp(-eps, eps)
+        assert torch.allclose(r.x_adv - x, expect, atol=1e-6), type(attack).__name__
+    assert (r.x_adv - x).abs().max() > 1.5 * eps  # N-FGSM leaves the ε-ball
+    with pytest.raises(ConfigError, match="single-step attack: attack.steps=5"):
+        C.resolve(None, {"method": "n-fgsm"}, ["attack.steps=5"])

@@ -185,6 +185,34 @@ MATRIX: dict[str, tuple] = {
                         "not valid YAML"),
     "compare-python-tag": (lambda t, r: ["compare", _yaml(t, _python_tag(t)), "--out", str(t / "cmp")],
                            "not valid YAML"),
+    "compare-unknown-launcher": (lambda t, r: ["compare", "demo", "--out", str(t / "cmp"), "--launcher",
+                                               "pbs"], "invalid choice: 'pbs'"),
+    "compare-slurm-option-local": (lambda t, r: ["compare", "demo", "--out", str(t / "cmp"),
+                                                 "--slurm-cpus", "4"], "--slurm-cpus is for"),
+    "compare-slurm-workers": (lambda t, r: ["compare", "demo", "--out", str(t / "cmp"), "--launcher",
+                                            "slurm", "--workers", "2"], "--workers is for --launcher local"),
+    "compare-slurm-time-zero": (lambda t, r: ["compare", "demo", "--out", str(t / "cmp"), "--launcher",
+                                              "slurm", "--slurm-time", "0"], "must be at least 1"),
+    "compare-slurm-sbatch": (lambda t, r: ["compare", "demo", "--out", str(t / "cmp"), "--launcher",
+                                           "slurm", "--slurm-sbatch", "account"], "must be KEY=VALUE"),
+    "tune-space-malformed": (lambda t, r: _tune(t, "--space", "r"), "must be KEY=SPEC"),
+    "tune-space-bad-range": (lambda t, r: _tune(t, "--space", "r=log:0:4"), "a log range needs LOW > 0"),
+    "tune-space-bad-value": (lambda t, r: _tune(t, "--space", "done.beta=0.1:1.5"), "done.beta' must be in"),
+    "tune-space-unknown-key": (lambda t, r: _tune(t, "--space", "done.rr=1:2"), "unknown config key"),
+    "tune-objective-unknown": (lambda t, r: _tune(t, "--space", "r=1:2", objective="val.worst_class.aa"),
+                               "is not a validation metric"),
+    "tune-objective-test-set": (lambda t, r: _tune(t, "--space", "r=1:2", objective="test.sa"),
+                                "is not a validation metric"),
+    "tune-constraint-bad": (lambda t, r: _tune(t, "--space", "r=1:2", "--constraint", "val.sa ~ 3"),
+                            "must be METRIC OP VALUE"),
+    "tune-constraint-ref": (lambda t, r: _tune(t, "--space", "r=1:2", "--constraint",
+                                               "val.sa >= nope.val.sa - 1"), "'nope' is not a method preset"),
+    "tune-no-val-split": (lambda t, r: _tune(t, "--space", "r=1:2", val=False), "set data.val_size"),
+    "tune-storage-unreachable": (lambda t, r: _tune(t, "--space", "r=1:2", "--storage",
+                                                    f"sqlite:///{t}/no/such/dir/t.db"),
+                                 "cannot open the Optuna storage"),
+    "tune-storage-driver": (lambda t, r: _tune(t, "--space", "r=1:2", "--storage", "nosuchdb://h/x"),
+                            "cannot open the Optuna storage"),
     "compare-duplicate-key": (lambda t, r: ["compare", _yaml(t, "methods: [at]\nmethods: [done]\n"),
                                             "--out", str(t / "cmp")], "key 'methods' appears twice"),
     "run-config-python-tag": (lambda t, r: ["eval", str(_write(r, "config.yaml", _python_tag(t)))],
@@ -245,6 +273,11 @@ MATRIX: dict[str, tuple] = {
     "report-not-a-card": (lambda t, r: ["report", _raw(t, "x.json", b'{"sa": 1}'), "--out",
                                         str(t / "rep")], "is not a dorat card"),
 }
+
+
+def _tune(t: Path, *extra: str, objective: str = "val.ra.pgd", val: bool = True) -> list[str]:
+    return ["tune", "--dataset", f"npz:{t}/../toy.npz", "--method", "done", "--objective", objective,
+            "--out", str(t / "tune"), *(["--set", "data.val_size=20"] if val else []), *extra]
 
 
 def _ext(t: Path, model: str = "external_nets:make_linear", dataset: str | None = "toy",

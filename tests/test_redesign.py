@@ -264,7 +264,10 @@ def test_the_committed_results_grid_is_still_recognised_as_finished() -> None:
 
     for spec, out in (("fmnist.yaml", "grid"), ("fmnist-longtail-sweep.yaml", "sweep-longtail")):
         grid = load_grid(ROOT / "benchmarks" / "results" / spec, ROOT / "benchmarks" / "results" / out)
-        assert set(_validate(grid, None)) == {"done"}, spec
+        statuses = _validate(grid, None)
+        finished = [st for r, st in zip(grid.runs, statuses) if (r.path / "metrics.json").is_file()
+                    and all((r.path / f"eval-{e['name']}.json").is_file() for e in grid.evals)]
+        assert len(finished) >= 20 and set(finished) == {"done"}, spec  # (the grid grows)
     trades = C.from_dict(C.load_yaml(str(ROOT / "benchmarks/results/grid/runs/fashion-mnist/balanced/"
                                          "trades/seed0/config.yaml"))[0], "saved")
     assert trades.method.attack == "pgd-kl"  # the old `done.lower: pgd` acted in DONE presets only

@@ -99,3 +99,22 @@ def test_missing_tensorboard_is_one_line(synthetic_npz: Path, tmp_path: Path,
         "dorat: error: log.tensorboard needs the tensorboard package: pip install "
         "'dorat[tensorboard]' (or pip install tensorboard), or turn it off"]
     assert not (tmp_path / "x").exists()
+
+
+def test_validation_probe_every_epoch_for_any_method(synthetic_npz: Path, tmp_path: Path) -> None:
+    """val.every: PGD-AT (which needs no validation) probes the validation subset after each
+    epoch; the numbers are in log.jsonl and TensorBoard's val/ group, and on_epoch sees them."""
+    cfg = C.resolve(None, {"dataset": f"npz:{synthetic_npz}", "epochs": 2, "method": "at"},
+                    ["attack.steps=1", "eval.n=40", "eval.checks=false", "data.val_size=40",
+                     "val.n=40", "val.steps=2", "val.every=1", "log.tensorboard=true"])
+    seen: list[dict] = []
+    out = tmp_path / "r"
+    assert train(cfg, out, log=lambda s: None, on_epoch=seen.append) is not None
+    log = _log(out)
+    assert [r["epoch"] for r in seen] == [1, 2] and seen == log
+    for r in log:
+        assert 0 <= r["val_worst_class_pgd"] <= r["val_tail30_pgd"] <= r["val_ra_pgd"] + 1e-9
+        assert r["val_ra_pgd"] <= r["val_sa"] + 0.05 and r["val_seconds"] > 0
+    acc = _events(out)
+    assert [e.value for e in acc.Scalars("val/ra_pgd")] == pytest.approx([r["val_ra_pgd"] for r in log])
+    assert "train/val_sa" not in acc.Tags()["scalars"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dorat import config as cfglib
-from dorat.errors import DoratError
+from dorat.errors import DoratError, Terminated, raise_terminated
 from dorat.parts import load_plugins
 
 EXIT_USER_ERROR = 2
@@ -23,14 +23,6 @@ EXIT_USER_ERROR = 2
 
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM killed
 
-
-class Terminated(BaseException):
-    """SIGTERM (what Slurm and most schedulers send before killing a job), raised like Ctrl-C:
-    the run stops where it is, temporary files are removed, the last checkpoint is kept."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,6 +65,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the model (perf.compile)")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="SyncBatchNorm when launched with torchrun on GPUs (perf.sync_bn)")
+    p.add_argument("--co-restore", action="store_true", default=None,
+                   help="when the catastrophic-overfitting guard fires, stop and keep the best "
+                        "epoch's weights (val.co_restore)")
     p.add_argument("--log", action="append", choices=["tensorboard"], default=[],
                    help="also track the run: tensorboard = event files in RUN/tb (log.tensorboard)")
     p.add_argument("--list-keys", action="store_true",
@@ -116,6 +111,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier evaluation in the --out file")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument("--which", choices=["last", "best"], default="last",
+                   help="the run's weights: last (model.safetensors) or best (best.safetensors, "
+                        "kept with val.keep_best); default last")
     p.add_argument("--data-dir")
     _add_plugin(p)
 
@@ -153,7 +151,21 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                    help="run the grid in N processes (default 1): on CPU each gets cores/N threads, "
                         "with CUDA each gets one GPU in turn. Several compare commands on the same "
                         "--out also share the grid (each run is locked while one works on it)")
-    p.add_argument("--no-aggregate", action="store_true", help=argparse.SUPPRESS)  # a worker
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local: this machine (--workers); slurm: one Slurm job per run through "
+                        "submitit (job ids in OUT/slurm-jobs.json; run the command again to follow, "
+                        "resubmit what ended unfinished, and aggregate)")
+    p.add_argument("--slurm-partition", help="slurm: the partition (default: the cluster's)")
+    p.add_argument("--slurm-time", type=int, metavar="MIN",
+                   help="slurm: each job's time limit in minutes (default 1440; a job that reaches "
+                        "it is requeued and resumes)")
+    p.add_argument("--slurm-cpus", type=int, metavar="N", help="slurm: CPUs per job (default 1)")
+    p.add_argument("--slurm-gpus", type=int, metavar="N", help="slurm: GPUs per job (default 0)")
+    p.add_argument("--slurm-mem", type=float, metavar="GB", help="slurm: memory per job in GB")
+    p.add_argument("--slurm-sbatch", action="append", default=[], metavar="KEY=VALUE",
+                   help="slurm: any other sbatch option, e.g. account=proj or qos=high (repeatable)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="slurm: submit and return (aggregating what has finished so far)")
     _add_plugin(p)
 
 
@@ -177,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_report(sub)
     _add_compare(sub)
+    from dorat.tune.cli import add_parser as _add_tune
+
+    _add_tune(sub, _add_plugin)
     _add_data(sub)
     return p
 
@@ -197,6 +212,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                              "data.dir": a.data_dir, "perf.channels_last": a.channels_last,
                              "perf.amp": a.amp, "perf.compile": a.compile, "perf.sync_bn": a.sync_bn,
                              "log.tensorboard": True if "tensorboard" in a.log else None,
+                             "val.co_restore": a.co_restore,
                              "plugins": a.plugin or None}
     cfg = cfglib.resolve(a.config, flags, a.set)
     changes = dict(cfglib.parse_set(item) for item in a.set)
@@ -214,6 +230,12 @@ def cmd_train(a: argparse.Namespace) -> int:
         print("\n".join(summary_lines(metrics)))
         print(f"results in {a.out}/metrics.json")
     return 0
+
+
+def _cmd_tune(a: argparse.Namespace) -> int:
+    from dorat.tune.cli import command
+
+    return command(a)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
@@ -236,8 +258,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     run = load_run(run_dir, a.device, {
         "data.dir": a.data_dir, "eval.attacks": a.attacks, "eval.n": a.n, "eval.eps": a.eps,
         "eval.steps": a.steps, "eval.restarts": a.restarts, "eval.split": a.split,
-        "eval.checks": a.checks})
-    out = Path(a.out) if a.out else run_dir / "eval.json"
+        "eval.checks": a.checks}, weights=a.which)
+    out = Path(a.out) if a.out else run_dir / ("eval.json" if a.which == "last" else "eval-best.json")
     if not out.parent.is_dir():
         raise DoratError(f"cannot write {out}: directory {out.parent} does not exist")
     if out.exists() and not a.overwrite:
@@ -304,13 +326,14 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
     if a.workers < 1:
         raise DoratError(f"--workers must be at least 1, got {a.workers}")
+    from dorat.compare.slurm import options_from_args
+
+    slurm = options_from_args(a)
     load_plugins(a.plugin)
-    path = compare(a.file, a.out, a.device, a.data_dir, progress=sys.stderr.isatty() and a.workers == 1
-                   and not a.no_aggregate, aggregate_only=a.aggregate_only, retry_failed=a.retry_failed,
+    path = compare(a.file, a.out, a.device, a.data_dir, progress=sys.stderr.isatty() and a.workers == 1,
+                   aggregate_only=a.aggregate_only, retry_failed=a.retry_failed,
                    only=[m for m in a.methods.split(",") if m] if a.methods else None,
-                   workers=a.workers, aggregate=not a.no_aggregate, plugins=a.plugin)
-    if a.no_aggregate:
-        return 0
+                   workers=a.workers, plugins=a.plugin, slurm=slurm, wait=not a.no_wait)
     print((Path(a.out) / "results.md").read_text())
     print(f"report: {path}")
     return 0
@@ -348,10 +371,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_allocator()  # glibc keeps freed memory: far fewer page faults (dorat.runtime)
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         return {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "compare": cmd_compare,
-                "data": cmd_data}[a.cmd](a)
+                "tune": _cmd_tune, "data": cmd_data}[a.cmd](a)
     except DoratError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
             print(f"dorat: error: {e}", file=sys.stderr)

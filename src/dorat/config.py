@@ -90,7 +90,14 @@ class Section(Mapping[str, Any]):
         object.__setattr__(self, "_name", name)
         object.__setattr__(self, "_values", values)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as it is (a worker process or a Slurm job gets the very same config), without
+        re-resolving it: a plug-in's section need not be registered to unpickle it."""
+        return (_restore, (type(self), self._name, self._values))
+
     def __getattr__(self, key: str) -> Any:
+        if key.startswith("__") or key in Section.__slots__:  # not set yet (copy, pickle)
+            raise AttributeError(key)
         try:
             return self._values[key]
         except KeyError:
@@ -110,6 +117,14 @@ class Section(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"Section({self._name!r}, {self._values!r})"
+
+
+def _restore(cls: type, name: str, values: dict[str, Any]) -> Section:
+    _ensure_parts()  # a fresh process: the registry that replace() and validation read
+    obj = object.__new__(cls)
+    object.__setattr__(obj, "_name", name)
+    object.__setattr__(obj, "_values", values)
+    return obj
 
 
 def _freeze(v: Any) -> Any:

@@ -20,3 +20,13 @@ class ConfigError(DoratError):
 
 class CheckpointError(DoratError):
     """A checkpoint is missing, corrupted or does not fit the run."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (what Slurm and most schedulers send before killing a job), raised like Ctrl-C:
+    the run stops where it is, temporary files are removed, the last checkpoint is kept."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """A SIGTERM handler: ``signal.signal(signal.SIGTERM, raise_terminated)``."""
+    raise Terminated

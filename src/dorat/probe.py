@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from dorat.attacks import PGDSpec, kl_per_example, mode, pgd
 from dorat.data.loader import Split, as_unit_images, balanced_counts, stratified_indices
 from dorat.errors import ConfigError
-from dorat.parts import opt, positive, section
+from dorat.parts import nonneg, opt, positive, section, unit
 
 
 @section("val")
@@ -29,6 +29,18 @@ class ValConfig:
     n: int = opt(1000, "stratified validation points the per-epoch probe attacks", positive)
     steps: int = opt(10, "PGD steps of the probe (step ε/4, on CE)", positive)
     batch_size: int = opt(500, "the probe's batch", positive)
+    every: int = opt(0, "probe every N epochs for any method (and after the last), logged as "
+                        "val_sa, val_ra_pgd, val_worst_class_pgd, val_tail30_pgd in log.jsonl "
+                        "(what `dorat tune`'s pruner reads); 0: only for methods that need it",
+                     nonneg)
+    keep_best: str = opt("none", "keep RUN/best.safetensors: the epoch with the best probe value "
+                                 "(val_<metric>), probed every epoch; `dorat eval --which best`",
+                         choices=("none", "ra_pgd", "worst_class_pgd", "tail30_pgd", "sa"))
+    co_guard: str = opt("auto", "catastrophic-overfitting guard (probe every epoch); auto: on for "
+                                "single-step training attacks", choices=("auto", "on", "off"))
+    co_margin: float = opt(0.2, "the guard fires when the probe's PGD accuracy falls this far below "
+                                "its best while the training attack's accuracy rises", unit)
+    co_restore: bool = opt(False, "when the guard fires: stop, and keep the best epoch's weights")
 
 
 @dataclass
@@ -43,6 +55,17 @@ class ClassStats:
     total_clean_err: float
     total_robust_err: float
     seconds: float
+
+    def summary(self) -> dict[str, float]:
+        """The probe as accuracies (fractions): clean, PGD, worst class and RA-Tail-30 under PGD,
+        the log's val_* keys."""
+        from dorat.evaluate import tail_mean
+
+        robust = (1 - self.robust_err).tolist()
+        return {"val_sa": round(1 - self.total_clean_err, 6),
+                "val_ra_pgd": round(1 - self.total_robust_err, 6),
+                "val_worst_class_pgd": round(min(robust), 6),
+                "val_tail30_pgd": round(tail_mean(robust), 6)}
 
     @property
     def boundary_err(self) -> torch.Tensor:

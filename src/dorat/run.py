@@ -99,6 +99,8 @@ def prepare(cfg: Config, d: distributed.Dist | None = None, data: Dataset | None
                                 "class_counts": train.class_counts(data.num_classes)})
     if method.weighting.needs_validation():
         ValidationProbe.check(val, data.num_classes, f"method.weighting={cfg.method.weighting}")
+    if cfg.val.every:
+        ValidationProbe.check(val, data.num_classes, f"val.every={cfg.val.every}")
     torch.manual_seed(cfg.seed)
     if model is None:
         c, h, w = data.shape
@@ -121,16 +123,21 @@ def read_config(run_dir: str | Path) -> Config:
 
 
 def load_run(run_dir: str | Path, device: str | None = "auto",
-             overrides: Mapping[str, Any] | None = None, model: nn.Module | None = None) -> Run:
+             overrides: Mapping[str, Any] | None = None, model: nn.Module | None = None,
+             weights: str = "last") -> Run:
     """A finished run ready for analysis: its config (with ``overrides`` of dotted keys, e.g.
     ``{"eval.n": 1000}``; None values are ignored), data, and the trained model weights
-    (loaded into ``model`` when given: a model the config cannot rebuild)."""
+    (loaded into ``model`` when given: a model the config cannot rebuild): the last epoch's,
+    or with ``weights="best"`` the best probed epoch's (val.keep_best)."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     updates = {k: v for k, v in {"device": device, **(overrides or {})}.items() if v is not None}
     cfg = cfg.replace(updates)
+    if weights == "best" and not (run_dir / "best.safetensors").is_file():
+        raise ConfigError(f"{run_dir} has no best.safetensors: it is kept by training with "
+                          "--set val.keep_best=ra_pgd (or worst_class_pgd, tail30_pgd, sa)")
     run = prepare(cfg, model=model)
-    load_weights(run_dir / "model.safetensors", run.model)
+    load_weights(run_dir / ("best.safetensors" if weights == "best" else "model.safetensors"), run.model)
     run.model.eval()
     return run
 
@@ -261,11 +268,22 @@ def _warn_idle_weighting(run: Run, log: Callable[[str], None]) -> None:
             "train for more epochs")
 
 
+def _warn_emulated_bf16(run: Run, log: Callable[[str], None]) -> None:
+    from dorat.runtime import bf16_native
+
+    if run.cfg.perf.amp == "bf16" and bf16_native(run.device.type) is False:
+        log(f"warning: perf.amp=bf16 on a {run.device.type} without native bf16 (no AVX512-BF16/AMX "
+            "or compute capability < 8): it runs emulated, usually slower than fp32 (perf.amp=off)")
+
+
 def train(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False,
           stop_after_epoch: int | None = None, log: Callable[[str], None] | None = None,
           data: Dataset | None = None, model: nn.Module | None = None,
-          changes: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+          changes: Mapping[str, Any] | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
     """Train (or resume) a run in ``out``; returns final metrics (None if stopped early).
+    ``on_epoch(record)``: each epoch's log record, once its checkpoint is written (it may raise
+    to stop the run there: a tuner's pruner).
     ``data`` and ``model``: in-memory objects instead of what the config names (dorat.fit).
     What happens with what ``out`` already holds (resume, restart, replace beside, report a
     finished run) is `dorat.rundir.plan`; ``changes``: dotted keys to change on resume.
@@ -279,14 +297,15 @@ def train(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = 
             if d.main:
                 owned.enter_context(rundir.own(out))
             return _train(cfg, out, d, resume, overwrite, stop_after_epoch, log, data, model,
-                          changes or {})
+                          changes or {}, on_epoch)
     finally:
         distributed.teardown(d)
 
 
 def _train(cfg: Config, out: Path, d: distributed.Dist, resume: bool, overwrite: bool,
            stop_after_epoch: int | None, log: Callable[[str], None] | None, data: Dataset | None,
-           model: nn.Module | None, changes: Mapping[str, Any]) -> dict[str, Any] | None:
+           model: nn.Module | None, changes: Mapping[str, Any],
+           on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
     from dorat import trainer
 
     if not d.main:
@@ -303,13 +322,14 @@ def _train(cfg: Config, out: Path, d: distributed.Dist, resume: bool, overwrite:
     _check_parallel(p.cfg, d)
     run = prepare(p.cfg, d, data, model)
     _warn_idle_weighting(run, log)
+    _warn_emulated_bf16(run, log)
     state = load_state(p.dir / "checkpoint.safetensors")[0] if p.mode == "resume" else None
     if p.changes:
         log(f"resuming with {', '.join(f'{k}={v}' for k, v in p.changes.items())} "
             f"(recorded in {p.dir / rundir.HISTORY})")
     distributed.on_main(d, lambda: rundir.set_up(p, out, cfglib.dump,
                                                  int(state["epoch"]) if state else 0))
-    if trainer.fit(run, p.dir, state, stop_after_epoch, log, d) is None:
+    if trainer.fit(run, p.dir, state, stop_after_epoch, log, d, on_epoch) is None:
         return None
 
     def finish() -> dict[str, Any]:

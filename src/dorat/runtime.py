@@ -75,3 +75,22 @@ def tune_allocator(environ: Mapping[str, str] | None = None) -> str:
 
 
 __all__ = ["ENV", "tune_allocator"]
+
+
+def bf16_native(device_type: str, cpuinfo: str | None = None) -> bool | None:
+    """Whether the device computes bf16 natively: CUDA (compute capability 8+), a CPU with
+    AVX512-BF16 or AMX-BF16; None when it cannot be told (a CPU that is not Linux's)."""
+    if device_type == "cuda":
+        import torch
+
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    if device_type != "cpu":
+        return None
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    flags = set(cpuinfo.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})

@@ -59,10 +59,11 @@ class TensorBoard:
         for k, v in record.items():
             if k == "epoch":
                 continue
+            tag = f"val/{k[4:]}" if k.startswith("val_") and k != "val_seconds" else f"train/{k}"
             if isinstance(v, bool):
-                self.w.add_scalar(f"train/{k}", float(v), step)
+                self.w.add_scalar(tag, float(v), step)
             elif isinstance(v, (int, float)) and math.isfinite(v):
-                self.w.add_scalar(f"train/{k}", v, step)
+                self.w.add_scalar(tag, v, step)
             elif isinstance(v, list) and len(v) == len(self.classes) and \
                     all(isinstance(t, (int, float)) for t in v):
                 group = "weights/class_mean" if k == "w_class_mean" else f"class/{k}"

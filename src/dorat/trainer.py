@@ -31,8 +31,10 @@ from dorat.checkpoint import (
 from dorat.config import Config
 from dorat.data.loader import Batches, resolve_augment
 from dorat.errors import CheckpointError, ConfigError, DoratError
+from dorat.guard import Watch
 from dorat.models import use_channels_last
 from dorat.objectives import StepContext
+from dorat.objectives.attacks import SingleStep
 from dorat.objectives.base import ess_from_moments
 from dorat.probe import ClassStats, ValidationProbe
 from dorat.tracking import TensorBoard
@@ -221,10 +223,12 @@ class Trainer:
 
 
 def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int | None,
-        log: Callable[[str], None], d: distributed.Dist | None = None) -> bool | None:
+        log: Callable[[str], None], d: distributed.Dist | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> bool | None:
     """Train ``run`` epoch by epoch into ``out`` (from ``state``, a checkpoint); True when all
     epochs are done and model.safetensors is written, None when stopped after
-    ``stop_after_epoch``."""
+    ``stop_after_epoch``. ``on_epoch(record)``: called on the main process with each epoch's
+    log record once its checkpoint is written (e.g. a tuner's pruner; it may raise to stop)."""
     d = d or distributed.Dist()
     cfg, method, device = run.cfg, run.method, run.device
     perf = cfg.perf
@@ -255,15 +259,21 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
     log(f"training {cfg.method.name} ({method.describe()}) on {run.data.name} "
         f"[{len(run.train)} train examples] with {cfg.model} on {device}"
         + (f" x {d.world} processes" if d.active else "") + (f" ({', '.join(extras)})" if extras else ""))
-    probe = None
-    if method.weighting.needs_validation():
+    watch = Watch.build(cfg, out, isinstance(method.attack, SingleStep), log, _meta(cfg), start_epoch)
+    probe, every, on_train = None, cfg.val.every or (1 if watch is not None else 0), False
+    if method.weighting.needs_validation() or every:
         v = cfg.val
-        probe = ValidationProbe(run.val, run.data.num_classes, cfg.attack.eps, cfg.attack.norm, v.n,
+        split, on_train = (run.val, False) if run.val is not None and len(run.val) else (run.train, True)
+        probe = ValidationProbe(split, run.data.num_classes, cfg.attack.eps, cfg.attack.norm, v.n,
                                 v.steps, v.batch_size, cfg.seed, device, trainer.channels_last)
+        if v.n > len(split):
+            log(f"warning: val.n={v.n} is more than the {'training' if on_train else 'validation'} "
+                f"split's {len(split)} examples: the probe uses all of them")
     tb = TensorBoard(out, run.data.classes, start_epoch) if cfg.log.tensorboard and d.main else None
     try:
         for epoch in range(start_epoch, epochs):
             measured: list[float] = []  # the probe's seconds this epoch: the validation cost
+            after: list[ClassStats] = []  # a probe the weighting took after this epoch's training
             method.weighting.start_epoch(epoch, epochs, None if probe is None else partial(
                 _measure, probe, model, epoch, measured))
             stats = _Stats(run.data.num_classes, device)
@@ -277,7 +287,11 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                 trainer.step(x, y, StepContext(epoch, epochs, epoch * steps_per_epoch + i, gen), stats, idx)
             bar.close()
             method.weighting.end_epoch(epoch, epochs, None if probe is None else partial(
-                _measure, probe, model, epoch, measured), model)
+                _measure, probe, model, epoch, measured, after), model)
+            val = {}
+            if every and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
+                val = (after[-1] if after else _measure(probe, model, epoch, measured)).summary()
+                val.update({"probe_split": "train"} if on_train else {})
             stats.reduce(d)
             summary = stats.summary()
             if not math.isfinite(summary["loss"]):
@@ -291,8 +305,9 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                 "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **summary,
                 "seconds": round(seconds, 3), "examples_per_s": round(stats.n / max(seconds, 1e-9), 1),
                 **method.weighting.epoch_log(),
-                **({"val_seconds": round(sum(measured), 3)} if measured else {}),
+                **val, **({"val_seconds": round(sum(measured), 3)} if measured else {}),
             }
+            stop = watch is not None and watch.after_epoch(record, model, d.main)
             state_now = {
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "method": method.weighting.state_dict(),
@@ -301,18 +316,25 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
             distributed.on_main(d, partial(_write_epoch, out, record, gathered, state_now, cfg))
             if tb is not None:
                 tb.epoch(record, gathered)
+            if on_epoch is not None and d.main:
+                on_epoch(record)
             log(f"epoch {epoch + 1}/{epochs}: loss {summary['loss']:.4f}  "
                 f"train clean {100 * summary['train_acc_clean']:.1f}%  "
                 f"adv {100 * summary['train_acc_adv']:.1f}%  lr {record['lr']:.4g}  "
                 f"{seconds:.1f}s ({record['examples_per_s']:.0f} ex/s)")
+            if stop:
+                break
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs:
                 return None
     finally:
         if tb is not None:
             tb.close()
 
-    final = method.weighting.final_state()
-    if method.weighting.final_message:
+    final = None if watch is not None and watch.final(model) else method.weighting.final_state()
+    if watch is not None and watch.restored_to is not None:
+        log(f"the final model is epoch {watch.restored_to}'s (the catastrophic-overfitting guard "
+            "stopped the run)")
+    elif method.weighting.final_message:
         log(method.weighting.final_message)
     if final is not None:
         model.load_state_dict(final)
@@ -333,9 +355,12 @@ def _apply_optim_config(trainer: Trainer, cfg: Config) -> None:
     sched._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]  # what get_last_lr() says
 
 
-def _measure(probe: ValidationProbe, model: nn.Module, epoch: int, seconds: list[float]) -> ClassStats:
+def _measure(probe: ValidationProbe, model: nn.Module, epoch: int, seconds: list[float],
+             keep: list[ClassStats] | None = None) -> ClassStats:
     stats = probe.measure(model, epoch)
     seconds.append(stats.seconds)
+    if keep is not None:
+        keep.append(stats)
     return stats
 
 

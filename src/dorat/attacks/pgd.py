@@ -32,6 +32,8 @@ class PGDSpec:
     random_start: bool = True
     train_mode: bool | None = False
     early_stop_tau: int | None = None
+    start_radius: float = 1.0  # the random start's radius, in units of eps (N-FGSM: 2)
+    ball: bool = True  # False: only the pixel box, never the eps-ball (N-FGSM's unclipped step)
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -58,7 +60,10 @@ def project(delta: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor, nor
 
 
 def random_start(x: torch.Tensor, eps: float | torch.Tensor, norm: str,
-                 generator: torch.Generator | None) -> torch.Tensor:
+                 generator: torch.Generator | None, radius: float = 1.0) -> torch.Tensor:
+    """Uniform in the ε-ball (ℓ∞: each pixel in [-ε, ε]; ℓ2: a random direction and length), in
+    the pixel box; ``radius`` scales the ball (N-FGSM's noise of 2ε)."""
+    eps = eps * radius if radius != 1.0 else eps
     eps_b = per_example(eps, x)
     if norm == "linf":
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -88,7 +93,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: PGDSpec, *,
     elif init is not None:
         delta = project(init.detach(), x, s.eps, s.norm)
     elif s.random_start:
-        delta = random_start(x, s.eps, s.norm, generator)
+        delta = random_start(x, s.eps, s.norm, generator, s.start_radius)
     else:
         delta = torch.zeros_like(x)
     bcast = (-1, *([1] * (x.dim() - 1)))
@@ -98,6 +103,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: PGDSpec, *,
         if s.early_stop_tau is not None:
             moving = (first_wrong < 0) | (t - first_wrong < s.early_stop_tau)
             step = step * moving.view(bcast)
+        if not s.ball:
+            return (x + d + step).clamp(0, 1) - x
         return project(d + step, x, s.eps, s.norm)
 
     result = iterate(model, x, y, delta, 0 if no_ball else s.steps,

@@ -26,11 +26,11 @@ writes RUN/eval-<name>.json, also skipped when present. A finished run whose mod
 (e.g. only its small result files were kept in git) but that still misses an extra evaluation
 is trained again.
 
-Several compare processes may share one OUT: each owns one run directory at a time
-(dorat.locks), so they split the grid between them. ``workers=N`` (``--workers N``)
-starts N such processes and splits the machine between them: on CPU each gets cores/N threads
-(small models use 2 single-threaded processes better than one with 2 threads), with CUDA
-each gets one GPU in turn.
+``workers=N`` (``--workers N``) runs the grid in a pool of N local processes and splits the
+machine between them: on CPU each gets cores/N threads (small models use 2 single-threaded
+processes better than one with 2 threads), with CUDA each gets one GPU in turn. Several compare
+commands may also share one OUT: each run is owned by one process while it trains
+(dorat.locks), so they split the grid between them.
 
 Aggregation: for every (dataset, setting, method) and every metric, the mean and sample std
 (ddof = 1) over the seeds that finished; OUT/results.json, OUT/results.md (best mean per column
@@ -43,21 +43,29 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dorat.compare.execute import _run_workers, available_cores, run_grid, worker_env
+from dorat.compare.execute import available_cores, pending, run_grid, worker_env
 from dorat.compare.grid import Grid, RunSpec, _validate, comparability_warnings, find_compare_file, load_grid
+from dorat.compare.slurm import SlurmOptions
+from dorat.compare.slurm import check_available as check_slurm
+from dorat.compare.slurm import launch as launch_slurm
 from dorat.errors import DoratError
 from dorat.report.grid import aggregate, flat_metrics, markdown_tables, mean_std, write_outputs
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def compare(path: str | Path, out: str | Path, device: str | None = None, data_dir: str | None = None,
             log: Callable[[str], None] | None = None, progress: bool = False,
             aggregate_only: bool = False, only: Sequence[str] | None = None,
             retry_failed: bool = False, workers: int = 1, aggregate: bool = True,
-            plugins: Sequence[str] = ()) -> Path:
+            plugins: Sequence[str] = (), slurm: SlurmOptions | None = None, wait: bool = True) -> Path:
     """Run (or continue) the grid, then aggregate; returns the report's path. ``workers`` > 1
     runs the grid in that many processes (see the module docstring); ``aggregate=False`` only
     trains (what each worker does). ``plugins``: modules the workers import first (the runs'
-    configs name their own plug-ins too)."""
+    configs name their own plug-ins too). ``slurm``: each run a Slurm job through submitit
+    (dorat.compare.slurm), followed until the jobs end unless ``wait`` is False."""
     grid = load_grid(path, out, device, data_dir)
     for line in comparability_warnings(grid) if aggregate else ():  # not once per worker
         (log or (lambda s: print(s, file=sys.stderr)))(line)
@@ -69,10 +77,12 @@ def compare(path: str | Path, out: str | Path, device: str | None = None, data_d
     except OSError as e:
         raise DoratError(f"cannot create {out} ({e.strerror}); choose another --out") from None
     if not aggregate_only:  # aggregating only reads finished runs: fine beside a running compare
-        if workers > 1:
-            _run_workers(path, out, workers, device, data_dir, only, retry_failed, log, plugins)
+        if slurm is not None:
+            check_slurm()  # before anything is submitted
+            launch_slurm(pending(grid, log or _stderr, only, retry_failed), grid.evals, out, slurm,
+                         retry_failed, log or _stderr, wait)
         else:
-            run_grid(grid, log, progress, only, retry_failed)
+            run_grid(grid, log, progress and workers == 1, only, retry_failed, workers, device, plugins)
     return write_outputs(grid, out) if aggregate else out / "report.md"
 
 

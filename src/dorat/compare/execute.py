@@ -1,8 +1,9 @@
-"""Executing a grid: each run trained (or resumed) and evaluated in a run directory, in this
-process or in N worker processes that split the grid by owning one run directory at a time
-(dorat.locks).
+"""Executing a grid: each run trained (or resumed) and evaluated in its run directory.
 
-This is the seam a launcher plugs into: ``run_grid`` walks the runs and ``_do_run`` does one."""
+``pending`` lists the runs still to do and ``run_one`` does one; the launchers run it: in this
+process, in a local multiprocessing pool (``run_grid`` with workers > 1), or as Slurm jobs
+through submitit (dorat.compare.slurm). Each run is owned by one process while it trains
+(dorat.locks: a kernel lock, released however the process ends)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from dorat import locks
@@ -23,47 +23,157 @@ from dorat.compare.grid import (
     _missing_evals,
     _status,
     _validate,
-    find_compare_file,
 )
 from dorat.errors import DoratError
 
 
-def run_grid(grid: Grid, log: Callable[[str], None] | None = None, progress: bool = False,
-             only: Sequence[str] | None = None, retry_failed: bool = False) -> None:
-    """Train and evaluate every run of the grid that has not finished yet (only the methods
-    named in ``only``, when given). A run that fails with a user-level error (diverged loss,
-    bad value) is recorded in RUN/failed.json and the grid goes on; failed runs are skipped
-    on later calls unless ``retry_failed``. A run that another live process owns (dorat.locks)
-    is left to it."""
-    log = log or (lambda s: print(s, file=sys.stderr))
+def pending(grid: Grid, log: Callable[[str], None], only: Sequence[str] | None = None,
+            retry_failed: bool = False) -> list[tuple[RunSpec, str]]:
+    """The runs still to do, each with its tag for the log ("[3/8] dataset/setting/name/seedK");
+    failed runs only with ``retry_failed``."""
     statuses = _validate(grid, only)
     todo = sum(not _finished(r, grid.evals) for r in grid.runs)
     log(f"{grid.title}: {len(grid.runs)} runs, {len(grid.runs) - todo} finished, {todo} to go"
         + (f" (running only {', '.join(only)})" if only else ""))
+    out = []
     for i, (r, st) in enumerate(zip(grid.runs, statuses)):
         if only and r.name not in only:
             continue
         tag = f"[{i + 1}/{len(grid.runs)}] {r.dataset}/{r.setting}/{r.name}/seed{r.seed}"
         if st == "failed" and not retry_failed:
             log(f"{tag}: failed earlier ({_failure(r)}); skipped (--retry-failed to try again)")
-            continue
-        if _finished(r, grid.evals):
-            continue
-        try:
-            r.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DoratError(f"cannot create {r.path} ({e.strerror}); choose another --out"
-                             ) from None
-        try:
-            with locks.own(r.path):
-                st = _status(r)  # again, as owner: another process may have finished it
-                if st == "failed" and not retry_failed:
-                    log(f"{tag}: failed in another compare ({_failure(r)}); skipped")
-                    continue
-                _do_run(r, grid.evals, st, tag, log, progress)
-        except locks.Busy as e:
-            log(f"{tag}: another process{f' (pid {e.pid})' if e.pid else ''} is running it; "
-                "left to that one")
+        elif not _finished(r, grid.evals):
+            out.append((r, tag))
+    return out
+
+
+def run_one(r: RunSpec, evals: Sequence[dict[str, Any]], tag: str, retry_failed: bool,
+            log: Callable[[str], None], progress: bool = False) -> None:
+    """One run of a grid, as every launcher runs it (in this process, a local worker process or
+    a Slurm job): owned by this process while it trains (dorat.locks), then evaluated. A run
+    that another live process owns is left to it."""
+    from dorat.parts import load_plugins
+
+    load_plugins(r.cfg.plugins)  # in a fresh process (worker, Slurm job): the run's own parts
+    try:
+        r.path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DoratError(f"cannot create {r.path} ({e.strerror}); choose another --out") from None
+    try:
+        with locks.own(r.path):
+            st = _status(r)  # again, as owner: another process may have finished it
+            if _finished(r, evals):
+                return
+            if st == "failed" and not retry_failed:
+                log(f"{tag}: failed in another compare ({_failure(r)}); skipped")
+                return
+            _do_run(r, evals, st, tag, log, progress)
+    except locks.Busy as e:
+        log(f"{tag}: another process{f' (pid {e.pid})' if e.pid else ''} is running it; "
+            "left to that one")
+
+
+def run_grid(grid: Grid, log: Callable[[str], None] | None = None, progress: bool = False,
+             only: Sequence[str] | None = None, retry_failed: bool = False, workers: int = 1,
+             device: str | None = None, plugins: Sequence[str] = ()) -> None:
+    """Train and evaluate every run of the grid that has not finished yet (only the methods
+    named in ``only``, when given), in this process or in ``workers`` local processes (a
+    multiprocessing pool: each run in a fresh process with its share of the CPU threads, or
+    one GPU of the machine's in turn). A run that fails with a user-level error (diverged loss,
+    bad value) is recorded in RUN/failed.json and the grid goes on; failed runs are skipped on
+    later calls unless ``retry_failed``. (The slurm launcher takes ``pending`` runs instead:
+    dorat.compare.slurm.)"""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    todo = pending(grid, log, only, retry_failed)
+    if workers <= 1 or len(todo) <= 1:
+        for r, tag in todo:
+            run_one(r, grid.evals, tag, retry_failed, log, progress)
+        return
+    _pool(todo, grid.evals, retry_failed, workers, device, plugins, log)
+
+
+def _pool(todo: Sequence[tuple[RunSpec, str]], evals: Sequence[dict[str, Any]], retry_failed: bool,
+          workers: int, device: str | None, plugins: Sequence[str], log: Callable[[str], None]) -> None:
+    """The runs in a pool of ``workers`` spawned processes (concurrent.futures; a fresh process
+    per run where Python allows it). Each run takes a free slot k, which gives its CPU threads
+    and GPU (worker_env) and its [wK] tag. Ctrl-C or SIGTERM stops the workers (each keeps its
+    last checkpoint); a worker that dies (killed, out of memory) is one clear error."""
+    import multiprocessing as mp
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = mp.get_context("spawn")
+    slots, lines = ctx.Queue(), ctx.Queue()  # free slots; the workers' messages for ``log``
+    for k in range(workers):
+        slots.put(k)
+
+    def pump() -> None:
+        for line in iter(lines.get, None):
+            log(line)
+
+    printer = threading.Thread(target=pump, daemon=True)
+    printer.start()
+    extra = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
+    ex = ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
+                             initargs=(slots, lines, list(plugins)), **extra)
+    errors = []
+    try:
+        futures = [ex.submit(_worker_job, r, list(evals), tag, retry_failed, workers, device)
+                   for r, tag in todo]
+        for (_, tag), f in zip(todo, futures):
+            try:
+                f.result()
+            except DoratError as e:  # a problem of the grid itself (e.g. an unwritable --out)
+                errors.append(f"{tag}: {e}")
+            except BrokenProcessPool:
+                raise DoratError(f"a compare worker died while running {tag} or a run beside it "
+                                 "(killed, or out of memory?); run the same command again: finished "
+                                 "runs are kept and interrupted ones resume") from None
+    except BaseException:  # Ctrl-C or SIGTERM (a Slurm job's end): stop the workers too
+        _terminate(ex)
+        raise
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+        lines.put(None)
+        printer.join()
+    if errors:
+        raise DoratError(f"{len(errors)} run(s) could not be done: " + "; ".join(errors))
+
+
+def _terminate(ex: Any) -> None:
+    if hasattr(ex, "terminate_workers"):  # Python 3.14
+        ex.terminate_workers()
+        return
+    for p in list((getattr(ex, "_processes", None) or {}).values()):
+        if p.is_alive():
+            p.terminate()
+
+
+_SLOTS: Any = None
+_LINES: Any = None
+
+
+def _worker_init(slots: Any, lines: Any, plugins: list[str]) -> None:
+    global _SLOTS, _LINES
+    from dorat.parts import load_plugins
+
+    _SLOTS, _LINES = slots, lines
+    load_plugins(plugins)
+
+
+def _worker_job(r: RunSpec, evals: list[dict[str, Any]], tag: str, retry_failed: bool, workers: int,
+                device: str | None) -> None:
+    """A pool worker's run: its slot's threads and GPU, its messages prefixed [wK]."""
+    k = _SLOTS.get()
+    try:
+        os.environ.update(worker_env(k, workers, device))
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        run_one(r, evals, tag, retry_failed, lambda s: _LINES.put(f"[w{k + 1}] {s}"))
+    finally:
+        _SLOTS.put(k)
 
 
 def _do_run(r: RunSpec, evals: Sequence[dict[str, Any]], st: str, tag: str,
@@ -143,51 +253,3 @@ def worker_env(k: int, workers: int, device: str | None,
                    else [str(i) for i in range(torch.cuda.device_count())])
             env["CUDA_VISIBLE_DEVICES"] = ids[k % len(ids)]
     return env
-
-
-def _run_workers(path: str | Path, out: Path, workers: int, device: str | None,
-                 data_dir: str | None, only: Sequence[str] | None, retry_failed: bool,
-                 log: Callable[[str], None] | None, plugins: Sequence[str] = ()) -> None:
-    """Start ``workers`` `dorat compare` processes on the same OUT (the run locks split the
-    grid between them), pass their messages on with a [wK] prefix, and wait for all."""
-    import subprocess
-    import threading
-
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    cmd = [sys.executable, "-m", "dorat", "compare", str(find_compare_file(path)), "--out", str(out),
-           "--no-aggregate"]
-    cmd += ["--device", device] if device else []
-    cmd += ["--data-dir", data_dir] if data_dir else []
-    cmd += ["--methods", ",".join(only)] if only else []
-    cmd += ["--retry-failed"] if retry_failed else []
-    cmd += [a for m in plugins for a in ("--plugin", m)]
-    procs, pumps = [], []
-    for k in range(workers):
-        p = subprocess.Popen(cmd, env=worker_env(k, workers, device), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, bufsize=1)
-        procs.append(p)
-
-        def pump(p: subprocess.Popen = p, k: int = k) -> None:
-            assert p.stderr is not None
-            for line in p.stderr:
-                log(f"[w{k + 1}] {line.rstrip()}")
-
-        t = threading.Thread(target=pump, daemon=True)
-        t.start()
-        pumps.append(t)
-    try:
-        codes = [p.wait() for p in procs]
-    except BaseException:  # Ctrl-C or SIGTERM (a Slurm job's end): stop the workers too; each
-        for p in procs:    # keeps its last checkpoint, the next compare resumes them
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            p.wait()
-        raise
-    for t in pumps:
-        t.join()
-    bad = [(k + 1, c) for k, c in enumerate(codes) if c != 0]
-    if bad:
-        raise DoratError("compare worker(s) " + ", ".join(f"w{k} (exit {c})" for k, c in bad)
-                         + " stopped; their messages are above. Run the same command again: "
-                         "finished runs are kept and interrupted ones resume")

@@ -32,7 +32,7 @@ class ThreatModel:
     eps: float = opt(0.1, "threat radius in [0, 1] pixel units",
                      lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
     alpha: float = opt(0.01, "step size", positive)
-    steps: int = opt(10, "attack iterations", positive)
+    steps: int = opt(10, "attack iterations (single-step attacks: 1)", positive)
     random_start: bool = opt(True, "uniform random start in the ε-ball")
     loss: str = opt("ce", "the loss PGD ascends", choices=("ce", "margin"))
     bn_mode: str = opt("eval", "model mode during the attack", choices=("eval", "train"))
@@ -116,6 +116,69 @@ class FATAttack(PGDAttack):
 
     def pgd_spec(self, ctx: StepContext) -> PGDSpec:
         return self.spec(ctx, early_stop_tau=self.tau_at(ctx))
+
+
+DEFAULT_STEPS = 10  # ThreatModel.steps' default: "not set" for a single-step attack
+
+
+class SingleStep(ThreatModel):
+    """A single-step attack: one signed step from a uniform random start. ``attack.steps`` and
+    ``attack.alpha`` (PGD's) are not read: the step and the noise are multiples of ε in the
+    attack's own section. A config that sets attack.steps to anything but 1 (or its default) is
+    refused rather than silently run with one step."""
+
+    def single_spec(self, ctx: StepContext, step: float, noise: float, clip: float | None) -> PGDSpec:
+        s = ctx.eps_scale
+        eps = self.eps if s is None else self.eps * s
+        if clip is None:  # no ε-ball at all (N-FGSM): the step is only kept in the pixel box
+            return PGDSpec(eps, step * eps, 1, self.norm, self.loss, self.random_start,
+                           self.bn_mode == "train", start_radius=noise, ball=False)
+        return PGDSpec(clip * eps, step * eps, 1, self.norm, self.loss, self.random_start,
+                       self.bn_mode == "train", start_radius=noise / clip)
+
+    def geometry(self) -> tuple[float, float, float | None]:
+        """(step, noise radius, clip radius or None for no ε-ball), in units of ε."""
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        if cfg.attack.steps not in (1, DEFAULT_STEPS):
+            raise ConfigError(f"{getattr(cls, '_dorat_name', cls.__name__)} is a single-step attack: "
+                              f"attack.steps={cfg.attack.steps} would not be read; set attack.steps=1 "
+                              "(or use method.attack=pgd for several steps)")
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 ctx: StepContext) -> AttackResult:
+        return pgd(model, x, y, self.single_spec(ctx, *self.geometry()), generator=ctx.generator,
+                   final_eval=False)
+
+
+@register("attack", "fgsm-rs")
+@dataclass
+class FGSMRSAttack(SingleStep):
+    """FGSM with a random start (Wong et al. 2020, fast AT): δ uniform in the ε-ball, one signed
+    step of fgsm.step·ε, clipped back to the ε-ball and the pixel box."""
+
+    section: ClassVar[str] = "fgsm"
+    step: float = opt(1.25, "the step in units of ε (official code: 10/255 at ε = 8/255)", positive)
+
+    def geometry(self) -> tuple[float, float, float | None]:
+        return self.step, 1.0, 1.0
+
+
+@register("attack", "n-fgsm")
+@dataclass
+class NFGSMAttack(SingleStep):
+    """N-FGSM (de Jorge et al. 2022): noise uniform in n_fgsm.noise·ε, one signed step of
+    n_fgsm.step·ε, not clipped to the ε-ball (n_fgsm.clip = 0) — only to the pixel box."""
+
+    section: ClassVar[str] = "n_fgsm"
+    noise: float = opt(2.0, "the noise radius in units of ε (official: --unif 2)", positive)
+    step: float = opt(1.0, "the step in units of ε (official: --alpha 8 at ε = 8/255)", positive)
+    clip: float = opt(0.0, "clip the perturbation to clip·ε (0: never; official default)", nonneg)
+
+    def geometry(self) -> tuple[float, float, float | None]:
+        return self.step, self.noise, self.clip or None
 
 
 @section("barrier")

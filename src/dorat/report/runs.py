@@ -80,6 +80,13 @@ def _plt() -> Any:
     return plt
 
 
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    _plt().close(fig)
+    return path
+
+
 def plot_per_class(series: Sequence[tuple[str, Sequence[float], Sequence[float] | None]],
                    classes: Sequence[str], path: Path, title: str, ylabel: str) -> Path:
     """Grouped bars: one group per class, one bar per series (label, values[, std])."""
@@ -100,35 +107,57 @@ def plot_per_class(series: Sequence[tuple[str, Sequence[float], Sequence[float] 
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(ncol=min(5, k), loc="upper left", bbox_to_anchor=(0, -0.22), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_training(results: Sequence[RunResult], path: Path) -> Path:
+    """Loss, clean and adversarial training accuracy over epochs; with a per-epoch validation
+    probe (val.every, val.keep_best, the catastrophic-overfitting guard) a fourth panel: the
+    probe's PGD accuracy (solid) and worst class (dashed), guard events as red crosses."""
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    probed = [r for r in results if any("val_ra_pgd" in x for x in r.log)]
+    fig, axes = plt.subplots(1, 4 if probed else 3, figsize=(20 if probed else 15, 4.2))
     for r in results:
         ep = [x["epoch"] for x in r.log]
         axes[0].plot(ep, [x["loss"] for x in r.log], marker="o", label=r.name)
         axes[1].plot(ep, [100 * x["train_acc_clean"] for x in r.log], marker="o", label=r.name)
         axes[2].plot(ep, [100 * x["train_acc_adv"] for x in r.log], marker="o", label=r.name)
-    for ax, t, yl in zip(axes, ["training loss (reweighted objective)", "train accuracy, clean",
-                                "train accuracy, adversarial (training attack)"],
-                         ["loss", "accuracy (%)", "accuracy (%)"]):
+    for i, r in enumerate(probed):
+        rows = [x for x in r.log if "val_ra_pgd" in x]
+        ep = [x["epoch"] for x in rows]
+        line, = axes[3].plot(ep, [100 * x["val_ra_pgd"] for x in rows], marker="o", label=r.name)
+        axes[3].plot(ep, [100 * x["val_worst_class_pgd"] for x in rows], ls="--", color=line.get_color())
+        co = [x for x in rows if x.get("co_event")]
+        label = "catastrophic overfitting" if i == 0 and co else None
+        axes[3].scatter([x["epoch"] for x in co], [100 * x["val_ra_pgd"] for x in co], marker="x",
+                        s=90, color="red", zorder=3, label=label)
+    titles = ["training loss (reweighted objective)", "train accuracy, clean",
+              "train accuracy, adversarial (training attack)", "probe: PGD accuracy (-- worst class)"]
+    for ax, t, yl in zip(axes, titles, ["loss", "accuracy (%)", "accuracy (%)", "accuracy (%)"]):
         ax.set_title(t)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(yl)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    if probed:
+        axes[3].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def guard_lines(results: Sequence[RunResult]) -> list[str]:
+    """The catastrophic-overfitting guard's events, one line per run that had one."""
+    out = []
+    for r in results:
+        ev = [x for x in r.log if x.get("co_event")]
+        if ev:
+            back = ev[-1].get("co_restored_to")
+            out.append(f"- **{r.name}**: catastrophic overfitting detected at epoch(s) "
+                       f"{', '.join(str(x['epoch']) for x in ev)}"
+                       + (f"; stopped, final model = epoch {back}'s weights" if back else "; not restored"))
+    return ["Catastrophic-overfitting guard:", "", *out, ""] if out else []
 
 
 def plot_weights(results: Sequence[RunResult], classes: Sequence[str], path: Path) -> Path:
@@ -173,10 +202,7 @@ def plot_weights(results: Sequence[RunResult], classes: Sequence[str], path: Pat
             row[2].legend(title=f"{len(w)} examples, max {w.max():.1f}")
         else:
             row[2].set_axis_off()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # per-class parameters a method logs each epoch (dorat.objectives.fairness, done), with labels
@@ -209,10 +235,7 @@ def plot_class_params(results: Sequence[RunResult], classes: Sequence[str], path
         row[0].legend(ncol=2, fontsize=7)
         for ax in row[len(keys):]:
             ax.set_axis_off()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_top_weighted(r: RunResult, path: Path, k: int = 24) -> Path | None:
@@ -245,10 +268,7 @@ def plot_top_weighted(r: RunResult, path: Path, k: int = 24) -> Path | None:
         ax.set_title(f"{data.classes[int(train.y[i])]}\nw {float(w[j]):.0f}×{loss}", fontsize=9)
     fig.suptitle(f"{r.name}: the {len(top)} most weighted training examples of the last epoch "
                  "(label, weight in units of uniform, adversarial loss)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ----------------------------------------------------------------------------- report
@@ -278,7 +298,7 @@ def figure_lines(results: Sequence[RunResult], out: Path, prefix: str = "",
         lines += [f"![per-class robust accuracy]({prefix}per_class.png)", ""]
     if any(r.log for r in results):
         plot_training(results, out / f"{prefix}training.png")
-        lines += [f"![training curves]({prefix}training.png)", ""]
+        lines += [f"![training curves]({prefix}training.png)", "", *guard_lines(results)]
     if same and any(class_param_keys(r) for r in results):
         plot_class_params(results, classes, out / f"{prefix}class_params.png")
         lines += ["Class-level parameters over the epochs (margins, class weights, class losses):", "",

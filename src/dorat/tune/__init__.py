@@ -1,0 +1,299 @@
+"""`dorat tune`: hyper-parameter search on Optuna (https://optuna.org), scored on the validation
+split only.
+
+Each trial is one training run (OUT/trials/NNNN) of the base config with the trial's values of
+the ``--space`` keys, evaluated with the config's attacks on the validation split
+(``eval.split=val``; the test set is never read). The objective is one metric of that
+evaluation (``val.worst_class.pgd``: the accuracy in % of the worst class under PGD). Each epoch
+the run probes a fixed stratified validation subset (``val.every``, dorat.probe) and reports the
+probe's value of the objective (its PGD version for CW or AutoAttack metrics) to Optuna, whose
+pruner (median by default) stops trials that fall behind; a pruned trial keeps its run directory
+at the epoch it reached.
+
+Constraints (``val.sa >= at.val.sa - 1``) are set on each trial with Optuna's
+``Trial.set_constraint`` (feasible when <= 0); the best trial is the best feasible one. A
+constraint may name a reference method (``at.``): that method is trained once with the same base
+config in OUT/ref-NAME and evaluated the same way.
+
+Scaling out is Optuna's: every `dorat tune` process on one storage URL (SQLite for one machine,
+any RDB URL Optuna accepts for several) and study name shares one study. The storage keeps a
+heartbeat per running trial; a trial whose process died (killed, node lost) is failed by the next
+process that looks and retried with the same values (Optuna's RetryHeartbeatStaleTrialCallback),
+and the retry resumes the dead trial's run directory from its last checkpoint. A process stopped
+by Ctrl-C or SIGTERM fails its trial at once and enqueues the same retry. ``--trials N`` is the
+study's total of finished (complete or pruned) trials, over all processes.
+
+Outputs (rewritten by each process when it stops): OUT/best.yaml (the best trial's full config,
+for `dorat train --config`), OUT/tune.md (the trials table) and OUT/tune.png (the objective
+against each parameter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dorat import config as cfglib
+from dorat.errors import ConfigError, DoratError, Terminated
+from dorat.tune.report import best_trial, write_outputs
+from dorat.tune.space import Constraint, Metric, Param, parse_constraint, parse_metric, parse_space
+
+EXTRA = "dorat[tune]"
+STUDY_ATTR = "dorat"  # the study's settings, checked when another process joins it
+__all__ = ["Constraint", "Metric", "Param", "Tuner", "parse_constraint", "parse_metric", "parse_space",
+           "tune"]
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError(f"dorat tune needs Optuna: pip install '{EXTRA}' (or pip install optuna)") from None
+    return optuna
+
+
+def open_storage(url: str, heartbeat: int = 30) -> Any:
+    """Optuna's RDB storage with heartbeats (a dead process's trial is failed and retried), or
+    one clear error when the URL cannot be opened."""
+    optuna = _optuna()
+    import warnings
+
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}  # writers wait, not fail
+    try:
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():  # heartbeats and the retry are "experimental"
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=4 * heartbeat,
+                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                                          max_retry=2), **kwargs)
+            except Exception as e:  # another process creating the same schema right now
+                racing = any(t in str(e) for t in ("alembic_version", "already exists", "locked"))
+                if not racing or attempt == 4:
+                    raise
+                time.sleep(0.5 + attempt)
+        raise AssertionError("unreachable")
+    except (ImportError, ModuleNotFoundError) as e:
+        raise ConfigError(f"cannot open the Optuna storage {url}: its database driver is missing "
+                          f"({e.name or e}); install it, or use sqlite:///PATH") from None
+    except Exception as e:  # sqlalchemy's errors: a bad URL, an unreachable server, a bad path
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot open the Optuna storage {url} ({first[:200]}); check the URL, "
+                          "e.g. sqlite:///tune.db") from None
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class Tuner:
+    """One `dorat tune` process: the base config, what to search and how to score it."""
+
+    base: cfglib.Config
+    space: list[Param]
+    objective: Metric
+    constraints: list[Constraint]
+    out: Path
+    direction: str = "maximize"
+    reference: Callable[[str], cfglib.Config] | None = None  # a reference method's config
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
+
+    def settings(self) -> dict[str, Any]:
+        """What must agree between processes that share the study."""
+        return {"objective": str(self.objective), "direction": self.direction,
+                "space": {p.key: p.describe() for p in self.space},
+                "constraints": [c.text for c in self.constraints],
+                "method": self.base.method.name}
+
+    def references(self) -> dict[str, dict[str, Any]]:
+        """Train (or read) each reference method's run, OUT/ref-NAME."""
+        out = {}
+        for name in sorted({c.rhs.ref for c in self.constraints if isinstance(c.rhs, Metric) and c.rhs.ref}):
+            assert self.reference is not None
+            cfg = self.reference(name)
+            path = self.out / f"ref-{name}"
+            self.log(f"reference run {name}: {path}")
+            metrics = _train_waiting(cfg, path, self.log)
+            out[name] = metrics
+        return out
+
+    def trial_dir(self, trial: Any) -> Path:
+        """OUT/trials/NNNN; a retry of a dead process's trial (Optuna's heartbeat retry
+        copies its user attributes) resumes the dead trial's directory."""
+        old = trial.user_attrs.get("run_dir")
+        return Path(old) if old else self.out / "trials" / f"{trial.number:04d}"
+
+    def run_trial(self, trial: Any, refs: dict[str, dict[str, Any]]) -> float:
+        optuna = _optuna()
+        from dorat.run import train
+
+        values = {p.key: p.suggest(trial) for p in self.space}
+        path = self.trial_dir(trial)
+        trial.set_user_attr("run_dir", str(path))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        tag = f"[trial {trial.number}]"
+        try:
+            cfg = self.base.replace(values, f"trial {trial.number}")
+        except ConfigError as e:
+            self.log(f"{tag} {values}: not a valid config ({e})")
+            raise
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        self.log(f"{tag} {shown} -> {path}")
+        key = self.objective.probe_key
+
+        def report(record: dict[str, Any]) -> None:
+            if key is None or key not in record:
+                return
+            trial.report(100.0 * record[key], record["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {record['epoch']} ({key} "
+                                         f"{100 * record[key]:.2f}%)")
+
+        try:
+            metrics = train(cfg, path, resume=True, log=lambda s: self.log(f"{tag} {s}"), on_epoch=report)
+        except (KeyboardInterrupt, Terminated):  # Ctrl-C, SIGTERM (a scheduler's stop): the trial
+            # fails, and the same values come back first for the next process, which resumes
+            # this run directory (as Optuna's heartbeat retry does for a process that died)
+            trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            trial.study.enqueue_trial(values, user_attrs={"run_dir": str(path), "retry_of": trial.number})
+            self.log(f"{tag} stopped; the next `dorat tune` on this study resumes it from {path}")
+            raise
+        assert metrics is not None
+        for name in ("sa", "ra", "worst_class", "tail30"):
+            trial.set_user_attr(name, metrics[name])
+        for i, c in enumerate(self.constraints):
+            trial.set_constraint(f"c{i}", c.value(metrics, refs))
+        value = self.objective.value(metrics)
+        self.log(f"{tag} {self.objective} = {value:.2f}")
+        return value
+
+
+def _train_waiting(cfg: cfglib.Config, path: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Train (or resume, or read) a run; if another tune process is training it, wait for it."""
+    import time
+
+    from dorat import locks
+    from dorat.run import load_metrics, train
+
+    waited = False
+    while True:
+        if (path / "metrics.json").is_file():
+            return load_metrics(path)
+        try:
+            with locks.own(path):
+                metrics = train(cfg, path, resume=True, log=log)
+                assert metrics is not None
+                return metrics
+        except locks.Busy:
+            if not waited:
+                log(f"{path} is being trained by another tune process; waiting for it")
+                waited = True
+            time.sleep(5)
+
+
+def create_study(tuner: Tuner, storage_url: str, study: str, pruner: str, prune_startup: int,
+                 prune_warmup: int, seed: int | None, heartbeat: int = 30) -> Any:
+    optuna = _optuna()
+    storage = open_storage(storage_url, heartbeat)
+    pr = (optuna.pruners.MedianPruner(n_startup_trials=prune_startup, n_warmup_steps=prune_warmup)
+          if pruner == "median" else optuna.pruners.NopPruner())
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    try:
+        s = optuna.create_study(storage=storage, study_name=study, direction=tuner.direction,
+                                sampler=sampler, pruner=pr, load_if_exists=True)
+    except ValueError as e:  # e.g. the study exists with another direction
+        raise ConfigError(f"study '{study}' in {storage_url}: {e}") from None
+    mine = tuner.settings()
+    theirs = s.user_attrs.get(STUDY_ATTR)
+    if theirs is None:
+        s.set_user_attr(STUDY_ATTR, mine)
+    elif theirs != mine:
+        diff = [k for k in mine if mine[k] != theirs.get(k)]
+        raise ConfigError(f"study '{study}' in {storage_url} was started with other settings "
+                          f"({', '.join(f'{k}: {theirs.get(k)}' for k in diff)}); give the same "
+                          "options, or another --study")
+    return s
+
+
+def optimize(tuner: Tuner, study: Any, trials: int) -> None:
+    """Run trials until the study holds ``trials`` finished (complete or pruned) ones."""
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=states))
+    if done >= trials:
+        tuner.log(f"study '{study.study_name}' already has {done} finished trials (--trials {trials})")
+        return
+    refs = tuner.references()
+    tuner.log(f"study '{study.study_name}': {done} of {trials} trials finished; optimizing "
+              f"{tuner.objective} ({tuner.direction})")
+    study.optimize(lambda t: tuner.run_trial(t, refs), n_trials=None,
+                   callbacks=[MaxTrialsCallback(trials, states=states)], catch=(DoratError,),
+                   gc_after_trial=True)
+
+
+def tune(config: str | None, method: str | None, space: Sequence[str], objective: str,
+         constraints: Sequence[str] = (), trials: int = 20, storage: str | None = None,
+         study: str = "dorat", out: str | Path = "runs/tune", sets: Sequence[str] = (),
+         flags: dict[str, Any] | None = None, direction: str = "maximize", pruner: str = "median",
+         prune_startup: int = 5, prune_warmup: int = 0, seed: int | None = None,
+         heartbeat: int = 30, log: Callable[[str], None] | None = None) -> Path:
+    """Run (or join) a study; returns OUT/tune.md. See the module docstring."""
+    _optuna()
+    out = Path(out)
+    user = cfglib.resolve(config, {**(flags or {}), "method": method}, list(sets))
+    if user.data.val_size <= 0:
+        raise ConfigError("dorat tune scores trials on the validation split: set data.val_size "
+                          "(e.g. --set data.val_size=5000)")
+    if not space:
+        raise ConfigError("give at least one --space KEY=SPEC (e.g. --space r=log:0.25:16)")
+    if trials < 1:
+        raise ConfigError(f"--trials must be at least 1, got {trials}")
+    every = user.val.every or 1
+    base = user.replace({"eval.split": "val", "val.every": every}, "dorat tune")
+    attacks = list(base.eval.attacks)
+    params = [parse_space(s, base) for s in space]
+    dup = {p.key for p in params if sum(q.key == p.key for q in params) > 1}
+    if dup:
+        raise ConfigError(f"--space names {', '.join(sorted(dup))} twice")
+    fixed = {"eval.split": "val", "val.every": every}
+    tuner = Tuner(base, params, parse_metric(objective, attacks, "--objective"),
+                  [parse_constraint(c, attacks) for c in constraints], out, direction,
+                  lambda name: cfglib.resolve(config, {**(flags or {}), "method": name}, list(sets), fixed))
+    if log is not None:
+        tuner.log = log
+    if tuner.objective.probe_key is None and pruner != "none":
+        tuner.log(f"note: {tuner.objective} has no per-epoch probe value (the probe measures clean "
+                  "and PGD accuracy); trials are not pruned")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create {out} ({e.strerror}); choose another --out") from None
+    url = storage or f"sqlite:///{(out / 'tune.db').resolve()}"
+    try:
+        s = create_study(tuner, url, study, pruner, prune_startup, prune_warmup, seed, heartbeat)
+    except ConfigError:
+        if created:  # nothing half-written: the directory this call made goes again
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    try:
+        optimize(tuner, s, trials)
+    finally:
+        path = write_outputs(tuner, s, user.eval.split, user.val.every)
+    best = best_trial(s)
+    tuner.log(f"best: trial {best.number}, {tuner.objective} = {best.value:.2f} ({json.dumps(best.params)}); "
+              f"config: {out / 'best.yaml'}" if best is not None else "no feasible complete trial yet")
+    return path

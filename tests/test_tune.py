@@ -1,0 +1,139 @@
+"""`dorat tune` on Optuna: two processes share one SQLite study, the median pruner stops a bad
+trial after its first epoch, a stopped trial is resumed by the next process, and the best trial
+comes out as a config `dorat train` takes. Tiny synthetic data; every score is on the
+validation split."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_synthetic_npz
+
+optuna = pytest.importorskip("optuna")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _argv(npz: Path, out: Path, storage: str, *extra: str, epochs: int = 2) -> list[str]:
+    return ["tune", "--dataset", f"npz:{npz}", "--method", "done", "--epochs", str(epochs),
+            "--set", "batch_size=64", "--set", "attack.steps=2", "--set", "eval.steps=3",
+            "--set", "eval.checks=false", "--set", "data.val_size=80", "--set", "val.n=80",
+            "--set", "val.steps=2", "--storage", storage, "--study", "s", "--out", str(out), *extra]
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen([sys.executable, "-m", "dorat", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def _study(storage: str) -> object:
+    return optuna.load_study(study_name="s", storage=storage)
+
+
+def test_two_processes_share_one_study(tmp_path: Path) -> None:
+    npz = make_synthetic_npz(tmp_path / "toy.npz")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    out = tmp_path / "tune"
+    argv = _argv(npz, out, storage, "--space", "r=log:0.25:16", "--space", "optim.lr=0.01:0.1",
+                 "--objective", "val.worst_class.pgd", "--constraint", "val.sa >= at.val.sa - 50",
+                 "--trials", "4", "--pruner", "none")
+    procs = [_spawn(argv) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    study = _study(storage)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 4 <= len(done) <= 5  # the study's total; at most one more while both ran a last trial
+    assert len({t.user_attrs["worker"] for t in done}) == 2, "both processes ran trials"
+    for t in done:  # each trial: its own run, scored on validation, with per-epoch probes
+        run = Path(t.user_attrs["run_dir"])
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["eval"]["split"] == "val" and cfg["done"]["r"] == pytest.approx(t.params["done.r"])
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["split"] == "val"
+        assert t.value == pytest.approx(100 * metrics["worst_class"]["pgd"])
+        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        assert all(0 <= r["val_worst_class_pgd"] <= 1 for r in log)
+        ref = json.loads((out / "ref-at" / "metrics.json").read_text())
+        assert t.constraints["c0"] == pytest.approx(100 * ref["sa"] - 50 - 100 * metrics["sa"])
+    assert sum("reference run at" in err for _, err in results) == 2  # trained once, read once
+    assert len(list((out / "ref-at").glob("log.jsonl"))) == 1
+    # the best trial as a config for `dorat train`: the evaluation back on the test set
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["eval"]["split"] == "test" and best["val"]["every"] == 0
+    assert best["done"]["r"] == pytest.approx(study.best_trial.params["done.r"])
+    text = (out / "tune.md").read_text()
+    assert f"Best feasible trial: **{study.best_trial.number}**" in text
+    assert text.count("| complete |") == len(done)
+    assert (out / "tune.png").stat().st_size > 5000
+    # again: the study is complete, nothing more runs
+    p = _spawn(argv)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and "already has" in err
+    assert len(_study(storage).trials) == len(study.trials)
+    # another objective on the same study: refused
+    p = _spawn([*argv[:-6], "--objective", "val.sa", "--trials", "4", "--pruner", "none"])
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and "was started with other settings" in err, err
+
+
+def test_median_pruner_stops_a_bad_trial(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from conftest import run_cli
+
+    npz = make_synthetic_npz(tmp_path / "toy.npz")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    for lr in (0.05, 0.05, 1e-5):  # the third cannot learn in an epoch: the pruner must stop it
+        study.enqueue_trial({"optim.lr": lr})
+    code, out, err = run_cli(capsys, *_argv(npz, tmp_path / "tune", storage, "--space",
+                                            "optim.lr=log:1e-5:0.1", "--objective", "val.sa",
+                                            "--trials", "3", "--prune-startup", "2", epochs=3))
+    assert code == 0, err
+    trials = _study(storage).trials
+    state = optuna.trial.TrialState
+    assert [t.state for t in trials] == [state.COMPLETE, state.COMPLETE, state.PRUNED]
+    bad = trials[2]
+    assert list(bad.intermediate_values) == [1]
+    log = (Path(bad.user_attrs["run_dir"]) / "log.jsonl").read_text().splitlines()
+    assert len(log) == 1 and not (Path(bad.user_attrs["run_dir"]) / "metrics.json").exists()
+    assert "| pruned |" in (tmp_path / "tune" / "tune.md").read_text()
+
+
+def test_stopped_trial_resumes_in_the_next_process(tmp_path: Path) -> None:
+    npz = make_synthetic_npz(tmp_path / "toy.npz", n_train=1500)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    out = tmp_path / "tune"
+    argv = _argv(npz, out, storage, "--space", "r=log:0.25:16", "--objective", "val.ra.pgd",
+                 "--trials", "1", epochs=3)
+    p = _spawn(argv)
+    log = out / "trials" / "0000" / "log.jsonl"
+    deadline = time.time() + 300
+    while not (log.is_file() and log.read_text().count("\n") >= 1):
+        assert time.time() < deadline and p.poll() is None, p.communicate()[1]
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert "resumes it from" in err
+    first = _study(storage).trials
+    assert first[0].state == optuna.trial.TrialState.FAIL
+    assert first[1].state == optuna.trial.TrialState.WAITING
+    p = _spawn(argv)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    assert "resuming" in err and "after epoch" in err
+    trials = _study(storage).trials
+    assert trials[1].state == optuna.trial.TrialState.COMPLETE
+    assert trials[1].params == trials[0].params
+    assert trials[1].user_attrs["run_dir"] == str(out / "trials" / "0000")
+    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert epochs == [1, 2, 3]
