@@ -113,3 +113,25 @@ def test_fgsm_and_margin_loss() -> None:
     x = torch.rand(4, 1, 28, 28)
     r = fgsm(model, x, torch.zeros(4, dtype=torch.long), 0.1, generator=torch.Generator().manual_seed(1))
     assert (r.x_adv - x).abs().max() <= 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("tau", [0, 1, 3])
+def test_early_stop_compaction_gives_the_uncompacted_result(tau: int) -> None:
+    """FAT's early-stopped PGD leaves stopped examples out of the later passes: x_adv, the first
+    wrong iterate and κ are those of the loop over the whole batch, bit for bit."""
+    from dorat.attacks.pgd import PGDSpec, pgd
+    from dorat.models import build_model
+
+    torch.manual_seed(0)
+    m = build_model("small-cnn", 1, 28, 10).eval()
+    x, y = torch.rand(96, 1, 28, 28), torch.randint(0, 10, (96,))
+    with torch.no_grad():  # half the batch starts correct: they stop at different steps
+        y[:48] = m(x[:48]).argmax(1)
+    out = []
+    for compact in (False, True):
+        spec = PGDSpec(0.03, 0.003, 8, "linf", "ce", True, False, early_stop_tau=tau, compact=compact)
+        out.append(pgd(m, x, y, spec, generator=torch.Generator().manual_seed(1)))
+    a, b = out
+    assert len(set(a.first_wrong.tolist())) > 2  # examples stopped at several different steps
+    assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.first_wrong, b.first_wrong)
+    assert torch.equal(a.kappa, b.kappa) and torch.equal(a.loss, b.loss)

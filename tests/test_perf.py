@@ -131,3 +131,34 @@ def test_the_cli_tunes_the_allocator(monkeypatch: pytest.MonkeyPatch, capsys: py
     calls: list[int] = []
     monkeypatch.setattr(dorat.runtime, "tune_allocator", lambda: calls.append(1) or "tuned")
     assert main(["data", "list"]) == 0 and calls == [1]
+
+
+def test_compaction_benchmark_smoke(tmp_path: Path) -> None:
+    """FAT with and without batch compaction: the same weights, bit for bit; a ratio reported."""
+    mod = _bench("compaction")
+    doc = tmp_path / "PERF.md"
+    doc.write_text(f"# Perf\n\n{mod.MARK_BEGIN}\nold\n{mod.MARK_END}\n")
+    r = mod.main(["--smoke", "--epochs", "2", "--rounds", "1", "--doc", str(doc)])
+    assert r["same_weights"] and r["speedup"] > 0 and len(r["epoch_seconds"]["on"]) == 2
+    assert "with compaction" in doc.read_text() and "old" not in doc.read_text()
+
+
+def test_peers_benchmark_smoke(tmp_path: Path) -> None:
+    """dorat's loop against torchattacks' and ART's (each skipped with a message when absent)."""
+    mod = _bench("peers")
+    doc = tmp_path / "PERF.md"
+    doc.write_text(f"# Perf\n\n{mod.MARK_BEGIN}\nold\n{mod.MARK_END}\n")
+    r = mod.main(["--smoke", "--doc", str(doc)])
+    assert r["train_examples_per_s"]["dorat"] > 0 and r["eval_pgd20_examples_per_s"]["dorat"] > 0
+    assert set(r["train_speedup"]) == set(r["train_examples_per_s"]) - {"dorat"}
+    assert "| dorat |" in doc.read_text() and "old" not in doc.read_text()
+
+
+def test_time_to_robust_benchmark_smoke(tmp_path: Path) -> None:
+    mod = _bench("time_to_robust")
+    doc = tmp_path / "PERF.md"
+    doc.write_text(f"# Perf\n\n{mod.MARK_BEGIN}\nold\n{mod.MARK_END}\n")
+    r = mod.main(["--smoke", "--doc", str(doc), "--plot", str(tmp_path / "t.png")])
+    assert set(r["rows"]) == set(mod.METHODS) and r["rows"]["at"]["fraction_of_at_time"] <= 1.0
+    assert all(len(c) == 2 for c in r["curves"].values())
+    assert (tmp_path / "t.png").stat().st_size > 5000 and "| fast-at |" in doc.read_text()

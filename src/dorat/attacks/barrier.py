@@ -82,5 +82,6 @@ def barrier_attack(
             step = lr * (m / (1 - b1 ** (t + 1))) / ((v / (1 - b2 ** (t + 1))).sqrt() + 1e-12)
         return barrier.project(d - step, x)
 
-    return iterate(model, x, y, delta, steps, lambda logits: attack_loss(logits, y, loss), rule,
+    return iterate(model, x, y, delta, steps, lambda logits, idx: attack_loss(
+        logits, y if idx is None else y[idx], loss), rule,
                    train_mode)

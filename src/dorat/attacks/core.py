@@ -87,23 +87,62 @@ def track_iterate(logits: torch.Tensor, y: torch.Tensor, t: int, first_wrong: to
 
 
 StepRule = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# the per-example attack loss of the logits of the examples ``idx`` (None: the whole batch)
+LossFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def batch_independent(model: nn.Module, train_mode: bool | None) -> bool:
+    """Whether one example's logits do not depend on the rest of the batch: in eval mode, or a
+    model without batch-statistics layers. Only then may an attack leave examples out."""
+    if train_mode is False or (train_mode is None and not model.training):
+        return True
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def iterate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, steps: int,
-            loss: Callable[[torch.Tensor], torch.Tensor], rule: StepRule,
-            train_mode: bool | None = False) -> AttackResult:
-    """K steps of ``rule`` on the input gradient of ``loss(logits)`` (per example, summed).
+            loss: LossFn, rule: StepRule, train_mode: bool | None = False,
+            moving: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> AttackResult:
+    """K steps of ``rule`` on the input gradient of ``loss(logits, idx)`` (per example, summed).
+
+    ``moving(t, first_wrong)``: which examples step t of the rule may still move (an attack
+    that stops per example, FAT). Once an example has stopped, the later steps leave it out of
+    their forward and backward passes (batch compaction) when its logits do not depend on the
+    batch (``batch_independent``): its iterate, and so its correctness, no longer changes, so κ
+    counts it from the last pass that saw it, and the result equals the uncompacted loop's.
 
     Returns x + δ_K with first_wrong and κ; the caller's final forward, if any, is its own."""
     n = len(x)
     first_wrong = torch.full((n,), -1, dtype=torch.long, device=x.device)
     kappa = torch.zeros(n, dtype=torch.long, device=x.device)
+    compact = moving is not None and batch_independent(model, train_mode)
+    stopped = torch.zeros(n, dtype=torch.bool, device=x.device)
+    correct = torch.zeros(n, dtype=torch.bool, device=x.device)  # at each example's last pass
     with frozen(model), mode(model, train_mode):
         for t in range(steps):
-            delta.requires_grad_(True)
-            logits = model(x + delta)
-            (grad,) = torch.autograd.grad(loss(logits).sum(), delta)
+            if compact and bool(stopped.any()):
+                idx = (~stopped).nonzero().squeeze(1)
+                grad = torch.zeros_like(delta)
+                if len(idx):
+                    d = delta[idx].requires_grad_(True)
+                    logits = model(x[idx] + d)
+                    (grad_a,) = torch.autograd.grad(loss(logits, idx).sum(), d)
+                    grad[idx] = grad_a
+                with torch.no_grad():
+                    kappa += (correct & stopped).long()
+                    if len(idx):
+                        fw, ka = first_wrong[idx], kappa[idx]
+                        first_wrong[idx] = track_iterate(logits, y[idx], t, fw, ka)
+                        kappa[idx] = ka
+                        correct[idx] = logits.argmax(1) == y[idx]
+            else:
+                delta.requires_grad_(True)
+                logits = model(x + delta)
+                (grad,) = torch.autograd.grad(loss(logits, None).sum(), delta)
+                with torch.no_grad():
+                    first_wrong = track_iterate(logits, y, t, first_wrong, kappa)
+                    correct = logits.argmax(1) == y
             with torch.no_grad():
-                first_wrong = track_iterate(logits, y, t, first_wrong, kappa)
                 delta = rule(t, delta.detach(), grad, first_wrong)
+                if compact:
+                    stopped = ~moving(t, first_wrong)
     return AttackResult((x + delta).detach(), first_wrong, kappa)

@@ -34,6 +34,7 @@ class PGDSpec:
     early_stop_tau: int | None = None
     start_radius: float = 1.0  # the random start's radius, in units of eps (N-FGSM: 2)
     ball: bool = True  # False: only the pixel box, never the eps-ball (N-FGSM's unclipped step)
+    compact: bool = True  # early stop: leave stopped examples out of later passes (core.iterate)
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -107,8 +108,16 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: PGDSpec, *,
             return (x + d + step).clamp(0, 1) - x
         return project(d + step, x, s.eps, s.norm)
 
-    result = iterate(model, x, y, delta, 0 if no_ball else s.steps,
-                     lambda logits: attack_loss(logits, y, s.loss, target_probs), rule, s.train_mode)
+    def loss(logits: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        if idx is None:
+            return attack_loss(logits, y, s.loss, target_probs)
+        return attack_loss(logits, y[idx], s.loss, None if target_probs is None else target_probs[idx])
+
+    moving = None
+    if s.early_stop_tau is not None and s.compact:
+        tau = s.early_stop_tau
+        moving = lambda t, fw: (fw < 0) | (t - fw < tau)  # noqa: E731 (the rule's own test)
+    result = iterate(model, x, y, delta, 0 if no_ball else s.steps, loss, rule, s.train_mode, moving)
     if final_eval:
         with torch.no_grad(), frozen(model), mode(model, s.train_mode):
             logits = model(result.x_adv)

@@ -105,6 +105,8 @@ class FATAttack(PGDAttack):
     normal_start: ClassVar[bool] = True
     tau: int = opt(0, "extra PGD steps after the first misclassification", nonneg)
     dynamic_tau: bool = opt(True, "official schedule: tau+1 from 50/120, tau+2 from 90/120")
+    compact: bool = opt(True, "leave stopped examples out of the later attack passes (the same "
+                              "result, fewer passes; benchmarks/compaction.py)")
 
     def tau_at(self, ctx: StepContext) -> int:
         tau = self.tau
@@ -115,7 +117,7 @@ class FATAttack(PGDAttack):
         return tau
 
     def pgd_spec(self, ctx: StepContext) -> PGDSpec:
-        return self.spec(ctx, early_stop_tau=self.tau_at(ctx))
+        return self.spec(ctx, early_stop_tau=self.tau_at(ctx), compact=self.compact)
 
 
 DEFAULT_STEPS = 10  # ThreatModel.steps' default: "not set" for a single-step attack
