@@ -13,7 +13,7 @@ Headline: the time a contender needs to reach PGD-AT's final validation robust a
 1 point, as a fraction of PGD-AT's whole training time (issue 32's target: at most 0.35).
 
     python benchmarks/time_to_robust.py --json docs/perf-time-to-robust.json \\
-        --doc docs/PERFORMANCE.md --plot docs/time_to_robust.png [--bf16]
+        --doc docs/PERFORMANCE.md --plot docs/time_to_robust.png --work runs/ttr [--bf16]
     python benchmarks/time_to_robust.py --smoke      # tiny synthetic data (used by the tests)
 """
 
@@ -60,8 +60,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json")
     ap.add_argument("--doc")
     ap.add_argument("--plot")
+    ap.add_argument("--work", help="keep the runs here (default: a temporary directory); the same "
+                                   "command resumes: finished runs are read back, stopped ones resume "
+                                   "from their last epoch (each epoch keeps the seconds it was measured in)")
     a = ap.parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
+    work = Path(a.work) if a.work else Path(tmp.name)
     base, flags = str(ROOT / "benchmarks" / "results" / "base.yaml"), {}
     sets = ["val.every=1", "val.steps=20", f"val.n={a.val_n}", "eval.n=100", "eval.attacks=[pgd]",
             "eval.checks=false", "log.progress=off"]
@@ -80,8 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in order:
             method, extra = runs[name]
             cfg = C.resolve(base, {**flags, "method": method}, [*sets, *extra])
-            out = Path(tmp.name) / f"{name}-{r}"
-            train(cfg, out, log=lambda s: None)
+            out = work / f"{name}-{r}"
+            train(cfg, out, resume=True, log=lambda s: None)
             curves[name].append(curve(read_log(out)))
     # per contender: the median over rounds of each epoch's time and accuracy
     med = {k: [(statistics.median(p[i][0] for p in v), statistics.median(p[i][1] for p in v))
