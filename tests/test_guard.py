@@ -144,3 +144,22 @@ def test_guard_fires_on_catastrophic_overfitting_and_not_on_a_normal_run(
     log = [json.loads(line) for line in (tmp_path / "normal" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 4 and not any(r.get("co_event") for r in log), log
     assert not any("catastrophic" in line for line in lines)
+
+
+def test_warnings_name_the_fallback(synthetic_npz: Path, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 on a device without native bf16 and a probe larger than its split: one line each."""
+    from dorat import runtime
+
+    assert runtime.bf16_native("cpu", "flags : fpu avx2 avx512f") is False
+    assert runtime.bf16_native("cpu", "flags : fpu avx512_bf16 amx_bf16") is True
+    monkeypatch.setattr(runtime, "bf16_native", lambda device_type, cpuinfo=None: False)
+    cfg = C.resolve(None, {"dataset": f"npz:{synthetic_npz}", "epochs": 1, "method": "at"},
+                    ["attack.steps=1", "eval.n=40", "eval.checks=false", "perf.amp=bf16",
+                     "data.val_size=40", "val.every=1", "val.n=500", "val.steps=1"])
+    lines: list[str] = []
+    assert train(cfg, tmp_path / "r", log=lines.append) is not None
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert "perf.amp=bf16 on a cpu without native bf16" in warnings[0]
+    assert "val.n=500 is more than the validation split's 40 examples" in warnings[1]
