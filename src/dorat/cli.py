@@ -364,6 +364,12 @@ def cmd_data(a: argparse.Namespace) -> int:
     return 0
 
 
+def _how_to_continue(cmd: str) -> str:
+    if cmd in ("compare", "tune"):
+        return "run the same command again to continue (finished runs are kept, stopped ones resume)"
+    return "run the same command with --resume to continue"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -380,11 +386,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dorat: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("dorat: interrupted; continue a training run with --resume", file=sys.stderr)
+        print(f"dorat: interrupted; {_how_to_continue(a.cmd)}", file=sys.stderr)
         return 130
     except Terminated:
-        print("dorat: terminated (SIGTERM); the last finished epoch's checkpoint is kept: run the "
-              "same command with --resume to continue", file=sys.stderr)
+        print("dorat: terminated (SIGTERM); the last finished epoch's checkpoint is kept: "
+              f"{_how_to_continue(a.cmd)}", file=sys.stderr)
         return EXIT_TERMINATED
     finally:
         if main_thread:
