@@ -3,7 +3,9 @@
 Training throughput at the same model (small-cnn), data (Fashion-MNIST), batch (128), ε (0.1)
 and attack (PGD-10, step ε/4, uniform random start), one process, interleaved rounds:
 
-* ``dorat``: PGD-AT through dorat's training loop (`dorat.trainer.Trainer`, as in perf.py);
+* ``dorat``: PGD-AT through dorat's training loop (`dorat.trainer.Trainer`, as in perf.py),
+  in fp32, and ``dorat-bf16`` with ``perf.amp=bf16`` (``--bf16``; a different precision, so a
+  row of its own: whether bf16 keeps the robustness is issue 32's bf16 validation);
 * ``torchattacks``: the loop most research code (and MAIR) writes: ``torchattacks.PGD`` makes
   the adversarial batch (model in eval mode during the attack, its default), then one SGD step
   on CE — DataLoader batches, as those scripts do;
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--eval-n", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="also dorat with perf.amp=bf16")
     ap.add_argument("--json")
     ap.add_argument("--doc")
     a = ap.parse_args(argv)
@@ -118,9 +121,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         flags["dataset"] = f"npz:{make_synthetic_npz(Path(tmp.name) / 'toy.npz', n_train=256)}"
         a.n, a.rounds, a.eval_n, a.batch_size = 64, 1, 32, 32
-    cfg = C.resolve("fmnist-demo", flags, [f"attack.steps={STEPS}", f"attack.alpha={EPS / 4}",
-                                           f"attack.eps={EPS}", f"batch_size={a.batch_size}",
-                                           "log.progress=off", "data.train_subset=null"])
+    sets = [f"attack.steps={STEPS}", f"attack.alpha={EPS / 4}", f"attack.eps={EPS}",
+            f"batch_size={a.batch_size}", "log.progress=off", "data.train_subset=null"]
+    cfg = C.resolve("fmnist-demo", flags, sets)
     ours = DoratLoop(cfg, a.batch_size)
     run = ours.d.run
     x = run.train.x[: a.n].float().div(255) if run.train.x.dtype == torch.uint8 else run.train.x[: a.n]
@@ -133,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return build_model(cfg.model, c, h, run.data.num_classes)
 
     contenders: dict[str, Any] = {"dorat": ours}
+    if a.bf16:
+        contenders["dorat-bf16"] = DoratLoop(C.resolve("fmnist-demo", flags, [*sets, "perf.amp=bf16"]),
+                                             a.batch_size)
     ta = _optional("torchattacks")
     if ta is not None:
         contenders["torchattacks"] = TorchattacksLoop(ta, fresh(), x, y, a.batch_size)
@@ -170,11 +176,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "versions": {k: getattr(sys.modules.get(m), "__version__", None)
                                   for k, m in (("torchattacks", "torchattacks"), ("art", "art"))}},
         "train_examples_per_s": rate, "train_seconds": seconds,
-        "train_speedup": {k: rate["dorat"] / v for k, v in rate.items() if k != "dorat"},
+        "train_speedup": {k: rate["dorat"] / v for k, v in rate.items() if k not in ("dorat", "dorat-bf16")},
+        "train_speedup_bf16": {k: rate["dorat-bf16"] / v for k, v in rate.items() if k not in (
+            "dorat", "dorat-bf16")} if "dorat-bf16" in rate else None,
         "eval_pgd20_examples_per_s": ev,
         "eval_speedup": {k: ev["dorat"] / v for k, v in ev.items() if k != "dorat"},
     }
-    rows = [f"| {k} | {rate[k]:.0f} | {rate['dorat'] / rate[k]:.2f}× |" for k in names]
+    rows = [f"| {k} | {rate[k]:.0f} | {rate['dorat'] / rate[k]:.2f}× |" for k in names if k != "dorat-bf16"]
+    if "dorat-bf16" in rate:
+        rows += [f"| dorat-bf16 (vs {k}) | {rate['dorat-bf16']:.0f} | {rate['dorat-bf16'] / rate[k]:.2f}× |"
+                 for k in names if k not in ("dorat", "dorat-bf16")]
     md = ("| PGD-AT training (small-cnn, batch 128, PGD-10, ε 0.1) | examples/s | dorat's speed-up |\n"
           "|---|---|---|\n" + "\n".join(rows) + "\n\n"
           "| PGD-20 evaluation, same points | examples/s | dorat's speed-up |\n|---|---|---|\n"
