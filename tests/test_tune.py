@@ -137,3 +137,19 @@ def test_stopped_trial_resumes_in_the_next_process(tmp_path: Path) -> None:
     assert trials[1].user_attrs["run_dir"] == str(out / "trials" / "0000")
     epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
     assert epochs == [1, 2, 3]
+
+
+def test_a_study_whose_trials_all_fail_stops(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Failed trials do not count towards --trials: three in a row end the process with one line
+    instead of failing forever."""
+    from conftest import run_cli
+
+    npz = make_synthetic_npz(tmp_path / "toy.npz")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    code, _, err = run_cli(capsys, *_argv(npz, tmp_path / "tune", storage, "--space", "data.val_size=int:1:3",
+                                          "--objective", "val.sa", "--trials", "5"))
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("dorat: error: 3 trials in a row failed") and "data.val_size" in last, last
+    assert [t.state for t in _study(storage).trials] == [optuna.trial.TrialState.FAIL] * 3
+    assert (tmp_path / "tune" / "tune.md").is_file()  # the table says what happened

@@ -48,6 +48,7 @@ from dorat.tune.space import Constraint, Metric, Param, parse_constraint, parse_
 
 EXTRA = "dorat[tune]"
 STUDY_ATTR = "dorat"  # the study's settings, checked when another process joins it
+MAX_FAILED_IN_A_ROW = 3
 __all__ = ["Constraint", "Metric", "Param", "Tuner", "parse_constraint", "parse_metric", "parse_space",
            "tune"]
 
@@ -146,6 +147,7 @@ class Tuner:
         try:
             cfg = self.base.replace(values, f"trial {trial.number}")
         except ConfigError as e:
+            trial.set_user_attr("error", str(e))
             self.log(f"{tag} {values}: not a valid config ({e})")
             raise
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
@@ -162,6 +164,10 @@ class Tuner:
 
         try:
             metrics = train(cfg, path, resume=True, log=lambda s: self.log(f"{tag} {s}"), on_epoch=report)
+        except DoratError as e:  # the trial fails (Optuna catches it); the reason stays with it
+            trial.set_user_attr("error", str(e))
+            self.log(f"{tag} failed: {e}")
+            raise
         except (KeyboardInterrupt, Terminated):  # Ctrl-C, SIGTERM (a scheduler's stop): the trial
             # fails, and the same values come back first for the next process, which resumes
             # this run directory (as Optuna's heartbeat retry does for a process that died)
@@ -239,9 +245,22 @@ def optimize(tuner: Tuner, study: Any, trials: int) -> None:
     refs = tuner.references()
     tuner.log(f"study '{study.study_name}': {done} of {trials} trials finished; optimizing "
               f"{tuner.objective} ({tuner.direction})")
+    failed: list[Any] = []  # this process's failed trials in a row (a broken base config
+    # would fail every trial, and failed trials do not count towards --trials)
+
+    def give_up(s: Any, t: Any) -> None:
+        failed[:] = [*failed, t] if t.state == TrialState.FAIL else []
+        if len(failed) >= MAX_FAILED_IN_A_ROW:
+            s.stop()
+
     study.optimize(lambda t: tuner.run_trial(t, refs), n_trials=None,
-                   callbacks=[MaxTrialsCallback(trials, states=states)], catch=(DoratError,),
+                   callbacks=[MaxTrialsCallback(trials, states=states), give_up], catch=(DoratError,),
                    gc_after_trial=True)
+    if len(failed) >= MAX_FAILED_IN_A_ROW:
+        last = failed[-1]
+        raise DoratError(f"{len(failed)} trials in a row failed (the last, trial {last.number}: "
+                         f"{last.user_attrs.get('error', 'see its messages above')}); fix the base "
+                         "config or the space and run the same command again")
 
 
 def tune(config: str | None, method: str | None, space: Sequence[str], objective: str,

@@ -147,7 +147,8 @@ def _plot(tuner: Tuner, study: Any, path: Path) -> None:
         ax.set_xlabel(p.key)
         ax.set_ylabel(f"{tuner.objective} (%)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:  # nothing to label when no trial finished
+        axes[0][0].legend(fontsize=7)
     fig.suptitle(f"study '{study.study_name}': {len(trials)} trials", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
