@@ -103,7 +103,8 @@ def test_cancelled_job_is_resubmitted_and_resumes_bitwise(cluster: None, tmp_pat
     jid = next(iter(json.loads((out / "slurm-jobs.json").read_text()).values()))
     run = next(out.rglob("seed0"))
     deadline = time.time() + 300
-    while not ((run / "log.jsonl").is_file() and (run / "log.jsonl").read_text().count("\n") >= 1):
+    while not ((run / "checkpoint.safetensors").is_file()  # epoch 1 written: log line, then this
+               and (run / "log.jsonl").read_text().count("\n") >= 1):
         assert time.time() < deadline, "the job never finished its first epoch"
         time.sleep(0.5)
     subprocess.run(["scancel", jid], check=True)

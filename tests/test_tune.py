@@ -117,7 +117,8 @@ def test_stopped_trial_resumes_in_the_next_process(tmp_path: Path) -> None:
     p = _spawn(argv)
     log = out / "trials" / "0000" / "log.jsonl"
     deadline = time.time() + 300
-    while not (log.is_file() and log.read_text().count("\n") >= 1):
+    ckpt = log.parent / "checkpoint.safetensors"  # written after the epoch's log line
+    while not (ckpt.is_file() and log.read_text().count("\n") >= 1):
         assert time.time() < deadline and p.poll() is None, p.communicate()[1]
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
