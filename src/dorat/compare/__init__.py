@@ -59,19 +59,20 @@ def _stderr(line: str) -> None:
 def compare(path: str | Path, out: str | Path, device: str | None = None, data_dir: str | None = None,
             log: Callable[[str], None] | None = None, progress: bool = False,
             aggregate_only: bool = False, only: Sequence[str] | None = None,
-            retry_failed: bool = False, workers: int = 1, aggregate: bool = True,
-            plugins: Sequence[str] = (), slurm: SlurmOptions | None = None, wait: bool = True) -> Path:
+            retry_failed: bool = False, workers: int = 1, plugins: Sequence[str] = (),
+            slurm: SlurmOptions | None = None, wait: bool = True) -> Path:
     """Run (or continue) the grid, then aggregate; returns the report's path. ``workers`` > 1
-    runs the grid in that many processes (see the module docstring); ``aggregate=False`` only
-    trains (what each worker does). ``plugins``: modules the workers import first (the runs'
-    configs name their own plug-ins too). ``slurm``: each run a Slurm job through submitit
-    (dorat.compare.slurm), followed until the jobs end unless ``wait`` is False."""
+    runs the grid in that many processes (see the module docstring). ``plugins``: modules the
+    workers import first (the runs' configs name their own plug-ins too). ``slurm``: each run a
+    Slurm job through submitit (dorat.compare.slurm), followed until the jobs end unless
+    ``wait`` is False."""
+    log = log or _stderr
     grid = load_grid(path, out, device, data_dir)
-    for line in comparability_warnings(grid) if aggregate else ():  # not once per worker
-        (log or (lambda s: print(s, file=sys.stderr)))(line)
+    for line in comparability_warnings(grid):
+        log(line)
     out = Path(out)
     if not aggregate_only:
-        _validate(grid, only)  # before anything is written, and once, not once per worker
+        _validate(grid, only)  # before anything is written
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -79,11 +80,11 @@ def compare(path: str | Path, out: str | Path, device: str | None = None, data_d
     if not aggregate_only:  # aggregating only reads finished runs: fine beside a running compare
         if slurm is not None:
             check_slurm()  # before anything is submitted
-            launch_slurm(pending(grid, log or _stderr, only, retry_failed), grid.evals, out, slurm,
-                         retry_failed, log or _stderr, wait)
+            launch_slurm(pending(grid, log, only, retry_failed), grid.evals, out, slurm, retry_failed,
+                         log, wait)
         else:
             run_grid(grid, log, progress and workers == 1, only, retry_failed, workers, device, plugins)
-    return write_outputs(grid, out) if aggregate else out / "report.md"
+    return write_outputs(grid, out)
 
 
 __all__ = ["Grid", "RunSpec", "aggregate", "available_cores", "compare", "find_compare_file",

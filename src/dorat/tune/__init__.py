@@ -187,8 +187,6 @@ class Tuner:
 
 def _train_waiting(cfg: cfglib.Config, path: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """Train (or resume, or read) a run; if another tune process is training it, wait for it."""
-    import time
-
     from dorat import locks
     from dorat.run import load_metrics, train
 
