@@ -1,13 +1,15 @@
-"""Robustness per CPU-second: validation robust accuracy against training wall-clock.
+"""Robustness per CPU-second: validation robust accuracy against training CPU time.
 
 Contenders on the results budget (benchmarks/results/base.yaml: small-cnn, Fashion-MNIST,
 ε = 0.1, 8 epochs, 30,000 training images): ``at`` (PGD-5), ``done``, ``fast-at`` (FGSM-RS),
 ``n-fgsm``, ``done-n-fgsm``, each also with ``perf.amp=bf16`` (``--bf16``). Every run probes
 its validation split after each epoch with PGD-20 (``val.every=1``, ``val.steps=20``,
 ``val.n`` points) — the catastrophic-overfitting guard of the single-step ones reads the same
-probe — and the curve is the probe's accuracy against the cumulative training seconds of the
-epochs (the probe's own cost, ``val_seconds``, is left out). The runs go one after another,
-alternating the order over ``--rounds``.
+probe — and the curve is the probe's accuracy against the cumulative training CPU-seconds of
+the epochs (log.jsonl's ``cpu_seconds``: the process's CPU time with the probe's own cost left
+out; on an idle machine and one thread it equals the wall-clock ``seconds``, and unlike them it
+barely moves when other jobs share the machine). Set OMP_NUM_THREADS=1 for a one-thread
+measurement. The runs go one after another, alternating the order over ``--rounds``.
 
 Headline: the time a contender needs to reach PGD-AT's final validation robust accuracy within
 1 point, as a fraction of PGD-AT's whole training time (issue 32's target: at most 0.35).
@@ -39,10 +41,10 @@ METHODS = {"at": [], "done": [], "fast-at": ["attack.steps=1"], "n-fgsm": ["atta
 
 
 def curve(log: list[dict[str, Any]]) -> list[tuple[float, float]]:
-    """(cumulative training seconds, probe RA) after each epoch."""
+    """(cumulative training CPU-seconds, probe RA) after each epoch."""
     t, out = 0.0, []
     for r in log:
-        t += r["seconds"]
+        t += r["cpu_seconds"]
         out.append((t, r["val_ra_pgd"]))
     return out
 
@@ -95,19 +97,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = {}
     for k, pts in med.items():
         t = time_to(pts, level)
-        rows[k] = {"final_val_ra_pgd20": pts[-1][1], "train_seconds": pts[-1][0],
-                   "seconds_to_at_minus_1": t, "fraction_of_at_time": None if t is None else t / at_time}
+        rows[k] = {"final_val_ra_pgd20": pts[-1][1], "train_cpu_seconds": pts[-1][0],
+                   "cpu_seconds_to_at_minus_1": t, "fraction_of_at_time": None if t is None else t / at_time}
     result = {"settings": {"smoke": a.smoke, "rounds": a.rounds, "val_n": a.val_n, "bf16": a.bf16},
               "at_final_val_ra": at_ra, "level": level, "curves": med, "rows": rows,
               "target_met": any(v["fraction_of_at_time"] is not None and v["fraction_of_at_time"] <= 0.35
                                 for k, v in rows.items() if k != "at")}
-    lines = ["| contender | final val RA (PGD-20) | training s | time to PGD-AT's RA − 1 | × PGD-AT's time |",
+    lines = ["| contender | final val RA (PGD-20) | training CPU-s | CPU-s to PGD-AT's RA − 1 | × PGD-AT's |",
              "|---|---|---|---|---|"]
     for k, v in rows.items():
-        t, frac = v["seconds_to_at_minus_1"], v["fraction_of_at_time"]
+        t, frac = v["cpu_seconds_to_at_minus_1"], v["fraction_of_at_time"]
         reached = "not reached" if t is None else f"{t:.0f} s"
-        lines.append(f"| {k} | {100 * v['final_val_ra_pgd20']:.2f}% | {v['train_seconds']:.0f} | "
-                     f"{reached} | {'' if frac is None else f'{frac:.2f}'} |")
+        lines.append(f"| {k} | {100 * v['final_val_ra_pgd20']:.2f}% | {v['train_cpu_seconds']:.0f} | "
+                     f"{reached} | {'–' if frac is None else f'{frac:.2f}'} |")
     publish(result, "\n".join(lines), a.json, a.doc, MARK_BEGIN, MARK_END)
     if a.plot:
         import matplotlib
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ax.plot([t for t, _ in pts], [100 * ra for _, ra in pts], marker="o", label=k,
                     ls="--" if "bf16" in k else "-")
         ax.axhline(100 * level, color="grey", lw=0.8, ls=":", label="PGD-AT's final RA − 1")
-        ax.set_xlabel("training wall-clock (s)")
+        ax.set_xlabel("training CPU time (s)")
         ax.set_ylabel("validation RA, PGD-20 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -50,7 +50,8 @@ def _same_run(a: Path, b: Path) -> None:
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
     ma.pop("eval_seconds"), mb.pop("eval_seconds")
     assert ma == mb
-    la, lb = ([{k: v for k, v in json.loads(line).items() if k not in ("seconds", "examples_per_s")}
+    timing = ("seconds", "cpu_seconds", "examples_per_s")
+    la, lb = ([{k: v for k, v in json.loads(line).items() if k not in timing}
                for line in (d / "log.jsonl").read_text().splitlines()] for d in (a, b))
     assert la == lb  # loss, accuracies, weights diagnostics, DONE's log_u: every epoch
     assert not list(b.glob(".*.tmp")), "a temporary file was left behind"

@@ -45,7 +45,7 @@ def test_log_lines_and_run_dir_contents(tmp_path: Path, synthetic_npz: Path) -> 
     assert files == ["checkpoint.safetensors", "config.yaml", "log.jsonl", "metrics.json",
                      "model.safetensors", "weights.safetensors"]
     rec = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[-1])
-    for key in ("epoch", "loss", "train_acc_clean", "train_acc_adv", "lr", "seconds",
+    for key in ("epoch", "loss", "train_acc_clean", "train_acc_adv", "lr", "seconds", "cpu_seconds",
                 "examples_per_s", "ess", "w_max", "w_class_mean"):
         assert key in rec
     assert rec["ess"] == pytest.approx(1.0) and rec["w_max"] == pytest.approx(1.0)

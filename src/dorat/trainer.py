@@ -272,7 +272,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
     tb = TensorBoard(out, run.data.classes, start_epoch) if cfg.log.tensorboard and d.main else None
     try:
         for epoch in range(start_epoch, epochs):
-            measured: list[float] = []  # the probe's seconds this epoch: the validation cost
+            measured: list[tuple[float, float]] = []  # the probe's (wall, CPU) seconds this epoch
             after: list[ClassStats] = []  # a probe the weighting took after this epoch's training
             method.weighting.start_epoch(epoch, epochs, None if probe is None else partial(
                 _measure, probe, model, epoch, measured))
@@ -280,7 +280,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
             gen = torch.Generator(device=device)
             gen.manual_seed(cfg.seed * 1_000_003 + 20 * 7919 + epoch)
             model.train()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             bar = tqdm(batches.indexed(epoch), total=steps_per_epoch, disable=not progress,
                        desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
             for i, (x, y, idx) in enumerate(bar):
@@ -300,12 +300,16 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                     f"checkpoint in {out} is kept: continue with a lower rate (--resume --set optim.lr=...) "
                     "or check the data"
                 )
-            seconds = time.perf_counter() - t0
+            # training time without the probe's: wall-clock, and this process's CPU time (all its
+            # threads), which other processes on the machine barely move
+            seconds = time.perf_counter() - t0 - sum(w for w, _ in measured)
+            cpu = time.process_time() - c0 - sum(c for _, c in measured)
             record = {
                 "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **summary,
-                "seconds": round(seconds, 3), "examples_per_s": round(stats.n / max(seconds, 1e-9), 1),
+                "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
+                "examples_per_s": round(stats.n / max(seconds, 1e-9), 1),
                 **method.weighting.epoch_log(),
-                **val, **({"val_seconds": round(sum(measured), 3)} if measured else {}),
+                **val, **({"val_seconds": round(sum(w for w, _ in measured), 3)} if measured else {}),
             }
             stop = watch is not None and watch.after_epoch(record, model, d.main)
             state_now = {
@@ -355,10 +359,11 @@ def _apply_optim_config(trainer: Trainer, cfg: Config) -> None:
     sched._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]  # what get_last_lr() says
 
 
-def _measure(probe: ValidationProbe, model: nn.Module, epoch: int, seconds: list[float],
+def _measure(probe: ValidationProbe, model: nn.Module, epoch: int, seconds: list[tuple[float, float]],
              keep: list[ClassStats] | None = None) -> ClassStats:
+    c0 = time.process_time()
     stats = probe.measure(model, epoch)
-    seconds.append(stats.seconds)
+    seconds.append((stats.seconds, time.process_time() - c0))
     if keep is not None:
         keep.append(stats)
     return stats
