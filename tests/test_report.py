@@ -408,3 +408,33 @@ def test_results_aggregates_come_from_the_runs_else_from_the_committed_copy(tmp_
     assert json.loads(committed.read_text())["finished_runs"] == 3
     (runs / "results.json").unlink()
     assert wr.load_aggregate(runs, committed)["finished_runs"] == 3
+
+
+def test_results_target_checks_each_bar_and_dominance_by_the_fairness_rows() -> None:
+    """Issue 31's target on means: worst class ≥ 13%, RA-AA ≥ PGD-AT − 1, SA ≥ PGD-AT − 2, and
+    no FRL/CFA/WAT/DAFA row at least as good on both plane axes; fewer than 3 seeds: provisional."""
+    wr = _write_results()
+
+    def row(method: str, sa: float, ra: float, worst: float, seeds: int = 3) -> dict:
+        def m(v: float) -> dict:
+            return {"mean": v, "std": 0.01, "values": [v] * seeds}
+        return {"setting": "balanced", "method": method, "seeds": list(range(seeds)),
+                "metrics": {"sa": m(sa), "aa1000:ra.aa": m(ra), "aa1000:worst_class.worst": m(worst)}}
+
+    rows = [row("at", 0.82, 0.72, 0.04),
+            row("done-a", 0.81, 0.72, 0.14),         # every bar cleared, undominated: met
+            row("done-b", 0.79, 0.73, 0.20),         # SA 3 points below PGD-AT's
+            row("done-c", 0.82, 0.712, 0.135),       # dominated by wat (≥ both, > one)
+            row("wat", 0.82, 0.718, 0.15, seeds=1),  # meets every bar, on one seed only
+            row("trades", 0.82, 0.80, 0.30)]         # not a fairness row: dominates nothing here
+    lines = wr.target_lines({"rows": rows})
+    table = {ln.split(" | ")[0][2:]: ln for ln in lines if ln.startswith("| ") and "---" not in ln}
+    assert "RA-AA ≥ 71.00, SA ≥ 80.00" in lines[0]
+    assert table["done-a"].endswith("| – | met |")
+    assert "SA" not in table["done-b"] and "81.00" not in table["done-b"]
+    assert table["done-b"].count("✗") == 1 and table["done-b"].endswith("not met |")
+    assert table["done-c"].endswith("| wat | not met |") and table["done-c"].count("✗") == 0
+    assert table["wat"].endswith("| met (provisional) |")
+    assert table["at"].endswith("not met |")  # the reference never meets its own target
+    assert lines[-2] == "**Target met by a DONE variant**: done-a. Rows that meet it: done-a, wat, trades."
+    assert wr.target_lines({"rows": rows[1:]}) == []  # no PGD-AT row: no bars
