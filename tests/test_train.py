@@ -154,3 +154,30 @@ def test_parallel_settings_are_checked() -> None:
         _check_parallel(C.resolve(None, {"method": "done-cid", "batch_size": 64}), two)
     _check_parallel(C.resolve(None, {"method": "done", "batch_size": 64}), two)
     _check_parallel(C.resolve(None, {"method": "done-cid", "batch_size": 65}), Dist())
+
+
+def test_amp_auto_follows_the_device_and_bf16_keeps_the_ball_and_the_normaliser_exact(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """perf.amp=auto is bf16 only where the device computes it natively; under bf16 autocast the
+    attack's iterate and projection stay fp32 (the ε-ball is exact) and DONE's normaliser is
+    computed in float64."""
+    from dorat import runtime
+    from dorat.attacks import PGDSpec, pgd
+    from dorat.models import build_model
+    from dorat.objectives.done import global_logmeanexp
+
+    for native in (True, False):
+        monkeypatch.setattr(runtime, "bf16_native", lambda device_type, cpuinfo=None, n=native: n)
+        assert runtime.use_bf16("auto", "cpu") is native
+        assert runtime.use_bf16("bf16", "cpu") and not runtime.use_bf16("off", "cpu")
+    torch.manual_seed(0)
+    model = build_model("small-cnn", 1, 28, 10).eval()
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = pgd(model, x, y, PGDSpec(eps=0.1, alpha=0.025, steps=3))
+        assert model(x).dtype == torch.bfloat16  # the forward pass does run in bf16
+        lme = global_logmeanexp(res.loss.to(torch.bfloat16))
+    assert res.x_adv.dtype == torch.float32
+    assert float((res.x_adv - x).abs().max()) <= 0.1 + 1e-7
+    assert float(res.x_adv.min()) >= 0 and float(res.x_adv.max()) <= 1
+    assert lme.dtype == torch.float64

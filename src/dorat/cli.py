@@ -19,10 +19,7 @@ from dorat.errors import DoratError, Terminated, raise_terminated
 from dorat.parts import load_plugins
 
 EXIT_USER_ERROR = 2
-
-
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM killed
-
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,7 +57,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channels-last", choices=["auto", "on", "off"],
                    help="channels-last memory format (perf.channels_last; default auto = on for "
                         "CPU and CUDA)")
-    p.add_argument("--amp", choices=["off", "bf16"], help="bf16 autocast (perf.amp; for GPUs)")
+    p.add_argument("--amp", choices=["auto", "off", "bf16"], help="bf16 autocast in training (perf.amp)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the model (perf.compile)")
     p.add_argument("--sync-bn", action="store_true", default=None,

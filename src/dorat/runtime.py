@@ -77,6 +77,12 @@ def tune_allocator(environ: Mapping[str, str] | None = None) -> str:
 __all__ = ["ENV", "tune_allocator"]
 
 
+def use_bf16(amp: str, device_type: str) -> bool:
+    """``perf.amp`` on a device: bf16 when asked for, or when ``auto`` and the device computes
+    bf16 natively."""
+    return amp == "bf16" or (amp == "auto" and bf16_native(device_type) is True)
+
+
 def bf16_native(device_type: str, cpuinfo: str | None = None) -> bool | None:
     """Whether the device computes bf16 natively: CUDA (compute capability 8+), a CPU with
     AVX512-BF16 or AMX-BF16; None when it cannot be told (a CPU that is not Linux's)."""

@@ -37,6 +37,7 @@ from dorat.objectives import StepContext
 from dorat.objectives.attacks import SingleStep
 from dorat.objectives.base import ess_from_moments
 from dorat.probe import ClassStats, ValidationProbe
+from dorat.runtime import use_bf16
 from dorat.tracking import TensorBoard
 
 if TYPE_CHECKING:
@@ -192,7 +193,8 @@ class Trainer:
             # under DDP the attack runs on the plain module, compiled separately
             self.attack_model = (torch.compile(self.model, backend=backend) if d.active
                                  else self.train_model)
-        self.autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=perf.amp == "bf16")
+        self.bf16 = use_bf16(perf.amp, run.device.type)
+        self.autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=self.bf16)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
                                          nesterov=o.nesterov and o.momentum > 0,
                                          weight_decay=o.weight_decay)
@@ -254,7 +256,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
         log(f"resuming {out} after epoch {start_epoch}/{epochs}")
         distributed.on_main(d, lambda: _truncate_log(out / "log.jsonl", start_epoch))
     progress = d.main and show_progress(cfg)
-    extras = [k for k, v in (("channels-last", trainer.channels_last), ("bf16", perf.amp == "bf16"),
+    extras = [k for k, v in (("channels-last", trainer.channels_last), ("bf16", trainer.bf16),
                              ("compiled", perf.compile)) if v]
     log(f"training {cfg.method.name} ({method.describe()}) on {run.data.name} "
         f"[{len(run.train)} train examples] with {cfg.model} on {device}"
