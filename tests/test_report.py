@@ -438,3 +438,37 @@ def test_results_target_checks_each_bar_and_dominance_by_the_fairness_rows() -> 
     assert table["at"].endswith("not met |")  # the reference never meets its own target
     assert lines[-2] == "**Target met by a DONE variant**: done-a. Rows that meet it: done-a, wat, trades."
     assert wr.target_lines({"rows": rows[1:]}) == []  # no PGD-AT row: no bars
+
+
+def test_bf16_verdict_applies_the_rule_written_before_the_runs() -> None:
+    """bf16 becomes the default only if, paired by seed, RA-AA and the worst class of both at and
+    done move by less than the fp32 seed spread; fewer than 3 paired seeds: no decision."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bf16_verdict", Path(__file__).parent.parent / "benchmarks" / "results" / "bf16_verdict.py")
+    bv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bv)
+
+    def row(method: str, ra: list[float], worst: list[float]) -> dict:
+        def m(v: list[float]) -> dict:
+            mean = sum(v) / len(v)
+            std = (sum((x - mean) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5
+            return {"mean": mean, "std": std, "values": v}
+        return {"setting": "balanced", "method": method, "seeds": list(range(len(ra))),
+                "metrics": {"aa1000:ra.aa": m(ra), "aa1000:worst_class.worst": m(worst)}}
+
+    fp32 = [row("at", [0.72, 0.73, 0.74], [0.02, 0.04, 0.06]),   # std 1 and 2 points
+            row("done", [0.72, 0.73, 0.74], [0.02, 0.04, 0.06])]
+    same = [row("at-bf16", [0.725, 0.73, 0.74], [0.03, 0.04, 0.06]),
+            row("done-bf16", [0.72, 0.725, 0.74], [0.02, 0.05, 0.05])]
+    r = bv.verdict(same, fp32)
+    assert r["decision"] == "default" and len(r["pairs"]) == 4
+    at_ra = r["pairs"][0]
+    assert at_ra["diff"] == pytest.approx([0.005, 0, 0]) and at_ra["fp32_std"] == pytest.approx(0.01)
+    worse = [same[0], row("done-bf16", [0.70, 0.71, 0.72], [0.02, 0.04, 0.06])]  # −2 points: > 1
+    assert bv.verdict(worse, fp32)["decision"] == "off"
+    assert "**no**" in bv.table(bv.verdict(worse, fp32))
+    two = [row("at-bf16", [0.72, 0.73], [0.02, 0.04]), same[1]]
+    assert bv.verdict(two, fp32)["decision"] == "incomplete"
+    assert bv.verdict(same[:1], fp32)["decision"] == "incomplete"  # done-bf16 not run yet
