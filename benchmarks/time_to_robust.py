@@ -7,9 +7,10 @@ its validation split after each epoch with PGD-20 (``val.every=1``, ``val.steps=
 ``val.n`` points) — the catastrophic-overfitting guard of the single-step ones reads the same
 probe — and the curve is the probe's accuracy against the cumulative training CPU-seconds of
 the epochs (log.jsonl's ``cpu_seconds``: the process's CPU time with the probe's own cost left
-out; on an idle machine and one thread it equals the wall-clock ``seconds``, and unlike them it
-barely moves when other jobs share the machine). Set OMP_NUM_THREADS=1 for a one-thread
-measurement. The runs go one after another, alternating the order over ``--rounds``.
+out; on an idle machine and one thread it equals the wall-clock ``seconds``; unlike them it does
+not count time another job holds the core, but cache and memory contention still show: about
+10% on a fp32 epoch here, so measure on an otherwise idle machine). Set OMP_NUM_THREADS=1 for
+a one-thread measurement. The runs go one after another, alternating the order over ``--rounds``.
 
 Headline: the time a contender needs to reach PGD-AT's final validation robust accuracy within
 1 point, as a fraction of PGD-AT's whole training time (issue 32's target: at most 0.35).

@@ -303,7 +303,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                     "or check the data"
                 )
             # training time without the probe's: wall-clock, and this process's CPU time (all its
-            # threads), which other processes on the machine barely move
+            # threads), which does not count time other processes hold the cores
             seconds = time.perf_counter() - t0 - sum(w for w, _ in measured)
             cpu = time.process_time() - c0 - sum(c for _, c in measured)
             record = {
