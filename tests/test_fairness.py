@@ -287,6 +287,9 @@ def test_validation_driven_methods_train_log_and_resume_bitwise(tmp_path: Path, 
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     if method != "dafa-at":  # the validation cost, every epoch it ran (DAFA reads none)
         assert all("val_seconds" in rec for rec in log[1:])
+    # the probes these methods take at an epoch's start or end are the validation cost, not
+    # training time: the training seconds leave them out, and never fall below zero for it
+    assert all(rec["seconds"] > 0 and rec["cpu_seconds"] > 0 for rec in log)
     from dorat.report import write_report
 
     assert (Path(write_report([tmp_path / "a"], tmp_path / "rep")).parent / "class_params.png").is_file()

@@ -276,13 +276,13 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
         for epoch in range(start_epoch, epochs):
             measured: list[tuple[float, float]] = []  # the probe's (wall, CPU) seconds this epoch
             after: list[ClassStats] = []  # a probe the weighting took after this epoch's training
+            t0, c0 = time.perf_counter(), time.process_time()  # before a probe start_epoch may take
             method.weighting.start_epoch(epoch, epochs, None if probe is None else partial(
                 _measure, probe, model, epoch, measured))
             stats = _Stats(run.data.num_classes, device)
             gen = torch.Generator(device=device)
             gen.manual_seed(cfg.seed * 1_000_003 + 20 * 7919 + epoch)
             model.train()
-            t0, c0 = time.perf_counter(), time.process_time()
             bar = tqdm(batches.indexed(epoch), total=steps_per_epoch, disable=not progress,
                        desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
             for i, (x, y, idx) in enumerate(bar):
