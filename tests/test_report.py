@@ -13,7 +13,7 @@ import yaml
 
 from dorat import config as C
 from dorat.cli import main
-from dorat.compare import aggregate, compare, load_grid, markdown_tables
+from dorat.compare import aggregate, compare, load_grid, markdown_tables, signed_points
 from dorat.errors import ConfigError
 from dorat.report import write_report
 from dorat.run import train
@@ -382,7 +382,7 @@ def test_results_pair_done_with_pgd_at_and_the_best_baseline_by_seed() -> None:
     assert "mart (best)" in vs_best and "s0: −3.00, s1: +0.00 | −1.50 ± 2.12 | 0-1-1" in vs_best
     assert wr.paired_lines({"rows": grid["rows"][:2]}, "balanced") == []
     # a mean of +x and −x is a float a hair below zero: it is printed as +0.00, never −0.00
-    assert wr._pts(-1e-17) == "+0.00" and wr._pts(-0.0123) == "−1.23"
+    assert signed_points(-1e-17) == "+0.00" and signed_points(-0.0123) == "−1.23"
 
     def weighted(method: str, ess: float, cls: list[float]) -> dict:
         return {"setting": "balanced", "method": method, "classes": ["a", "b", "c", "d"],

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from perf import publish  # noqa: E402
 
+from dorat.compare import signed_points  # noqa: E402
+
 PAIRS = {"at-bf16": "at", "done-bf16": "done"}
 METRICS = [("aa1000:ra.aa", "RA-AA"), ("aa1000:worst_class.worst", "worst class (all)"),
            ("sa", "SA"), ("ra.pgd", "RA-PGD (full test set)")]
@@ -66,16 +68,13 @@ def verdict(bf16_rows: list[dict], fp32_rows: list[dict], setting: str = "balanc
 
 
 def table(result: dict[str, Any]) -> str:
-    def pts(x: float) -> str:
-        return f"{100 * x + 0.0:+.2f}".replace("-", "−")
-
     lines = ["| method | metric | fp32 | bf16 | bf16 − fp32, per seed | mean | fp32 seed std | within |",
              "|---|---|---|---|---|---|---|---|"]
     for p in result["pairs"]:
-        per_seed = ", ".join(f"s{s}: {pts(d)}" for s, d in zip(p["seeds"], p["diff"]))
+        per_seed = ", ".join(f"s{s}: {signed_points(d)}" for s, d in zip(p["seeds"], p["diff"]))
         mark = ("yes" if p["within_spread"] else "**no**") if p["decides"] else ""
         lines.append(f"| {p['method']} | {p['metric']} | {100 * p['fp32']:.2f} | {100 * p['bf16']:.2f} | "
-                     f"{per_seed} | {pts(p['mean_diff'])} | {100 * p['fp32_std']:.2f} | {mark} |")
+                     f"{per_seed} | {signed_points(p['mean_diff'])} | {100 * p['fp32_std']:.2f} | {mark} |")
     words = {"default": "bf16 keeps the robustness: `perf.amp=auto` (bf16 where native) is the default",
              "off": "bf16 moves RA-AA or the worst class by more than the fp32 seed spread: it stays off",
              "incomplete": "incomplete: fewer than 3 paired seeds, no decision yet"}

@@ -18,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-from dorat.compare import markdown_tables, mean_std
+from dorat.compare import markdown_tables, mean_std, signed_points
 from dorat.report import plot_per_class
 
 HERE = Path(__file__).parent
@@ -98,11 +98,6 @@ PAIRED = [("aa1000:ra.aa", "RA-AA"), ("aa1000:worst_class.worst", "worst class (
           ("aa1000:tail30.worst", "Tail-30 (all)")]
 
 
-def _pts(x: float) -> str:
-    v = round(100 * x, 2) + 0.0  # + 0.0 turns a rounded −0.0 into 0.0 (no "−0.00" in a table)
-    return f"{v:+.2f}".replace("-", "−")
-
-
 def paired_lines(grid: dict, setting: str) -> list[str]:
     """Each DONE variant against its loss unweighted (PGD-AT; TRADES for done-trades) and against
     the best baseline (highest mean over its seeds) on RA-AA, worst-class and Tail-30 under all
@@ -135,10 +130,10 @@ def paired_lines(grid: dict, setting: str) -> list[str]:
                 signs = [0 if abs(x) <= 1e-9 else 1 if x > 0 else -1 for x in diff]
                 record = f"{signs.count(1)}-{signs.count(0)}-{signs.count(-1)}"
                 bsd = f"{100 * b['metrics'][key]['std']:.2f}" if len(b["seeds"]) > 1 else ""
-                per_seed = ", ".join(f"s{s}: {_pts(x)}" for s, x in zip(common, diff))
+                per_seed = ", ".join(f"s{s}: {signed_points(x)}" for s, x in zip(common, diff))
                 vs = b["method"] + (" (best)" if b is best else "")
-                out.append(f"| {d['method']} | {label} | {vs} | {per_seed} | {_pts(ms['mean'])}{spread} | "
-                           f"{record} | {bsd} |")
+                out.append(f"| {d['method']} | {label} | {vs} | {per_seed} | "
+                           f"{signed_points(ms['mean'])}{spread} | {record} | {bsd} |")
     return out + [""]
 
 

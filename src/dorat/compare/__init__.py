@@ -49,7 +49,7 @@ from dorat.compare.slurm import SlurmOptions
 from dorat.compare.slurm import check_available as check_slurm
 from dorat.compare.slurm import launch as launch_slurm
 from dorat.errors import DoratError
-from dorat.report.grid import aggregate, flat_metrics, markdown_tables, mean_std, write_outputs
+from dorat.report.grid import aggregate, flat_metrics, markdown_tables, mean_std, signed_points, write_outputs
 
 
 def _stderr(line: str) -> None:
@@ -88,5 +88,5 @@ def compare(path: str | Path, out: str | Path, device: str | None = None, data_d
 
 
 __all__ = ["Grid", "RunSpec", "aggregate", "available_cores", "compare", "find_compare_file",
-           "flat_metrics", "load_grid", "markdown_tables", "mean_std", "run_grid", "worker_env",
-           "write_outputs"]
+           "flat_metrics", "load_grid", "markdown_tables", "mean_std", "run_grid", "signed_points",
+           "worker_env", "write_outputs"]

@@ -30,6 +30,13 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "n": len(vals), "values": vals}
 
 
+def signed_points(x: float) -> str:
+    """A fraction difference as signed points for a table, with a true minus sign ("−1.20");
+    a value that rounds to zero prints as "+0.00", never "−0.00"."""
+    v = round(100 * x, 2) + 0.0
+    return f"{v:+.2f}".replace("-", "−")
+
+
 def _weights_summary(last_epochs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """Mean ± std over seeds of the last epoch's ESS and largest weight, and the per-class mean
     weight averaged over seeds (None when no run logged weights)."""
