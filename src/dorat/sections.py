@@ -101,7 +101,7 @@ class PerfConfig:
     channels_last: str = opt("auto", "channels-last memory format; auto = on for CPU and CUDA "
                              "(1.7x faster PGD-AT steps for small-cnn on CPU, docs/PERFORMANCE.md)",
                              choices=("auto", "on", "off"))
-    amp: str = opt("off", "bf16 autocast for the training step (attack and update; evaluation "
+    amp: str = opt("auto", "bf16 autocast for the training step (attack and update; evaluation "
                    "stays fp32); auto = bf16 where the device computes it natively (CPU with "
                    "AVX512-BF16/AMX, CUDA compute capability 8+)", choices=("auto", "off", "bf16"))
     compile: bool = opt(False, "torch.compile the model")
