@@ -21,7 +21,8 @@ from pathlib import Path
 PRESETS = ["standard", "at", "trades", "mart", "fat", "gairat", "mail-at", "mail-trades", "wmmr", "done",
            "done-cid", "done-class", "done-trades"]
 ARGS = ["--config", "fmnist-demo", "--epochs", "2", "--seed", "0", "--set", "data.train_subset=2000",
-        "--set", "eval.n=500", "--set", "eval.steps=10", "--set", "eval.check_n=100"]
+        "--set", "eval.n=500", "--set", "eval.steps=10", "--set", "eval.check_n=100",
+        "--set", "perf.amp=off"]  # fp32, as the directories it is compared with
 KEYS = ("sa", "ra", "per_class", "worst_class", "tail30", "eps_sweep")
 
 

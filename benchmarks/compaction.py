@@ -34,7 +34,8 @@ MARK_BEGIN, MARK_END = "<!-- compaction:begin -->", "<!-- compaction:end -->"
 
 def config(smoke: bool, epochs: int, compact: bool, data: str | None) -> C.Config:
     sets = ["eval.n=100", "eval.checks=false", "eval.steps=5", f"fat.compact={str(compact).lower()}",
-            "attack.steps=10", "attack.alpha=0.025", "optim.lr=0.05", "optim.schedule=cosine"]
+            "attack.steps=10", "attack.alpha=0.025", "optim.lr=0.05", "optim.schedule=cosine",
+            "perf.amp=off"]  # as measured (fp32); bf16 autocast is the default where native
     if smoke:
         return C.resolve(None, {"dataset": f"npz:{data}", "epochs": epochs, "method": "fat"},
                          [*sets, "eval.n=40", "attack.steps=3"])

@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flags["dataset"] = f"npz:{make_synthetic_npz(Path(tmp.name) / 'toy.npz', n_train=256)}"
         a.n, a.rounds, a.eval_n, a.batch_size = 64, 1, 32, 32
     sets = [f"attack.steps={STEPS}", f"attack.alpha={EPS / 4}", f"attack.eps={EPS}",
-            f"batch_size={a.batch_size}", "log.progress=off", "data.train_subset=null"]
+            f"batch_size={a.batch_size}", "log.progress=off", "data.train_subset=null",
+            "perf.amp=off"]  # the `dorat` row is fp32, like the peers; `dorat-bf16` is its own row
     cfg = C.resolve("fmnist-demo", flags, sets)
     ours = DoratLoop(cfg, a.batch_size)
     run = ours.d.run

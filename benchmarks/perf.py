@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.threads:
         torch.set_num_threads(a.threads)
     sets = [f"attack.steps={a.attack_steps}", "attack.alpha=0.025", "attack.eps=0.1",
-            f"batch_size={a.batch_size}", "log.progress=off", "data.train_subset=null"]
+            f"batch_size={a.batch_size}", "log.progress=off", "data.train_subset=null",
+            "perf.amp=off"]  # fp32 like the reference loop (bf16 autocast is the default where native)
     flags: dict[str, Any] = {}
     tmp = None
     if a.smoke:
