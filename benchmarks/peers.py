@@ -187,7 +187,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "dorat-bf16" in rate:
         rows += [f"| dorat-bf16 (vs {k}) | {rate['dorat-bf16']:.0f} | {rate['dorat-bf16'] / rate[k]:.2f}× |"
                  for k in names if k not in ("dorat", "dorat-bf16")]
-    md = ("| PGD-AT training (small-cnn, batch 128, PGD-10, ε 0.1) | examples/s | dorat's speed-up |\n"
+    cmd = (f"python benchmarks/peers.py --n {a.n} --rounds {a.rounds} --eval-n {a.eval_n}"
+           + (f" --batch-size {a.batch_size}" if a.batch_size != 128 else "") + (" --bf16" if a.bf16 else ""))
+    md = (f"`{cmd}` — {torch.get_num_threads()} thread(s); training: {a.n} images per contender "
+          f"per round, median of {a.rounds} interleaved round(s); evaluation: {len(yt)} test points.\n\n"
+          "| PGD-AT training (small-cnn, batch 128, PGD-10, ε 0.1) | examples/s | dorat's speed-up |\n"
           "|---|---|---|\n" + "\n".join(rows) + "\n\n"
           "| PGD-20 evaluation, same points | examples/s | dorat's speed-up |\n|---|---|---|\n"
           + "\n".join(f"| {k} | {v:.0f} | {ev['dorat'] / v:.2f}× |" for k, v in ev.items()))
