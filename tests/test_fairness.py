@@ -92,6 +92,15 @@ def test_wat_hedge_by_hand() -> None:
     wat.start_epoch(2, 5, lambda: s)  # cumulative: the costs add up
     f2 = [math.exp(0.5 * 2 * c) for c in experts]
     assert wat.w.tolist() == pytest.approx([2 * v / sum(f2) for v in f2])
+    # normalise: divided by mean_c(w_c) + w_avg, so equal class weights are plain training's 1/|B|
+    norm = WATWeighting(eta=0.5, normalise=True)
+    norm.bind({"num_classes": 2, "cfg": cfg})
+    assert torch.allclose(norm.weights(out, y, None, ctx), torch.full((3,), 1 / 3))
+    norm.start_epoch(1, 5, lambda: s)
+    scale = (w[0] + w[1]) / 2 + w[2]
+    got = norm.weights(out, y, None, StepContext(1, 5, 0))
+    assert got.tolist() == pytest.approx([(w[0] + w[2]) / (3 * scale), (w[1] + w[2]) / (3 * scale),
+                                          (w[1] + w[2]) / (3 * scale)], rel=1e-6)
 
 
 def test_cfa_margins_betas_and_fawa_by_hand() -> None:

@@ -186,6 +186,47 @@ def target_lines(grid: dict, setting: str = "balanced") -> list[str]:
     return out
 
 
+# Issue 31's discussion: loss × class weighting on the validation split, each cell the row of
+# one aggregate (source file, method name); the cells that came from the tuning sweeps are those
+# runs, the others are benchmarks/results/fairness-ablation.yaml's.
+ABLATION_CELLS = {
+    "CE (PGD-AT's)": {"uniform": ("sweep", "at"), "WAT (η = 0.2)": ("ablation", "wat-at-e0.2"),
+                      "done-val (r = 2)": ("fairness", "done-val-r2")},
+    "TRADES (β = 6)": {"uniform": ("ablation", "trades"), "WAT (η = 0.2)": ("fairness", "wat-e0.2"),
+                       "done-val (r = 2)": ("ablation", "done-val-trades-r2"),
+                       "WAT, weights normalised": ("ablation", "wat-norm-e0.2")},
+}
+ABLATION_METRICS = (("worst_class.worst", "worst class"), ("tail30.worst", "Tail-30"),
+                    ("ra.worst", "RA"), ("sa", "SA"))
+
+
+def ablation_lines(aggs: dict[str, dict | None]) -> list[str]:
+    """The loss × weighting table: per cell mean ± std over its seeds (worst class, Tail-30 and RA
+    under the worst of PGD-20 and CW, SA; validation split), with the seed count."""
+    def row_of(src: str, name: str) -> dict | None:
+        agg = aggs.get(src)
+        return next((r for r in agg["rows"] if r["method"] == name), None) if agg else None
+
+    cols = list(dict.fromkeys(c for cells in ABLATION_CELLS.values() for c in cells))
+    out = ["| loss | metric | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for loss, cells in ABLATION_CELLS.items():
+        rows = {c: row_of(*cells[c]) if c in cells else None for c in cols}
+        if not any(rows.values()):
+            continue
+        for key, label in ABLATION_METRICS:
+            vals = []
+            for c in cols:
+                r = rows[c]
+                if r is None or key not in r["metrics"]:
+                    vals.append("–")
+                    continue
+                v = r["metrics"][key]
+                sd = f" ± {100 * v['std']:.1f}" if v["n"] > 1 else ""
+                vals.append(f"{100 * v['mean']:.1f}{sd} ({v['n']})")
+            out.append(f"| {loss} | {label} | " + " | ".join(vals) + " |")
+    return out + [""]
+
+
 def weights_lines(grid: dict, setting: str | None = None) -> list[str]:
     """What every reweighting method's weights were in its last training epoch: effective sample
     size, largest weight, and the classes with the highest and lowest mean weight (the rows of
@@ -292,6 +333,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", type=Path, required=True)
     ap.add_argument("--sweep-longtail", type=Path, default=HERE / "sweep-longtail")
+    ap.add_argument("--fairness-sweep", type=Path, default=HERE / "fairness-sweep")
+    ap.add_argument("--ablation", type=Path, default=HERE / "fairness-ablation")
     ap.add_argument("--grid", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path("docs"))
     a = ap.parse_args()
@@ -325,6 +368,32 @@ def main() -> None:
                      "Long-tailed training: per-class robust accuracy on the validation split "
                      "(worst of PGD-20 and CW)", "robust accuracy (%)"):
             lines += ["![long-tailed sweep, per class](results/sweep_longtail_per_class.png)", ""]
+    fair = load_aggregate(a.fairness_sweep, res / "fairness-sweep.json")
+    if fair is not None:
+        lines += ["## The robust-fairness family's hyper-parameters on the validation split", "",
+                  "The values their papers tune (FRL's τ, WAT's η, CFA's FAWA threshold, DAFA's λ) "
+                  "and done-val's r, with the budget and the rule DONE's r had "
+                  "([benchmarks/results/fairness-sweep.yaml](../benchmarks/results/fairness-sweep.yaml)"
+                  " names the candidates and why). PGD-20 and CW on the validation split. "
+                  f"{fair['finished_runs']} of {fair['total_runs']} runs finished.", "",
+                  "### Every candidate, seed 0", ""]
+        lines += markdown_tables(seed_view(fair, 0), SWEEP_COLUMNS)[2:]
+        finalists = {**fair, "rows": [r for r in fair["rows"] if len(r["seeds"]) > 1]}
+        if finalists["rows"]:
+            lines += ["### The finalists, seeds 0-2 (mean ± std)", ""]
+            lines += markdown_tables(finalists, SWEEP_COLUMNS)[2:]
+    abl = load_aggregate(a.ablation, res / "fairness-ablation.json")
+    if abl is not None:
+        lines += ["### Loss × class weighting: what lifts the worst class (validation split)", "",
+                  "Under the worst of PGD-20 and CW on the 5,000 validation images, mean ± std over "
+                  "seeds (the number of seeds in brackets), in %. The uniform-CE cell is PGD-AT of "
+                  "DONE's sweep; WAT on TRADES and done-val on CE are the tuning sweep's finalists; "
+                  "the other three cells are [benchmarks/results/fairness-ablation.yaml]"
+                  "(../benchmarks/results/fairness-ablation.yaml) "
+                  f"({abl['finished_runs']} of {abl['total_runs']} runs finished). The cells come "
+                  "from runs made on different days, possibly on different machines of the same "
+                  "kind: compare them against the seed spread.", ""]
+        lines += ablation_lines({"sweep": sweep, "fairness": fair, "ablation": abl})
     grid = load_aggregate(a.grid, res / "grid.json")
     if grid is not None:
         lines += ["## Test results", "", f"{grid['finished_runs']} of {grid['total_runs']} runs "

@@ -123,6 +123,9 @@ class WATWeighting(Weighting):
 
     eta: float = opt(0.1, "Hedge step size η (official: 0.1)", positive)
     warmup: int | str = opt(0, "uniform first: epochs, or a share of the run", kind="warmup")
+    normalise: bool = opt(False, "divide the weights by their class average mean_c(w_c) + w_avg, so that "
+                          "equal class weights give plain training's step size (the official (w_y + w_avg)/|B| "
+                          "is about twice it: an ablation)")
 
     def bind(self, info: dict[str, Any]) -> None:
         cfg = info["cfg"]
@@ -145,7 +148,8 @@ class WATWeighting(Weighting):
 
     def _per_example(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         w = self.w.to(y.device)
-        return ((w[:-1][y] + w[-1]) / len(y)).to(dtype)
+        scale = float(w[:-1].mean() + w[-1]) if self.normalise else 1.0
+        return ((w[:-1][y] + w[-1]) / (scale * len(y))).to(dtype)
 
     def weights(self, out: LossOutput, y: torch.Tensor, info: AttackResult | None,
                 ctx: StepContext) -> torch.Tensor:
