@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from dorat.distributed import Dist
 from dorat.objectives.base import LossOutput, StepContext
 from dorat.objectives.done import KLDROWeighting
+from dorat.objectives.fairness import FRLWeighting
 
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -38,6 +39,23 @@ def _run(weighting: KLDROWeighting, rank: int, world: int) -> tuple[list[torch.T
     return ws, us
 
 
+def _frl_weights(d: Dist, rank: int, world: int) -> list[list[float]]:
+    """FRL's class weights (λ set by hand: class 2 far above the others) normalised over the
+    batch: clean and boundary term, each batch split over the ranks."""
+    frl = FRLWeighting(warmup=0)
+    frl.bind({"num_classes": 3, "dist": d})
+    frl.active = True
+    frl.lam[0] = torch.tensor([0.0, 0.1, 0.4], dtype=torch.float64)
+    frl.lam[1] = torch.tensor([0.3, 0.0, 0.2], dtype=torch.float64)
+    out = []
+    for loss, y in _batches():
+        part = slice(rank * 8 // world, (rank + 1) * 8 // world)
+        lo = LossOutput(loss[part], None, base=loss[part])
+        out += [frl.weights(lo, y[part], None, StepContext(0, 1, 0)).tolist(),
+                frl.base_weights(lo, y[part], StepContext(0, 1, 0)).tolist()]
+    return out
+
+
 def _worker(rank: int, world: int, port: int, q) -> None:  # noqa: ANN001
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -46,6 +64,7 @@ def _worker(rank: int, world: int, port: int, q) -> None:  # noqa: ANN001
         for level in ("instance", "mixed"):
             ws, us = _run(_kl(level, Dist(rank, world)), rank, world)
             out[level] = ([w.tolist() for w in ws], us)  # plain lists cross the queue safely
+        out["frl"] = _frl_weights(Dist(rank, world), rank, world)
         q.put((rank, out))
     finally:
         dist.destroy_process_group()
@@ -78,6 +97,9 @@ def test_two_ranks_match_one_process_with_global_batch() -> None:
             # DDP averages the ranks' gradients: per-example weights are the global ones × world
             both = torch.tensor(a + b, dtype=torch.float64)
             assert torch.allclose(both / 2, full, rtol=1e-12), level
+    # FRL normalises its class weights over the global batch, not each rank's half
+    for a, b, full in zip(results[0]["frl"], results[1]["frl"], _frl_weights(Dist(), 0, 1)):
+        assert torch.allclose(torch.tensor(a + b) / 2, torch.tensor(full), rtol=1e-6)
 
 
 # -- the real training loop under torch.distributed (what torchrun launches) ------------------

@@ -29,10 +29,14 @@ from dorat.objectives.base import LossOutput, Measure, StepContext, Weighting
 from dorat.parts import nonneg, opt, positive, register
 
 
-def _class_mean(w_class: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example weights w_class[y], normalised to sum 1 in the batch (FRL's Σw ℓ / Σw)."""
-    w = w_class.to(device=y.device, dtype=torch.float32)[y]
-    return w / w.sum().clamp_min(1e-12)
+def _class_mean(w_class: torch.Tensor, y: torch.Tensor, dist: Dist | None = None) -> torch.Tensor:
+    """Per-example weights w_class[y], normalised to sum 1 in the batch (FRL's Σw ℓ / Σw). Under
+    DDP the sum is the global batch's, expressed per local example (DDP averages the ranks)."""
+    w = w_class.to(device=y.device, dtype=torch.float64)[y]
+    s = torch.stack([w.sum(), w.new_tensor(float(len(y)))])
+    if dist is not None:
+        s = distributed.all_sum(dist, s)
+    return (w * (s[1] / len(y)) / s[0].clamp_min(1e-12)).float()
 
 
 @register("weighting", "frl")
@@ -58,6 +62,7 @@ class FRLWeighting(Weighting):
         C = info.get("num_classes", 10)
         self.lam = torch.zeros(3, C, dtype=torch.float64)  # clean, boundary, margin multipliers
         self.active = False
+        self.dist = info.get("dist")
 
     def needs_validation(self) -> bool:
         return True
@@ -89,10 +94,10 @@ class FRLWeighting(Weighting):
                 ctx: StepContext) -> torch.Tensor:
         if not self.active:
             return self.uniform(out, y)
-        return _class_mean(self.class_weights(1), y).to(out.loss.dtype)
+        return _class_mean(self.class_weights(1), y, self.dist).to(out.loss.dtype)
 
     def base_weights(self, out: LossOutput, y: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
-        return _class_mean(self.class_weights(0), y) if self.active else None
+        return _class_mean(self.class_weights(0), y, self.dist) if self.active else None
 
     def class_eps(self) -> torch.Tensor | None:
         if not (self.active and self.remargin):
@@ -123,9 +128,9 @@ class WATWeighting(Weighting):
 
     eta: float = opt(0.1, "Hedge step size η (official: 0.1)", positive)
     warmup: int | str = opt(0, "uniform first: epochs, or a share of the run", kind="warmup")
-    normalise: bool = opt(False, "divide the weights by their class average mean_c(w_c) + w_avg, so that "
-                          "equal class weights give plain training's step size (the official (w_y + w_avg)/|B| "
-                          "is about twice it: an ablation)")
+    normalise: bool = opt(False, "divide the weights by their class average mean_c(w_c) + w_avg, so "
+                          "that equal class weights give plain training's step size (the official "
+                          "(w_y + w_avg)/|B| is about twice it: an ablation)")
 
     def bind(self, info: dict[str, Any]) -> None:
         cfg = info["cfg"]
