@@ -315,6 +315,15 @@ def load_aggregate(runs: Path, committed: Path) -> dict | None:
     return agg
 
 
+def sweep_tables(agg: dict, finalists_head: str) -> list[str]:
+    """A tuning sweep: every candidate on seed 0, then the rows with more seeds (mean ± std)."""
+    lines = markdown_tables(seed_view(agg, 0), SWEEP_COLUMNS)[2:]
+    finalists = {**agg, "rows": [r for r in agg["rows"] if len(r["seeds"]) > 1]}
+    if finalists["rows"]:
+        lines += [finalists_head, ""] + markdown_tables(finalists, SWEEP_COLUMNS)[2:]
+    return lines
+
+
 def seed_view(agg: dict, seed: int) -> dict:
     """The aggregate restricted to one seed (rows without it dropped), so that rows with one
     and with several seeds are not compared mean against single run."""
@@ -347,11 +356,8 @@ def main() -> None:
                   "PGD-20 and CW on the 5,000 held-out validation images. "
                   f"{sweep['finished_runs']} of {sweep['total_runs']} sweep runs finished.", "",
                   "### Every candidate, seed 0", ""]
-        lines += markdown_tables(seed_view(sweep, 0), SWEEP_COLUMNS)[2:]
-        finalists = {**sweep, "rows": [r for r in sweep["rows"] if len(r["seeds"]) > 1]}
-        if finalists["rows"]:
-            lines += ["### The finalists, seeds 0-2 (mean ± std): what the rule was applied to", ""]
-            lines += markdown_tables(finalists, SWEEP_COLUMNS)[2:]
+        lines += sweep_tables(sweep, "### The finalists, seeds 0-2 (mean ± std): what the rule was "
+                              "applied to")
         if plot_sweep(sweep, res / "sweep_r.png"):
             lines += ["![RA and worst-class RA against r](results/sweep_r.png)", ""]
     lt = load_aggregate(a.sweep_longtail, res / "sweep-longtail.json")
@@ -377,11 +383,7 @@ def main() -> None:
                   " names the candidates and why). PGD-20 and CW on the validation split. "
                   f"{fair['finished_runs']} of {fair['total_runs']} runs finished.", "",
                   "### Every candidate, seed 0", ""]
-        lines += markdown_tables(seed_view(fair, 0), SWEEP_COLUMNS)[2:]
-        finalists = {**fair, "rows": [r for r in fair["rows"] if len(r["seeds"]) > 1]}
-        if finalists["rows"]:
-            lines += ["### The finalists, seeds 0-2 (mean ± std)", ""]
-            lines += markdown_tables(finalists, SWEEP_COLUMNS)[2:]
+        lines += sweep_tables(fair, "### The finalists, seeds 0-2 (mean ± std)")
     abl = load_aggregate(a.ablation, res / "fairness-ablation.json")
     if abl is not None:
         lines += ["### Loss × class weighting: what lifts the worst class (validation split)", "",
