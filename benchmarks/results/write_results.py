@@ -191,7 +191,8 @@ def target_lines(grid: dict, setting: str = "balanced") -> list[str]:
 # runs, the others are benchmarks/results/fairness-ablation.yaml's.
 ABLATION_CELLS = {
     "CE (PGD-AT's)": {"uniform": ("sweep", "at"), "WAT (η = 0.2)": ("ablation", "wat-at-e0.2"),
-                      "done-val (r = 2)": ("fairness", "done-val-r2")},
+                      "done-val (r = 2)": ("fairness", "done-val-r2"),
+                      "WAT, weights normalised": ("ablation", "wat-at-norm-e0.2")},
     "TRADES (β = 6)": {"uniform": ("ablation", "trades"), "WAT (η = 0.2)": ("fairness", "wat-e0.2"),
                        "done-val (r = 2)": ("ablation", "done-val-trades-r2"),
                        "WAT, weights normalised": ("ablation", "wat-norm-e0.2")},
