@@ -190,12 +190,14 @@ def target_lines(grid: dict, setting: str = "balanced") -> list[str]:
 # one aggregate (source file, method name); the cells that came from the tuning sweeps are those
 # runs, the others are benchmarks/results/fairness-ablation.yaml's.
 ABLATION_CELLS = {
-    "CE (PGD-AT's)": {"uniform": ("sweep", "at"), "WAT (η = 0.2)": ("ablation", "wat-at-e0.2"),
-                      "done-val (r = 2)": ("fairness", "done-val-r2"),
-                      "WAT, weights normalised": ("ablation", "wat-at-norm-e0.2")},
-    "TRADES (β = 6)": {"uniform": ("ablation", "trades"), "WAT (η = 0.2)": ("fairness", "wat-e0.2"),
-                       "done-val (r = 2)": ("ablation", "done-val-trades-r2"),
-                       "WAT, weights normalised": ("ablation", "wat-norm-e0.2")},
+    "CE (PGD-AT's)": {"uniform": ("sweep", "at"), "uniform, step × 2": ("ablation", "at-x2"),
+                      "WAT (η = 0.2)": ("ablation", "wat-at-e0.2"),
+                      "WAT, weights normalised": ("ablation", "wat-at-norm-e0.2"),
+                      "done-val (r = 2)": ("fairness", "done-val-r2")},
+    "TRADES (β = 6)": {"uniform": ("ablation", "trades"), "uniform, step × 2": ("ablation", "trades-x2"),
+                       "WAT (η = 0.2)": ("fairness", "wat-e0.2"),
+                       "WAT, weights normalised": ("ablation", "wat-norm-e0.2"),
+                       "done-val (r = 2)": ("ablation", "done-val-trades-r2")},
 }
 ABLATION_METRICS = (("worst_class.worst", "worst class"), ("tail30.worst", "Tail-30"),
                     ("ra.worst", "RA"), ("sa", "SA"))
