@@ -169,30 +169,33 @@ def _comparable(cfg: Config) -> dict[str, Any]:
 
 
 def comparability_warnings(grid: Grid) -> list[str]:
-    """One line for each key in which two methods of a grid differ (same dataset, setting and
-    seed) outside their own parts: then the comparison is not about the method alone."""
+    """One line for each key in which the methods of a grid differ (same dataset, setting and
+    seed) outside their own parts, naming which methods have which value: then the comparison is
+    not about the method alone. A key in a method's own part is that method's business."""
     groups: dict[tuple[str, str, int], list[RunSpec]] = {}
     for r in grid.runs:
         groups.setdefault((r.dataset, r.setting, r.seed), []).append(r)
-    seen: set[tuple[str, str, str]] = set()
+    seen: set[tuple[str, tuple[tuple[str, tuple[str, ...]], ...]]] = set()
     out = []
     for runs in groups.values():
-        for i, a in enumerate(runs):
-            for b in runs[i + 1:]:
-                ca, cb = _comparable(a.cfg), _comparable(b.cfg)
-                own = cfglib.part_sections(a.cfg.method) | cfglib.part_sections(b.cfg.method)
-                for k in sorted(set(ca) | set(cb)):
-                    sec = k.rpartition(".")[0]
-                    if ca.get(k) == cb.get(k) or sec == "method" or sec in own:
-                        continue
-                    if sec in parts.SECTIONS and sec not in cfglib.RUN_SECTIONS and \
-                            sec not in cfglib.SHARED_SECTIONS:
-                        continue  # a part that neither method uses: no effect
-                    if (a.name, b.name, k) not in seen:
-                        seen.add((a.name, b.name, k))
-                        out.append(f"warning: methods {a.name} and {b.name} differ in {k} "
-                                   f"({ca.get(k)!r} vs {cb.get(k)!r}), outside their own parts: "
-                                   "the comparison is not about the method alone")
+        flat = [(r.name, _comparable(r.cfg), cfglib.part_sections(r.cfg.method)) for r in runs]
+        for k in sorted({k for _, c, _ in flat for k in c}):
+            sec = k.rpartition(".")[0]
+            if sec == "method" or (sec in parts.SECTIONS and sec not in cfglib.RUN_SECTIONS
+                                   and sec not in cfglib.SHARED_SECTIONS):
+                continue  # the method itself, or a part's key: only its own method uses it
+            by_value: dict[str, list[str]] = {}
+            for name, c, own in flat:
+                if sec not in own:
+                    by_value.setdefault(repr(c.get(k)), []).append(name)
+            if len(by_value) < 2:
+                continue
+            key = (k, tuple(sorted((v, tuple(n)) for v, n in by_value.items())))
+            if key not in seen:
+                seen.add(key)
+                values = "; ".join(f"{v} in {', '.join(n)}" for v, n in by_value.items())
+                out.append(f"warning: the methods differ in {k} outside their own parts ({values}): "
+                           "the comparison is not about the method alone")
     return out
 
 
