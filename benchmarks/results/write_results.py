@@ -393,7 +393,7 @@ def main() -> None:
                   "Under the worst of PGD-20 and CW on the 5,000 validation images, mean ± std over "
                   "seeds (the number of seeds in brackets), in %. The uniform-CE cell is PGD-AT of "
                   "DONE's sweep; WAT on TRADES and done-val on CE are the tuning sweep's finalists; "
-                  "the other three cells are [benchmarks/results/fairness-ablation.yaml]"
+                  "the other cells are [benchmarks/results/fairness-ablation.yaml]"
                   "(../benchmarks/results/fairness-ablation.yaml) "
                   f"({abl['finished_runs']} of {abl['total_runs']} runs finished). The cells come "
                   "from runs made on different days, possibly on different machines of the same "
