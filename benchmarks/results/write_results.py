@@ -427,9 +427,10 @@ def main() -> None:
             if wl:
                 lines += [f"### What the weights did, {setting} (last training epoch, mean over seeds)",
                           "", "Class columns: the mean weight of a class's training examples (uniform "
-                          "training = 1). GAIRAT and DONE normalise the weights to mean 1 in a batch; "
-                          "MAIL (3·sigmoid, as in its official code) and WMMR do not, so their scale "
-                          "also lowers or raises the step size.", ""] + wl
+                          "training = 1). GAIRAT, DONE and FRL normalise the weights to mean 1 in a batch "
+                          "and DAFA's class weights average 1 over the classes; MAIL (3·sigmoid, as in "
+                          "its official code), WMMR and WAT ((w_y + w_avg)/|B|, 1.7–2× uniform) do not, "
+                          "so their scale also lowers or raises the step size.", ""] + wl
         for setting in ("balanced", "longtail"):
             rows = [r for r in grid["rows"] if r["setting"] == setting]
             if not rows:
