@@ -153,7 +153,7 @@ class WATWeighting(Weighting):
 
     def _per_example(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         w = self.w.to(y.device)
-        scale = float(w[:-1].mean() + w[-1]) if self.normalise else 1.0
+        scale = w[:-1].mean() + w[-1] if self.normalise else 1.0  # a tensor: no host sync per batch
         return ((w[:-1][y] + w[-1]) / (scale * len(y))).to(dtype)
 
     def weights(self, out: LossOutput, y: torch.Tensor, info: AttackResult | None,
