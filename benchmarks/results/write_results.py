@@ -320,7 +320,7 @@ def load_aggregate(runs: Path, committed: Path) -> dict | None:
 
 def sweep_tables(agg: dict, finalists_head: str) -> list[str]:
     """A tuning sweep: every candidate on seed 0, then the rows with more seeds (mean ± std)."""
-    lines = markdown_tables(seed_view(agg, 0), SWEEP_COLUMNS)[2:]
+    lines = ["### Every candidate, seed 0", ""] + markdown_tables(seed_view(agg, 0), SWEEP_COLUMNS)[2:]
     finalists = {**agg, "rows": [r for r in agg["rows"] if len(r["seeds"]) > 1]}
     if finalists["rows"]:
         lines += [finalists_head, ""] + markdown_tables(finalists, SWEEP_COLUMNS)[2:]
@@ -357,8 +357,7 @@ def main() -> None:
     if sweep is not None:
         lines += ["## DONE's r, β, warm-up and lower level on the validation split", "",
                   "PGD-20 and CW on the 5,000 held-out validation images. "
-                  f"{sweep['finished_runs']} of {sweep['total_runs']} sweep runs finished.", "",
-                  "### Every candidate, seed 0", ""]
+                  f"{sweep['finished_runs']} of {sweep['total_runs']} sweep runs finished.", ""]
         lines += sweep_tables(sweep, "### The finalists, seeds 0-2 (mean ± std): what the rule was "
                               "applied to")
         if plot_sweep(sweep, res / "sweep_r.png"):
@@ -384,8 +383,7 @@ def main() -> None:
                   "and done-val's r, with the budget and the rule DONE's r had "
                   "([benchmarks/results/fairness-sweep.yaml](../benchmarks/results/fairness-sweep.yaml)"
                   " names the candidates and why). PGD-20 and CW on the validation split. "
-                  f"{fair['finished_runs']} of {fair['total_runs']} runs finished.", "",
-                  "### Every candidate, seed 0", ""]
+                  f"{fair['finished_runs']} of {fair['total_runs']} runs finished.", ""]
         lines += sweep_tables(fair, "### The finalists, seeds 0-2 (mean ± std)")
     abl = load_aggregate(a.ablation, res / "fairness-ablation.json")
     if abl is not None:
