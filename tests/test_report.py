@@ -382,6 +382,13 @@ def test_results_pair_done_with_pgd_at_and_the_best_baseline_by_seed() -> None:
     assert "| +1.00 ± 1.00 | 2-1-0 | 1.00 |" in vs_at
     assert "mart (best)" in vs_best and "s0: −3.00, s1: +0.00 | −1.50 ± 2.12 | 0-1-1" in vs_best
     assert wr.paired_lines({"rows": grid["rows"][:2]}, "balanced") == []
+    # the fairness rows against their own references, by name: wat-at against at and at-x2
+    grid["rows"] += [row("wat-at", [0, 1, 2], [0.73, 0.72, 0.74]), row("at-x2", [1, 2], [0.74, 0.72])]
+    ref = wr.reference_lines(grid, "balanced")
+    assert [ln.split(" | ")[:3] for ln in ref[2:-1]] == [
+        ["| at-x2", "RA-AA", "at"], ["| wat-at", "RA-AA", "at"], ["| wat-at", "RA-AA", "at-x2"]]
+    assert "| s1: −2.00, s2: +2.00 | +0.00 ± 2.83 | 1-0-1 |" in ref[4]
+    assert wr.reference_lines(grid, "longtail") == []
     # a mean of +x and −x is a float a hair below zero: it is printed as +0.00, never −0.00
     assert signed_points(-1e-17) == "+0.00" and signed_points(-0.0123) == "−1.23"
 

@@ -98,6 +98,28 @@ PAIRED = [("aa1000:ra.aa", "RA-AA"), ("aa1000:worst_class.worst", "worst class (
           ("aa1000:tail30.worst", "Tail-30 (all)")]
 
 
+def _pair(d: dict, b: dict, key: str, label: str, vs: str) -> str | None:
+    """One paired row: ``d`` minus ``b`` on ``key`` on every seed both have, the mean ± std of the
+    differences, seeds won-tied-lost, and ``b``'s own seed spread; None without a common seed."""
+    common = [s for s in d["seeds"] if s in b["seeds"]]
+    if not common:
+        return None
+    diff = [d["metrics"][key]["values"][d["seeds"].index(s)]
+            - b["metrics"][key]["values"][b["seeds"].index(s)] for s in common]
+    ms = mean_std(diff)
+    spread = f" ± {100 * ms['std']:.2f}" if ms["n"] > 1 else ""
+    signs = [0 if abs(x) <= 1e-9 else 1 if x > 0 else -1 for x in diff]
+    record = f"{signs.count(1)}-{signs.count(0)}-{signs.count(-1)}"
+    bsd = f"{100 * b['metrics'][key]['std']:.2f}" if len(b["seeds"]) > 1 else ""
+    per_seed = ", ".join(f"s{s}: {signed_points(x)}" for s, x in zip(common, diff))
+    return (f"| {d['method']} | {label} | {vs} | {per_seed} | "
+            f"{signed_points(ms['mean'])}{spread} | {record} | {bsd} |")
+
+
+PAIRED_HEAD = ["| method | metric | vs | difference (points), per seed | mean ± std | "
+               "seeds won-tied-lost | reference's seed std |", "|---|---|---|---|---|---|---|"]
+
+
 def paired_lines(grid: dict, setting: str) -> list[str]:
     """Each DONE variant against its loss unweighted (PGD-AT; TRADES for done-trades) and against
     the best baseline (highest mean over its seeds) on RA-AA, worst-class and Tail-30 under all
@@ -108,8 +130,7 @@ def paired_lines(grid: dict, setting: str) -> list[str]:
     base = [r for r in rows if not r["method"].startswith("done")]
     if not done or not base:
         return []
-    out = ["| DONE variant | metric | vs | difference (points), per seed | mean ± std | "
-           "seeds won-tied-lost | baseline seed std |", "|---|---|---|---|---|---|---|"]
+    out = list(PAIRED_HEAD)
     for d in done:
         for key, label in PAIRED:
             have = [b for b in base if key in b["metrics"]]
@@ -119,22 +140,32 @@ def paired_lines(grid: dict, setting: str) -> list[str]:
             ref = "trades" if "trades" in d["method"] else "at"  # the same loss, unweighted
             against = [b for b in have if b["method"] == ref]
             against += [best] if best["method"] != ref else []
-            for b in against:
-                common = [s for s in d["seeds"] if s in b["seeds"]]
-                if not common:
-                    continue
-                diff = [d["metrics"][key]["values"][d["seeds"].index(s)]
-                        - b["metrics"][key]["values"][b["seeds"].index(s)] for s in common]
-                ms = mean_std(diff)
-                spread = f" ± {100 * ms['std']:.2f}" if ms["n"] > 1 else ""
-                signs = [0 if abs(x) <= 1e-9 else 1 if x > 0 else -1 for x in diff]
-                record = f"{signs.count(1)}-{signs.count(0)}-{signs.count(-1)}"
-                bsd = f"{100 * b['metrics'][key]['std']:.2f}" if len(b["seeds"]) > 1 else ""
-                per_seed = ", ".join(f"s{s}: {signed_points(x)}" for s, x in zip(common, diff))
-                vs = b["method"] + (" (best)" if b is best else "")
-                out.append(f"| {d['method']} | {label} | {vs} | {per_seed} | "
-                           f"{signed_points(ms['mean'])}{spread} | {record} | {bsd} |")
+            out += [ln for b in against
+                    if (ln := _pair(d, b, key, label, b["method"] + (" (best)" if b is best else "")))]
     return out + [""]
+
+
+# The robust-fairness rows of issue 31, each against its own loss unweighted; wat-at (WAT's class
+# weights on PGD-AT) also against at-x2, PGD-AT at the step WAT's unnormalised weights take, and
+# done-val against wat-at (the same validation-driven class weighting, by DRO instead of Hedge).
+REFERENCES = {"frl-rwrm": ("trades",), "at-cfa": ("at",), "trades-cfa": ("trades",),
+              "wat": ("trades",), "dafa": ("trades",), "at-x2": ("at",),
+              "wat-at": ("at", "at-x2"), "done-val": ("at", "wat-at")}
+
+
+def reference_lines(grid: dict, setting: str) -> list[str]:
+    """The REFERENCES pairs of ``setting`` on RA-AA, worst class and Tail-30 under all attacks,
+    paired by seed as in paired_lines; [] when no pair has both rows."""
+    rows = {r["method"]: r for r in grid["rows"] if r["setting"] == setting}
+    out = []
+    for name, refs in REFERENCES.items():
+        for ref in refs:
+            d, b = rows.get(name), rows.get(ref)
+            if d is None or b is None:
+                continue
+            out += [ln for key, label in PAIRED if key in d["metrics"] and key in b["metrics"]
+                    if (ln := _pair(d, b, key, label, ref))]
+    return PAIRED_HEAD + out + [""] if out else []
 
 
 # Issue 31's target, written before the fairness rows ran: on balanced Fashion-MNIST a method
@@ -420,6 +451,15 @@ def main() -> None:
                           "The best baseline is the non-DONE method with the highest mean on that "
                           "metric; a difference counts as established only if it is larger than "
                           "the seed spread and has the same sign on every seed.", ""] + paired
+        for setting in ("balanced", "longtail"):
+            ref = reference_lines(grid, setting)
+            if ref:
+                lines += [f"### The robust-fairness rows against their unweighted loss, {setting}, "
+                          "paired by seed", "",
+                          "Each row against the same loss with uniform weights (TRADES or PGD-AT); "
+                          "`wat-at` also against `at-x2`, PGD-AT at the step WAT's weights take "
+                          "(its class weights count only where it beats that), and `done-val` "
+                          "against `wat-at`.", ""] + ref
         for setting in ("balanced", "longtail"):
             wl = weights_lines(grid, setting)
             if wl:
