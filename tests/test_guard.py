@@ -156,6 +156,9 @@ def test_warnings_name_the_fallback(synthetic_npz: Path, tmp_path: Path,
 
     assert runtime.bf16_native("cpu", "flags : fpu avx2 avx512f") is False
     assert runtime.bf16_native("cpu", "flags : fpu avx512_bf16 amx_bf16") is True
+    info = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\nflags\t: fpu\n"
+    assert runtime.machine("cpu", info)["cpu"] == "AMD EPYC 9B14"
+    assert runtime.machine("cpu", "")["cpu"]  # no /proc/cpuinfo: what platform knows
     monkeypatch.setattr(runtime, "bf16_native", lambda device_type, cpuinfo=None: False)
     cfg = C.resolve(None, {"dataset": f"npz:{synthetic_npz}", "epochs": 1, "method": "at"},
                     ["attack.steps=1", "eval.n=40", "eval.checks=false", "perf.amp=bf16",

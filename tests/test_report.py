@@ -196,6 +196,12 @@ def test_aggregate_with_missing_seed_uses_finished_ones(tmp_path: Path, syntheti
     assert len(agg["rows"]) == 1 and agg["rows"][0]["seeds"] == [0]
     assert agg["rows"][0]["pending_seeds"] == [] and "cw40:ra.cw" in agg["rows"][0]["metrics"]
     assert agg["rows"][0]["metrics"]["sa"]["std"] == 0.0 and agg["finished_runs"] == 1
+    # the machine that trained and evaluated it, in one line (older runs: 'unrecorded')
+    from dorat.report.grid import machine_label
+    from dorat.runtime import machine
+
+    assert agg["rows"][0]["machines"] == [machine_label(machine())]
+    assert machine_label(None) == "unrecorded"
 
 
 def test_compare_leaves_a_run_another_process_owns_and_takes_it_once_that_one_is_killed(
@@ -389,6 +395,10 @@ def test_results_pair_done_with_pgd_at_and_the_best_baseline_by_seed() -> None:
         ["| at-x2", "RA-AA", "at"], ["| wat-at", "RA-AA", "at"], ["| wat-at", "RA-AA", "at-x2"]]
     assert "| s1: −2.00, s2: +2.00 | +0.00 ± 2.83 | 1-0-1 |" in ref[4]
     assert wr.reference_lines(grid, "longtail") == []
+    grid["rows"][0]["machines"] = ["AMD EPYC (1 thread(s), torch 2.13.0)", "unrecorded"]
+    assert wr.machine_lines(grid)[2:-1] == [
+        "- AMD EPYC (1 thread(s), torch 2.13.0): balanced/at",
+        "- unrecorded: balanced/at, balanced/mart, balanced/done, balanced/wat-at, balanced/at-x2"]
     # a mean of +x and −x is a float a hair below zero: it is printed as +0.00, never −0.00
     assert signed_points(-1e-17) == "+0.00" and signed_points(-0.0123) == "−1.23"
 

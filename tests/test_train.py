@@ -57,6 +57,9 @@ def test_log_lines_and_run_dir_contents(tmp_path: Path, synthetic_npz: Path) -> 
     # the model learned the toy task
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert m["sa"] > 0.9
+    # which machine computed them: numbers are compared on one machine only
+    assert rec["machine"] == m["machine"] and m["machine"]["torch"] == torch.__version__
+    assert m["machine"]["cpu"] and m["machine"]["threads"] == torch.get_num_threads()
 
 
 def test_finished_run_dir_is_refused_without_overwrite(tmp_path: Path, synthetic_npz: Path) -> None:

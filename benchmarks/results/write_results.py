@@ -261,6 +261,22 @@ def ablation_lines(aggs: dict[str, dict | None]) -> list[str]:
     return out + [""]
 
 
+def machine_lines(grid: dict) -> list[str]:
+    """Which machines computed the rows (CPU kernels differ between machines, so a difference is
+    read against the seed spread): every machine label with the rows that have a run from it."""
+    by: dict[str, list[str]] = {}
+    for r in grid["rows"]:
+        for label in r.get("machines") or ["unrecorded"]:
+            by.setdefault(label, []).append(f"{r['setting']}/{r['method']}")
+    if not by:
+        return []
+    out = ["Machines that trained or evaluated the finished runs, as dorat records them in each "
+           "run's log and metrics; 'unrecorded' are runs made before it did, all on 2-core CPU "
+           "machines of the same kind, 1 thread per worker:", ""]
+    out += [f"- {label}: {', '.join(rows)}" for label, rows in sorted(by.items())]
+    return out + [""]
+
+
 def weights_lines(grid: dict, setting: str | None = None) -> list[str]:
     """What every reweighting method's weights were in its last training epoch: effective sample
     size, largest weight, and the classes with the highest and lowest mean weight (the rows of
@@ -432,7 +448,7 @@ def main() -> None:
     if grid is not None:
         lines += ["## Test results", "", f"{grid['finished_runs']} of {grid['total_runs']} runs "
                   "finished; a table with fewer than 3 seeds in a row is partial.", ""]
-        lines += markdown_tables(grid, GRID_COLUMNS)
+        lines += machine_lines(grid) + markdown_tables(grid, GRID_COLUMNS)
         for setting in ("balanced", "longtail"):
             rows = [r for r in grid["rows"] if r["setting"] == setting]
             png = f"frontier_{setting}.png"

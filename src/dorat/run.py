@@ -44,6 +44,7 @@ from dorat.models import build_model, use_channels_last
 from dorat.objectives import Method, build_method
 from dorat.probe import ValidationProbe
 from dorat.rundir import JOURNAL
+from dorat.runtime import machine
 
 
 def resolve_device(name: str) -> torch.device:
@@ -225,6 +226,7 @@ def evaluate_run(run: Run, progress: bool = False, log: Callable[[str], None] | 
                           progress, checks=e.checks, check_n=e.check_n, journal=journal, log=log)
     metrics["split"] = e.split
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
+    metrics["machine"] = machine(run.device.type)
     metrics["method"] = cfg.method.name
     if log is not None:
         for line in warning_lines(metrics.get("checks", [])):

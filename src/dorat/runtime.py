@@ -100,3 +100,29 @@ def bf16_native(device_type: str, cpuinfo: str | None = None) -> bool | None:
             return None
     flags = set(cpuinfo.split())
     return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def machine(device_type: str = "cpu", cpuinfo: str | None = None) -> dict[str, object]:
+    """What computed a number: the CPU model (and the GPU's, on CUDA), the cores the system
+    reports, the threads torch uses, and torch's version. Kernels and their summation order differ
+    between machines, so runs and timings are compared on one machine only; each run's log and
+    metrics carry this to tell them apart."""
+    import os
+    import platform
+
+    import torch
+
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                  if line.lower().startswith(("model name", "hardware", "cpu model"))), "")
+    out: dict[str, object] = {"cpu": model or platform.processor() or platform.machine(),
+                              "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                              "torch": torch.__version__}
+    if device_type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name()
+    return out

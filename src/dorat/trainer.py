@@ -37,7 +37,7 @@ from dorat.objectives import StepContext
 from dorat.objectives.attacks import SingleStep
 from dorat.objectives.base import ess_from_moments
 from dorat.probe import ClassStats, ValidationProbe
-from dorat.runtime import use_bf16
+from dorat.runtime import machine, use_bf16
 from dorat.tracking import TensorBoard
 
 if TYPE_CHECKING:
@@ -272,6 +272,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
             log(f"warning: val.n={v.n} is more than the {'training' if on_train else 'validation'} "
                 f"split's {len(split)} examples: the probe uses all of them")
     tb = TensorBoard(out, run.data.classes, start_epoch) if cfg.log.tensorboard and d.main else None
+    host = machine(device.type)  # per epoch: a resumed run may go on on another machine
     try:
         for epoch in range(start_epoch, epochs):
             measured: list[tuple[float, float]] = []  # the probe's (wall, CPU) seconds this epoch
@@ -309,7 +310,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
             record = {
                 "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **summary,
                 "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
-                "examples_per_s": round(stats.n / max(seconds, 1e-9), 1),
+                "examples_per_s": round(stats.n / max(seconds, 1e-9), 1), "machine": host,
                 **method.weighting.epoch_log(),
                 **val, **({"val_seconds": round(sum(w for w, _ in measured), 3)} if measured else {}),
             }

@@ -50,6 +50,14 @@ def _weights_summary(last_epochs: Sequence[dict[str, Any]]) -> dict[str, Any] | 
     return out
 
 
+def machine_label(m: dict[str, Any] | None) -> str:
+    """One line for a run's ``machine`` record (dorat.runtime.machine); runs from before it was
+    recorded are 'unrecorded'."""
+    if not m:
+        return "unrecorded"
+    return (f"{m.get('gpu') or m.get('cpu')} ({m.get('threads')} thread(s), torch {m.get('torch')})")
+
+
 def aggregate(grid: Grid) -> dict[str, Any]:
     """Mean ± std over seeds of every metric, per (dataset, setting, method), and what the
     instance weights were in the last training epoch (``weights``: effective sample size, the
@@ -68,6 +76,7 @@ def aggregate(grid: Grid) -> dict[str, Any]:
             last_epochs: list[dict[str, Any]] = []
             classes: list[str] = []
             seeds = []
+            machines: set[str] = set()  # every machine that trained or evaluated a finished run
             pending = []  # trained, but an extra evaluation is not written yet: left out
             failed = [r.seed for r in runs if (r.path / FAILED).is_file()]
             for r in runs:
@@ -80,13 +89,16 @@ def aggregate(grid: Grid) -> dict[str, Any]:
                 classes = m["classes"]
                 flat = flat_metrics(m)
                 per_class.setdefault("main", []).append(m["per_class"][main_key(m)])
+                machines.add(machine_label(m.get("machine")))
                 for e in grid.evals:  # all written: the run is finished
                     em = read_json(r.path / f"eval-{e['name']}.json")
+                    machines.add(machine_label(em.get("machine")))
                     flat.update(flat_metrics(em, f"{e['name']}:"))
                     per_class.setdefault(e["name"], []).append(em["per_class"][main_key(em)])
                 for k, v in flat.items():
                     per_seed.setdefault(k, []).append(v)
                 log = read_log(r.path)
+                machines.update(machine_label(e.get("machine")) for e in log)
                 if log and "ess" in log[-1]:
                     last_epochs.append(log[-1])
             if not seeds and not failed and not pending:
@@ -100,6 +112,7 @@ def aggregate(grid: Grid) -> dict[str, Any]:
                                   for k, v in per_class.items()},
                 "classes": classes,
                 "weights": _weights_summary(last_epochs),
+                "machines": sorted(machines),
             })
     return {"title": grid.title, "rows": rows, "total_runs": len(grid.runs),
             "finished_runs": sum(_finished(r, grid.evals) for r in grid.runs)}
