@@ -262,6 +262,19 @@ def ablation_lines(aggs: dict[str, dict | None]) -> list[str]:
     return out + [""]
 
 
+# The paired-by-seed sections of RESULTS.md: (table, heading, what it pairs), each per setting.
+PAIRED_SECTIONS = (
+    (paired_lines, "DONE against its unweighted loss and the best baseline",
+     "The best baseline is the non-DONE method with the highest mean on that metric; a difference "
+     "counts as established only if it is larger than the seed spread and has the same sign on "
+     "every seed."),
+    (reference_lines, "The robust-fairness rows against their unweighted loss",
+     "Each row against the same loss with uniform weights (TRADES or PGD-AT); `wat-at` also against "
+     "`at-x2`, PGD-AT at the step WAT's weights take (its class weights count only where it beats "
+     "that), and `done-val` against `wat-at`."),
+)
+
+
 def machine_lines(grid: dict) -> list[str]:
     """Which machines computed the rows (CPU kernels differ between machines, so a difference is
     read against the seed spread): every machine label with the rows that have a run from it."""
@@ -460,23 +473,11 @@ def main() -> None:
         if target:
             lines += ["### The target on balanced: worst class ≥ 13% under AutoAttack, not at the "
                       "cost of average robustness", ""] + target
-        for setting in ("balanced", "longtail"):
-            paired = paired_lines(grid, setting)
-            if paired:
-                lines += [f"### DONE against its unweighted loss and the best baseline, {setting}, "
-                          "paired by seed", "",
-                          "The best baseline is the non-DONE method with the highest mean on that "
-                          "metric; a difference counts as established only if it is larger than "
-                          "the seed spread and has the same sign on every seed.", ""] + paired
-        for setting in ("balanced", "longtail"):
-            ref = reference_lines(grid, setting)
-            if ref:
-                lines += [f"### The robust-fairness rows against their unweighted loss, {setting}, "
-                          "paired by seed", "",
-                          "Each row against the same loss with uniform weights (TRADES or PGD-AT); "
-                          "`wat-at` also against `at-x2`, PGD-AT at the step WAT's weights take "
-                          "(its class weights count only where it beats that), and `done-val` "
-                          "against `wat-at`.", ""] + ref
+        for table, head, intro in PAIRED_SECTIONS:
+            for setting in ("balanced", "longtail"):
+                body = table(grid, setting)
+                if body:
+                    lines += [f"### {head}, {setting}, paired by seed", "", intro, ""] + body
         for setting in ("balanced", "longtail"):
             wl = weights_lines(grid, setting)
             if wl:
