@@ -279,7 +279,7 @@ def machine_lines(grid: dict) -> list[str]:
     """Which machines computed the rows (CPU kernels differ between machines, so a difference is
     read against the seed spread): every machine label with the rows that have a run from it."""
     by: dict[str, list[str]] = {}
-    for r in grid["rows"]:
+    for r in (r for r in grid["rows"] if r["seeds"]):  # rows with a finished run
         for label in r.get("machines") or ["unrecorded"]:
             by.setdefault(label, []).append(f"{r['setting']}/{r['method']}")
     if not by:
