@@ -250,6 +250,19 @@ def test_compare_checks_methods_before_writing_or_starting_workers(tmp_path: Pat
         with pytest.raises(ConfigError, match="--methods names nope, not in the compare file"):
             compare(f, tmp_path / "out", only=["nope"], workers=workers)
         assert not (tmp_path / "out").exists()
+    # SETTING/METHOD takes one setting's runs of a method (a grid's priority rows first)
+    spec = yaml.safe_load(f.read_text())
+    f.write_text(yaml.safe_dump({**spec, "settings": {"a": {}, "b": {"epochs": 1}}}))
+    from dorat.compare.execute import pending
+
+    grid = load_grid(f, tmp_path / "out")
+    todo = pending(grid, lambda s: None, ["b/at", "done-w0"])
+    assert [(r.setting, r.name, r.seed) for r, _ in todo] == [
+        ("a", "done-w0", 0), ("b", "at", 0), ("b", "done-w0", 0),
+        ("a", "done-w0", 1), ("b", "at", 1), ("b", "done-w0", 1)]
+    with pytest.raises(ConfigError, match="--methods names c/at, not in"):
+        compare(f, tmp_path / "out", only=["c/at"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_worker_env_splits_the_cpu_threads() -> None:

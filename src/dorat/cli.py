@@ -138,8 +138,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="directory for the runs and the aggregated results")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--data-dir")
-    p.add_argument("--methods", help="comma-separated method names of the file to run now "
-                   "(the aggregate still covers every finished run)")
+    p.add_argument("--methods", help="comma-separated method names of the file to run now, each "
+                   "also as SETTING/METHOD for one setting only, e.g. balanced/wat-at (the "
+                   "aggregate still covers every finished run)")
     p.add_argument("--retry-failed", action="store_true",
                    help="train again the runs that failed before (RUN/failed.json)")
     p.add_argument("--aggregate-only", action="store_true",

@@ -23,6 +23,7 @@ from dorat.compare.grid import (
     _missing_evals,
     _status,
     _validate,
+    selected,
 )
 from dorat.errors import DoratError
 
@@ -37,7 +38,7 @@ def pending(grid: Grid, log: Callable[[str], None], only: Sequence[str] | None =
         + (f" (running only {', '.join(only)})" if only else ""))
     out = []
     for i, (r, st) in enumerate(zip(grid.runs, statuses)):
-        if only and r.name not in only:
+        if not selected(r, only):
             continue
         tag = f"[{i + 1}/{len(grid.runs)}] {r.dataset}/{r.setting}/{r.name}/seed{r.seed}"
         if st == "failed" and not retry_failed:

@@ -218,12 +218,19 @@ def _status(run: RunSpec) -> str:
     return "new"
 
 
+def selected(r: RunSpec, only: Sequence[str] | None) -> bool:
+    """Whether ``only`` (--methods: method names, or SETTING/METHOD for one setting's runs of a
+    method) takes run ``r``; everything when ``only`` is empty."""
+    return not only or r.name in only or f"{r.setting}/{r.name}" in only
+
+
 def _validate(grid: Grid, only: Sequence[str] | None) -> list[str]:
     """Check ``only`` and every run's saved config before anything trains; the runs' statuses."""
-    unknown = sorted(set(only or []) - set(grid.names))
+    known = set(grid.names) | {f"{r.setting}/{r.name}" for r in grid.runs}
+    unknown = sorted(set(only or []) - known)
     if unknown:
         raise ConfigError(f"--methods names {', '.join(unknown)}, not in the compare file "
-                          f"(it has {', '.join(grid.names)})")
+                          f"(it has {', '.join(grid.names)}, each also as SETTING/METHOD)")
     return [_status(r) for r in grid.runs]
 
 
