@@ -21,5 +21,9 @@ if [ "${SWEEP:-0}" = 1 ]; then
   $PY -m dorat compare $HERE/fmnist-sweep.yaml --out "$OUT/sweep" --workers "$WORKERS" ${DEVICE:+--device $DEVICE}
   $PY -m dorat compare $HERE/fmnist-longtail-sweep.yaml --out "$OUT/sweep-longtail" --workers "$WORKERS" ${DEVICE:+--device $DEVICE}
 fi
+# FIRST=balanced/wat-at,... runs those rows (compare --methods) before the rest of the grid.
+if [ -n "${FIRST:-}" ]; then
+  $PY -m dorat compare $HERE/fmnist.yaml --out "$OUT/grid" --workers "$WORKERS" --methods "$FIRST" ${DEVICE:+--device $DEVICE}
+fi
 $PY -m dorat compare $HERE/fmnist.yaml --out "$OUT/grid" --workers "$WORKERS" ${DEVICE:+--device $DEVICE}
 $PY $HERE/write_results.py --sweep "$OUT/sweep" --sweep-longtail "$OUT/sweep-longtail" --grid "$OUT/grid" --out docs
