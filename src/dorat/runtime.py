@@ -92,12 +92,9 @@ def bf16_native(device_type: str, cpuinfo: str | None = None) -> bool | None:
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     if device_type != "cpu":
         return None
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
     if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return None
+        return None
     flags = set(cpuinfo.split())
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
@@ -112,12 +109,7 @@ def machine(device_type: str = "cpu", cpuinfo: str | None = None) -> dict[str, o
 
     import torch
 
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            cpuinfo = ""
+    cpuinfo = (_cpuinfo() or "") if cpuinfo is None else cpuinfo
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
                   if line.lower().startswith(("model name", "hardware", "cpu model"))), "")
     out: dict[str, object] = {"cpu": model or platform.processor() or platform.machine(),
@@ -126,3 +118,12 @@ def machine(device_type: str = "cpu", cpuinfo: str | None = None) -> dict[str, o
     if device_type == "cuda":
         out["gpu"] = torch.cuda.get_device_name()
     return out
+
+
+def _cpuinfo() -> str | None:
+    """Linux's /proc/cpuinfo, or None where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return None
