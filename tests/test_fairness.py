@@ -161,10 +161,19 @@ def test_done_val_takes_its_class_losses_from_the_validation_probe() -> None:
     s = _stats([0, 0, 0], [0, 0, 0], loss=[1.0, 2.0, 0.5])
     wt.start_epoch(0, 4, lambda: s)
     y = torch.tensor([0, 1, 1, 2])
-    w = wt.weights(LossOutput(torch.tensor([9.0, 0.0, 0.0, 9.0]), None), y, None, StepContext(0, 4, 0))
+    loss = LossOutput(torch.tensor([9.0, 0.0, 1.0, 9.0]), None)
+    w = wt.weights(loss, y, None, StepContext(0, 4, 0))
     pi = torch.softmax(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64) / 0.5, 0)
     expect = (pi / torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64))[y]  # π_c / n_c, batch losses ignored
     assert torch.allclose(w.double(), expect.float().double(), rtol=1e-6)
+    # mixed-val: the same class weights, and inside class 1 the instances by exp(ℓ/r) / mean
+    mixed = KLDROWeighting(r=0.5, beta=0.2, warmup=0, level="mixed-val", class_prior="uniform")
+    mixed.bind({"num_classes": 3})
+    assert mixed.needs_validation()
+    mixed.start_epoch(0, 4, lambda: s)
+    inner = torch.tensor([1.0, 2 / (1 + math.e ** 2), 2 * math.e ** 2 / (1 + math.e ** 2), 1.0])
+    got = mixed.weights(loss, y, None, StepContext(0, 4, 0))
+    assert torch.allclose(got.double(), (expect * inner.double()).float().double(), rtol=1e-6)
 
 
 def test_done_val_rate_averages_the_class_losses_over_epochs() -> None:
@@ -184,6 +193,37 @@ def test_done_val_rate_averages_the_class_losses_over_epochs() -> None:
     w = wt.weights(out, y, None, StepContext(2, 3, 0))
     pi = torch.softmax(torch.tensor([1.5, 1.5], dtype=torch.float64), 0)
     assert w.tolist() == pytest.approx(pi.tolist())
+
+
+def test_done_val_inverse_t_is_hedge_on_the_cumulative_validation_loss() -> None:
+    """r_schedule=inverse-t: after t measurements π ∝ p·exp(Σ_s L_s / r) (the mean of the
+    measurements at r/t), which a checkpoint carries over; other levels and a val_rate < 1
+    are refused before training."""
+    wt = KLDROWeighting(r=2.0, warmup=1, level="class-val", class_prior="uniform",
+                        r_schedule="inverse-t")
+    wt.bind({"num_classes": 2})
+    y = torch.tensor([0, 1, 1])
+    out = LossOutput(torch.tensor([5.0, 0.0, 1.0]), None)
+    wt.start_epoch(1, 4, lambda: _stats([0, 0], [0, 0], loss=[2.0, 1.0]))
+    assert wt.class_r() == 2.0 and wt.class_loss.tolist() == [2.0, 1.0]
+    wt.start_epoch(2, 4, lambda: _stats([0, 0], [0, 0], loss=[0.0, 3.0]))
+    assert wt.class_r() == 1.0 and wt.class_loss.tolist() == [1.0, 2.0]  # mean, at r/2
+    e0, e1 = math.exp((2.0 + 0.0) / 2), math.exp((1.0 + 3.0) / 2)  # exp(Σ L / r)
+    pi = [e0 / (e0 + e1), e1 / (e0 + e1)]
+    w = wt.weights(out, y, None, StepContext(2, 4, 0))
+    assert w.tolist() == pytest.approx([pi[0], pi[1] / 2, pi[1] / 2])  # π_c / n_c
+    assert wt.epoch_log()["r_class"] == 1.0
+    resumed = KLDROWeighting(r=2.0, warmup=1, level="class-val", class_prior="uniform",
+                             r_schedule="inverse-t")
+    resumed.bind({"num_classes": 2})
+    resumed.load_state_dict(wt.state_dict())
+    resumed.start_epoch(3, 4, lambda: _stats([0, 0], [0, 0], loss=[4.0, 2.0]))
+    assert resumed.class_r() == pytest.approx(2 / 3)
+    assert resumed.class_loss.tolist() == pytest.approx([2.0, 2.0])  # (2 + 0 + 4) / 3, (1 + 3 + 2) / 3
+    with pytest.raises(ConfigError, match="r_schedule=inverse-t anneals the class-val temperature"):
+        C.resolve(None, {"method": "done"}, ["done.r_schedule=inverse-t"])
+    with pytest.raises(ConfigError, match="leave done.val_rate at 1"):
+        C.resolve(None, {"method": "done-val"}, ["done.r_schedule=inverse-t", "done.val_rate=0.5"])
 
 
 def test_batch_normaliser_is_the_self_normalised_softmax() -> None:

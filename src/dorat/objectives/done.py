@@ -17,6 +17,10 @@ vector L is tracked by a per-class running average L̄_c (the running normaliser
 example i gets ŵ_i = π_{y_i} / n_{y_i,B} with π = softmax(log p + L̄/r): with r → ∞, π = p and
 the weights are uniform. ``level=mixed`` nests both: classes weighted by π, and inside each
 class the instances by exp(ℓ_i/r − log u_{y_i}) with a per-class running normaliser u_c.
+``level=class-val`` (done-val) takes L_c from the validation split's per-class robust loss each
+epoch instead; ``mixed-val`` adds the instance weights inside each class. (Until 2026-12-03
+class-val fell through to the mixed branch: the done-val runs committed before then are
+mixed-val runs, and their config.yaml files were corrected to say so.)
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ import torch
 from dorat import distributed
 from dorat.attacks import AttackResult
 from dorat.distributed import Dist
+from dorat.errors import ConfigError
 from dorat.objectives.base import LossOutput, Measure, StepContext, Weighting, ess_fraction
 from dorat.parts import opt, positive, register
+
+VAL_LEVELS = ("class-val", "mixed-val")  # class losses measured on the validation split
 
 
 def global_logmeanexp(z: torch.Tensor, d: Dist | None = None) -> torch.Tensor:
@@ -66,8 +73,10 @@ class KLDROWeighting(Weighting):
     warmup: int | str = opt(1, "plain AT first (the normaliser keeps tracking): epochs, or a "
                                "share of the run ('25%')", kind="warmup")
     level: str = opt("instance", "weights over instances, classes (class losses from the training "
-                     "batches, or class-val: the validation split's, measured each epoch), or both",
-                     choices=("instance", "class", "class-val", "mixed"))
+                     "batches, or class-val: the validation split's, measured each epoch), or both "
+                     "(mixed: classes and the instances inside each class; mixed-val: the same "
+                     "with the class losses of class-val)",
+                     choices=("instance", "class", "class-val", "mixed", "mixed-val"))
     class_prior: str = opt("train", "class and mixed levels: the centre of the KL ball over "
                            "classes, the training class frequencies or uniform (the balanced test "
                            "distribution: on long-tailed data, class-balanced weights at large r); "
@@ -91,6 +100,21 @@ class KLDROWeighting(Weighting):
     max_weight: float | None = opt(None, "cap each weight at this multiple of the uniform weight "
                                    "(outliers, label noise); not in the paper",
                                    lambda v: None if v >= 1 else "must be >= 1")
+    r_schedule: str = opt("constant", "class-val: a constant r, or inverse-t: at the t-th validation "
+                          "measurement r_t = r/t on the mean of the t measurements, i.e. "
+                          "π_t ∝ p·exp(Σ_s L_s / r), Hedge on the cumulative validation loss "
+                          "with step 1/r (WAT's tilt without its average-loss expert: it sharpens "
+                          "every epoch); not in the paper", choices=("constant", "inverse-t"))
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        d = cfg.done
+        if d.r_schedule != "constant" and d.level not in VAL_LEVELS:
+            raise ConfigError(f"done.r_schedule={d.r_schedule} anneals the class-val temperature: "
+                              "set done.level=class-val, or done.r_schedule=constant")
+        if d.r_schedule != "constant" and d.val_rate != 1:
+            raise ConfigError(f"done.r_schedule={d.r_schedule} averages the class losses over all "
+                              "measurements itself: leave done.val_rate at 1")
 
     def __post_init__(self) -> None:
         self.r = float(self.r)
@@ -102,6 +126,7 @@ class KLDROWeighting(Weighting):
         self.class_loss: torch.Tensor | None = None  # class level: running L̄_c (float64 [C])
         self.class_seen: torch.Tensor | None = None
         self.class_log_u: torch.Tensor | None = None  # mixed level: per-class log u_c
+        self.val_t = 0  # class-val: validation measurements so far
         self._reweighting = self.warmup in (0, "0%")
         self._ess_n = 0
         self._ess_acc: torch.Tensor | None = None
@@ -114,18 +139,21 @@ class KLDROWeighting(Weighting):
         self.dist = info.get("dist")
 
     def needs_validation(self) -> bool:
-        return self.level == "class-val"
+        return self.level in VAL_LEVELS
 
     def start_epoch(self, epoch: int, epochs: int, measure: Measure | None = None) -> None:
         self._adapt_r()
-        if self.level == "class-val" and measure is not None and \
+        if self.level in VAL_LEVELS and measure is not None and \
                 not self.in_warmup(StepContext(epoch, epochs, 0)):
             # the class losses L_c: the validation split's per-class robust CE, this epoch,
-            # averaged over epochs at rate val_rate (log π_t = (1−η) log π_{t−1} + η L_t/r + c)
+            # averaged over epochs at rate val_rate (log π_t = (1−η) log π_{t−1} + η L_t/r + c),
+            # or (inverse-t) at rate 1/t: the mean of all measurements so far
             new = measure().robust_loss.double()
             old = self.class_loss
+            self.val_t += 1
+            rate = 1 / self.val_t if self.r_schedule == "inverse-t" else self.val_rate
             self.class_loss = new if old is None else \
-                (1 - self.val_rate) * old.to(new.device) + self.val_rate * new
+                (1 - rate) * old.to(new.device) + rate * new
             self.class_seen = torch.ones(len(self.class_loss), dtype=torch.bool)
         self._ess_acc = None
         self._ess_n = 0
@@ -165,7 +193,7 @@ class KLDROWeighting(Weighting):
 
     def _class_weights(self, loss: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         C, dev = self.num_classes, loss.device
-        if self.level == "class-val" and self.class_loss is None:
+        if self.level in VAL_LEVELS and self.class_loss is None:
             return torch.full_like(loss, 1.0 / len(y))  # not measured yet (warm-up): uniform
         if self.class_loss is None:
             self.class_loss = torch.zeros(C, dtype=torch.float64, device=dev)
@@ -174,7 +202,7 @@ class KLDROWeighting(Weighting):
         counts = self._sum(torch.bincount(y, minlength=C).double())  # global batch
         sums = self._sum(torch.zeros(C, dtype=torch.float64, device=dev).index_add_(0, y, ld))
         present = counts > 0
-        if self.level == "class-val":  # L_c measured on validation data by start_epoch
+        if self.level in VAL_LEVELS:  # L_c measured on validation data by start_epoch
             self.class_seen = torch.ones(C, dtype=torch.bool, device=dev)
             present = torch.zeros_like(present)
         # running per-class loss L̄_c (initialised with the first batch that holds class c)
@@ -186,12 +214,16 @@ class KLDROWeighting(Weighting):
         # classes not seen yet count with the mean of the seen ones
         fill = self.class_loss[self.class_seen].mean()
         L = torch.where(self.class_seen, self.class_loss, fill)
-        pi = torch.softmax(self.log_prior.to(dev) + L / self.r, 0)
+        pi = torch.softmax(self.log_prior.to(dev) + L / self.class_r(), 0)
         # ŵ_i = π_c / n_c over the global batch, expressed per local example (DDP averages ranks)
         w_class = pi / counts.clamp_min(1) * (counts.sum() / len(y))
-        if self.level == "class":
+        if self.level in ("class", "class-val"):
             return w_class[y]
         return w_class[y] * self._within_class(ld, y, counts)
+
+    def class_r(self) -> float:
+        """The temperature of the class weights: r, or r/t (r_schedule=inverse-t)."""
+        return self.r / max(self.val_t, 1) if self.r_schedule == "inverse-t" else self.r
 
     def _within_class(self, ld: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """mixed level: exp(ℓ_i/r − log u_{y_i}), u_c a per-class running mean of exp(ℓ/r)."""
@@ -240,6 +272,8 @@ class KLDROWeighting(Weighting):
 
     def epoch_log(self) -> dict[str, Any]:
         out: dict[str, Any] = {"r": self.r, "reweighting": self._reweighting}
+        if self.r_schedule != "constant":
+            out["r_class"] = self.class_r()
         if self._ess_n:
             out["ess_dro"] = float(self._ess_acc) / self._ess_n  # type: ignore[arg-type]
         if self.log_u is not None:
@@ -251,7 +285,7 @@ class KLDROWeighting(Weighting):
     def state_dict(self) -> dict[str, Any]:
         return {"r": self.r, "log_u": self.log_u, "class_loss": self.class_loss,
                 "class_seen": self.class_seen, "class_log_u": self.class_log_u,
-                "ess_acc": self._ess_acc, "ess_n": self._ess_n}
+                "ess_acc": self._ess_acc, "ess_n": self._ess_n, "val_t": self.val_t}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.r = float(state["r"])
@@ -261,3 +295,4 @@ class KLDROWeighting(Weighting):
         self.class_log_u = state["class_log_u"]
         self._ess_acc = state["ess_acc"]
         self._ess_n = int(state["ess_n"])
+        self.val_t = int(state.get("val_t", 0))  # absent in checkpoints before r_schedule
