@@ -225,7 +225,8 @@ ABLATION_CELLS = {
                       "WAT (η = 0.2)": ("ablation", "wat-at-e0.2"),
                       "WAT, weights normalised": ("ablation", "wat-at-norm-e0.2"),
                       "done-val (r = 2)": ("fairness", "done-val-r2"),
-                      "done-val, step × 2": ("ablation", "done-val-x2")},
+                      "done-mixed-val (r = 2)": ("fairness", "done-mixed-val-r2"),
+                      "done-mixed-val, step × 2": ("ablation", "done-mixed-val-x2")},
     "TRADES (β = 6)": {"uniform": ("ablation", "trades"), "uniform, step × 2": ("ablation", "trades-x2"),
                        "WAT (η = 0.2)": ("fairness", "wat-e0.2"),
                        "WAT, weights normalised": ("ablation", "wat-norm-e0.2"),
@@ -451,7 +452,9 @@ def main() -> None:
         lines += ["### Loss × class weighting: what lifts the worst class (validation split)", "",
                   "Under the worst of PGD-20 and CW on the 5,000 validation images, mean ± std over "
                   "seeds (the number of seeds in brackets), in %. The uniform-CE cell is PGD-AT of "
-                  "DONE's sweep; WAT on TRADES and done-val on CE are the tuning sweep's finalists; "
+                  "DONE's sweep; WAT on TRADES and done-val on CE are the tuning sweep's runs; "
+                  "done-mixed-val is what done-val ran as until 2026-12-03 (its class weights "
+                  "times DONE's instance tilt inside each class; docs/DONE.md); "
                   "the other cells are [benchmarks/results/fairness-ablation.yaml]"
                   "(../benchmarks/results/fairness-ablation.yaml) "
                   f"({abl['finished_runs']} of {abl['total_runs']} runs finished). The cells come "
