@@ -225,6 +225,8 @@ ABLATION_CELLS = {
                       "WAT (η = 0.2)": ("ablation", "wat-at-e0.2"),
                       "WAT, weights normalised": ("ablation", "wat-at-norm-e0.2"),
                       "done-val (r = 2)": ("fairness", "done-val-r2"),
+                      "done-val, r/t (r = 5)": ("fairness", "done-val-t5"),
+                      "done-val, r/t, step × 2": ("ablation", "done-val-t5-x2"),
                       "done-mixed-val (r = 2)": ("fairness", "done-mixed-val-r2"),
                       "done-mixed-val, step × 2": ("ablation", "done-mixed-val-x2")},
     "TRADES (β = 6)": {"uniform": ("ablation", "trades"), "uniform, step × 2": ("ablation", "trades-x2"),
