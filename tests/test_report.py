@@ -359,14 +359,14 @@ def test_a_method_can_have_its_own_seeds(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("name,runs", [("fmnist.yaml", 111), ("fmnist-sweep.yaml", 23),
-                                            ("fmnist-longtail-sweep.yaml", 20), ("fairness-sweep.yaml", 29),
-                                            ("fairness-ablation.yaml", 24)])
-def test_results_compare_files_are_valid(tmp_path: Path, name: str, runs: int) -> None:
-    """The grid and sweep behind docs/RESULTS.md parse and every run's config validates."""
+@pytest.mark.parametrize("name", ["fmnist.yaml", "fmnist-sweep.yaml", "fmnist-longtail-sweep.yaml",
+                                  "fairness-sweep.yaml", "fairness-ablation.yaml"])
+def test_results_compare_files_are_valid(tmp_path: Path, name: str) -> None:
+    """The grid and sweep behind docs/RESULTS.md parse, every run's config validates, and no two runs
+    share a directory (the yaml files grow as the study goes on, so their sizes are not pinned)."""
     f = Path(__file__).parent.parent / "benchmarks" / "results" / name
     grid = load_grid(f, tmp_path / "o")
-    assert len(grid.runs) == runs and len({r.path for r in grid.runs}) == runs
+    assert len(grid.runs) >= 20 and len({r.path for r in grid.runs}) == len(grid.runs)
     assert all(r.cfg["epochs"] == 8 and r.cfg["attack"]["eps"] == 0.1 for r in grid.runs)
     assert not (tmp_path / "o").exists()
 
