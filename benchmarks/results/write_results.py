@@ -147,10 +147,11 @@ def paired_lines(grid: dict, setting: str) -> list[str]:
 
 # The robust-fairness rows of issue 31, each against its own loss unweighted; wat-at (WAT's class
 # weights on PGD-AT) also against at-x2, PGD-AT at the step WAT's unnormalised weights take, and
-# done-val against wat-at (the same validation-driven class weighting, by DRO instead of Hedge).
+# done-val-x2 (done-val at WAT's step) against PGD-AT, at-x2 (the same step, uniform weights) and
+# wat-at (the same validation-driven class weighting, by DRO instead of Hedge).
 REFERENCES = {"frl-rwrm": ("trades",), "at-cfa": ("at",), "trades-cfa": ("trades",),
               "wat": ("trades",), "dafa": ("trades",), "at-x2": ("at",),
-              "wat-at": ("at", "at-x2"), "done-val": ("at", "wat-at")}
+              "wat-at": ("at", "at-x2"), "done-val-x2": ("at", "at-x2", "wat-at")}
 
 
 def reference_lines(grid: dict, setting: str) -> list[str]:
@@ -274,7 +275,7 @@ PAIRED_SECTIONS = (
     (reference_lines, "The robust-fairness rows against their unweighted loss",
      "Each row against the same loss with uniform weights (TRADES or PGD-AT); `wat-at` also against "
      "`at-x2`, PGD-AT at the step WAT's weights take (its class weights count only where it beats "
-     "that), and `done-val` against `wat-at`."),
+     "that), and `done-val-x2` (done-val at that step) against `at-x2` and `wat-at`."),
 )
 
 
