@@ -120,8 +120,14 @@ def test_cfa_margins_betas_and_fawa_by_hand() -> None:
     beta_c = k * 6 / (1 + k * 6)  # β_c = (λ2 + r_c)β / (1 + (λ2 + r_c)β)
     w = cfa.weights(out, y, None, StepContext(1, 5, 0))
     wb = cfa.base_weights(out, y, StepContext(1, 5, 0))
-    assert w.double().tolist() == pytest.approx((beta_c / 6 / 4).tolist(), rel=1e-6)  # the loss is β·KL
-    assert wb.double().tolist() == pytest.approx(((1 - beta_c) / 4).tolist(), rel=1e-6)
+    # (1 + β)·[(1 − β_c)·CE + β_c·KL]: at TRADES' own scale (CE + β·KL when β_c = β/(1 + β));
+    # the loss is β·KL, so KL's weight is (1 + β)·β_c/β
+    assert w.double().tolist() == pytest.approx((7 * beta_c / 6 / 4).tolist(), rel=1e-6)
+    assert wb.double().tolist() == pytest.approx((7 * (1 - beta_c) / 4).tolist(), rel=1e-6)
+    cfa.robust = torch.tensor([0.5, 0.5])  # λ2 + r_c = 1: β_c = β/(1 + β), plain TRADES
+    assert cfa.weights(out, y, None, StepContext(1, 5, 0)).tolist() == pytest.approx([0.25] * 4, rel=1e-6)
+    assert cfa.base_weights(out, y, StepContext(1, 5, 0)).tolist() == pytest.approx([0.25] * 4, rel=1e-6)
+    cfa.robust = torch.tensor([0.5, 1.0])
     assert cfa.epoch_log()["class_beta"] == pytest.approx([6 / 7, 9 / 10], rel=1e-4)  # logged per class
     model = nn.Linear(2, 2)
     with torch.no_grad():

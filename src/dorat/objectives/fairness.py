@@ -193,7 +193,12 @@ class CFAWeighting(Weighting):
     ε_c = (λ1 + r_c)·ε (CCM) and TRADES weights β_c = (λ2 + r_c)β / (1 + (λ2 + r_c)β) (CCR), r_c
     the class's robust training accuracy in the previous epoch; FAWA keeps an EMA of the weights
     over the epochs whose validation worst-class robust accuracy clears a threshold, and that
-    average is the final model."""
+    average is the final model.
+
+    CCR's loss is (1 + β)·[(1 − β_c)·CE + β_c·KL]. The official code writes TRADES, with and
+    without CCR, as (1 − β')·CE + β'·KL with β' = β/(1 + β): 1/(1 + β) of TRADES' CE + β·KL, a
+    learning rate 7× smaller at β = 6 that its baseline shares. dorat's TRADES is CE + β·KL, so the
+    factor (1 + β) keeps CFA at its own baseline's scale: at β_c = β/(1 + β) this is TRADES."""
 
     ccm: bool = opt(True, "class-wise calibrated margins (attack radius per class)")
     ccr: bool = opt(False, "class-wise calibrated TRADES β (TRADES losses only)")
@@ -234,11 +239,14 @@ class CFAWeighting(Weighting):
         b = self._class_beta(y)
         if b is None:
             return self.uniform(out, y)
-        return (b / (self.beta * len(y))).to(out.loss.dtype)  # the loss is β·KL: weight β_c/β
+        # the loss is β·KL: weight (1 + β)·β_c/β
+        return ((1 + self.beta) * b / (self.beta * len(y))).to(out.loss.dtype)
 
     def base_weights(self, out: LossOutput, y: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
         b = self._class_beta(y)
-        return None if b is None else ((1 - b) / len(y)).to(out.base.dtype)  # type: ignore[union-attr]
+        if b is None:
+            return None
+        return ((1 + self.beta) * (1 - b) / len(y)).to(out.base.dtype)  # type: ignore[union-attr]
 
     def _class_beta(self, y: torch.Tensor) -> torch.Tensor | None:
         if not (self.active and self.ccr and self.beta is not None):
