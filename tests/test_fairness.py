@@ -106,7 +106,7 @@ def test_wat_hedge_by_hand() -> None:
 def test_cfa_margins_betas_and_fawa_by_hand() -> None:
     cfg = C.resolve(None, {"method": "trades-cfa"})
     cfa = CFAWeighting(ccm=True, ccr=True, lambda_margin=0.5, lambda_beta=0.5, fawa=True, fawa_decay=0.5,
-                       fawa_threshold=0.3, warmup=0)
+                       fawa_decay_epochs=5, fawa_threshold=0.3, warmup=0)  # 0.5 per epoch of these 5
     cfa.bind({"num_classes": 2, "cfg": cfg})
     y = torch.tensor([0, 0, 1, 1])
     # class 0: 1 of 2 right under attack, class 1: 2 of 2
@@ -138,6 +138,10 @@ def test_cfa_margins_betas_and_fawa_by_hand() -> None:
     cfa.end_epoch(2, 5, lambda: _stats([0, 0], [0.9, 0.1]), model)  # worst 0.1 < 0.3: left out
     cfa.end_epoch(3, 5, lambda: _stats([0, 0], [0.5, 0.5]), model)  # in: 0.5·1 + 0.5·3
     assert torch.allclose(cfa.final_state()["weight"], torch.full((2, 2), 2.0))
+    # the official 0.88 per epoch of 200 spans the same share of an 8-epoch run: 0.88^25 per epoch
+    assert CFAWeighting().epoch_decay(8) == pytest.approx(0.88 ** 25)
+    assert CFAWeighting().epoch_decay(200) == pytest.approx(0.88)
+    assert CFAWeighting(fawa_decay_epochs=0).epoch_decay(8) == pytest.approx(0.88)  # as given
 
 
 def test_dafa_class_weights_by_hand() -> None:

@@ -193,7 +193,10 @@ class CFAWeighting(Weighting):
     ε_c = (λ1 + r_c)·ε (CCM) and TRADES weights β_c = (λ2 + r_c)β / (1 + (λ2 + r_c)β) (CCR), r_c
     the class's robust training accuracy in the previous epoch; FAWA keeps an EMA of the weights
     over the epochs whose validation worst-class robust accuracy clears a threshold, and that
-    average is the final model.
+    average is the final model. The official decay, 0.88 per epoch, averages over the last ~8
+    of 200 epochs (4% of training); applied per epoch to a short run it would take the first
+    epochs' models into the final one (8 epochs: 41% of the average is epoch 1's model), so the
+    decay per epoch is scaled to the run's length (``fawa_decay_epochs``).
 
     CCR's loss is (1 + β)·[(1 − β_c)·CE + β_c·KL]. The official code writes TRADES, with and
     without CCR, as (1 − β')·CE + β'·KL with β' = β/(1 + β): 1/(1 + β) of TRADES' CE + β·KL, a
@@ -205,8 +208,12 @@ class CFAWeighting(Weighting):
     lambda_margin: float = opt(0.5, "λ1 of CCM (official default 0.5)", nonneg)
     lambda_beta: float = opt(0.5, "λ2 of CCR (official default 0.5)", nonneg)
     fawa: bool = opt(True, "fairness-aware weight averaging (the final model is the average)")
-    fawa_decay: float = opt(0.88, "FAWA's EMA decay per epoch (official 0.88)",
-                            lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    fawa_decay: float = opt(0.88, "FAWA's EMA decay per epoch of a fawa_decay_epochs-epoch run "
+                            "(official 0.88 of 200)", lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    fawa_decay_epochs: int = opt(200, "the run length fawa_decay is meant for: each epoch decays the "
+                                 "average by fawa_decay^(fawa_decay_epochs/epochs), so it spans the same "
+                                 "share of training (official: 200 epochs); 0: fawa_decay per epoch as is",
+                                 nonneg)
     fawa_threshold: float = opt(0.2, "validation worst-class robust accuracy an epoch must reach "
                                 "to enter the average (official: 0.24; README example 0.2)",
                                 lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
@@ -268,10 +275,16 @@ class CFAWeighting(Weighting):
             if self.avg is None:
                 self.avg = sd
             else:
-                d, old = self.fawa_decay, self.avg
+                d, old = self.epoch_decay(epochs), self.avg
                 self.avg = {k: (old[k].to(v.device) * d + v * (1 - d)).to(v.dtype)
                             if v.is_floating_point() else v for k, v in sd.items()}
         self.last_worst = worst
+
+    def epoch_decay(self, epochs: int) -> float:
+        """FAWA's decay per epoch of an ``epochs``-epoch run."""
+        if not self.fawa_decay_epochs:
+            return self.fawa_decay
+        return self.fawa_decay ** (self.fawa_decay_epochs / max(epochs, 1))
 
     def final_state(self) -> dict[str, torch.Tensor] | None:
         if self.fawa and self.avg is None:
