@@ -444,7 +444,8 @@ def main() -> None:
     fair = load_aggregate(a.fairness_sweep, res / "fairness-sweep.json")
     if fair is not None:
         lines += ["## The robust-fairness family's hyper-parameters on the validation split", "",
-                  "The values their papers tune (FRL's τ, WAT's η, CFA's FAWA threshold, DAFA's λ) "
+                  "The values their papers tune (FRL's τ and multiplier steps, WAT's η, CFA's λ1 and FAWA "
+                  "threshold, DAFA's λ) "
                   "and done-val's r, with the budget and the rule DONE's r had "
                   "([benchmarks/results/fairness-sweep.yaml](../benchmarks/results/fairness-sweep.yaml)"
                   " names the candidates and why). PGD-20 and CW on the validation split. "
