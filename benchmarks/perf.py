@@ -48,7 +48,8 @@ from dorat.evaluate import EvalSettings, run_attacks
 from dorat.models import build_model
 from dorat.objectives import StepContext
 from dorat.run import prepare
-from dorat.trainer import Trainer, _Stats
+from dorat.stats import EpochStats
+from dorat.trainer import Trainer
 
 CONTENDERS = {  # name -> (method, extra config)
     "at": ("at", []),
@@ -127,7 +128,7 @@ class Dorat:
         self.batches = Batches(self.run.train.to(self.run.device), cfg.batch_size, shuffle=True,
                                seed=cfg.seed)
         self.trainer = Trainer(self.run, len(self.batches))
-        self.stats = _Stats(self.run.data.num_classes, self.run.device)
+        self.stats = EpochStats(self.run.data.num_classes, self.run.device)
         self.gen = torch.Generator(device=self.run.device).manual_seed(0)
         self.epoch, self.i = 0, 0
         self.it = self.batches.epoch(0)

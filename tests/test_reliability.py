@@ -50,7 +50,7 @@ def _same_run(a: Path, b: Path) -> None:
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
     ma.pop("eval_seconds"), mb.pop("eval_seconds")
     assert ma == mb
-    timing = ("seconds", "cpu_seconds", "examples_per_s")
+    timing = ("seconds", "cpu_seconds", "examples_per_s", "val_seconds")
     la, lb = ([{k: v for k, v in json.loads(line).items() if k not in timing}
                for line in (d / "log.jsonl").read_text().splitlines()] for d in (a, b))
     assert la == lb  # loss, accuracies, weights diagnostics, DONE's log_u: every epoch
@@ -326,3 +326,114 @@ def test_a_full_disk_is_one_line_keeps_the_checkpoint_and_the_run_resumes(
                         str(out / "e.json")], env=ENV, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith(f"dorat: error: cannot write {out / 'e.json'}")
     assert "evaluating" not in r.stderr
+
+
+MID_EPOCH = [  # the weightings that keep state within an epoch, and plain AT
+    ("at", []), ("gairat", []), ("done", ["done.warmup=0"]), ("done-class", ["done.warmup=0"]),
+    ("done", ["done.warmup=0", "done.level=mixed"]), ("done-val", []),
+("frl-rwrm", ["frl.warmup=1"]),
+    ("wat", []), ("trades-cfa", ["cfa.fawa_threshold=0"]), ("dafa", ["dafa.warmup=1"]),
+]
+
+
+@pytest.fixture
+def sigterm_raises():  # noqa: ANN201
+    """SIGTERM handled as the CLI handles it (raise Terminated), inside this test only."""
+    from dorat.errors import raise_terminated
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("method,sets", MID_EPOCH,
+                         ids=[f"{m}{'+' + s[-1] if s else ''}" for m, s in MID_EPOCH])
+def test_sigterm_mid_epoch_checkpoints_the_batches_done_and_resumes_bitwise(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sigterm_raises: None, method: str,
+        sets: list[str]) -> None:
+    from conftest import make_synthetic_npz
+    from dorat import trainer
+    from dorat.errors import Terminated
+
+    npz = make_synthetic_npz(tmp_path / "toy.npz", n_train=272, n_test=40)
+    cfg = C.resolve(None, {"dataset": f"npz:{npz}", "method": method, "epochs": 2, "batch_size": 64},
+                    ["attack.steps=2", "eval.n=20", "eval.checks=false", "eval.steps=1", "data.val_size=80",
+                     "val.n=40", "val.steps=1", "data.augment=crop-flip", *sets])
+    train(cfg, tmp_path / "a", log=lambda s: None)
+    real, calls = trainer.Trainer.step, [0]
+
+    def step(self, *a, **k) -> None:  # noqa: ANN001, ANN002, ANN003
+        real(self, *a, **k)
+        calls[0] += 1
+        if calls[0] == 5:  # epoch 2 (of 3 batches each), batch 2: a scheduler's stop
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer.Trainer, "step", step)
+    lines: list[str] = []
+    with pytest.raises(Terminated):
+        train(cfg, tmp_path / "b", log=lines.append)
+    assert lines[-1] == "stopped in epoch 2 after batch 2/3; the checkpoint holds it"
+    state = load_state(tmp_path / "b" / "checkpoint.safetensors")[0]
+    assert state["epoch"] == 1 and state["mid_epoch"]["step"] == 2
+    monkeypatch.setattr(trainer.Trainer, "step", real)
+    lines.clear()
+    train(cfg, tmp_path / "b", resume=True, log=lines.append)
+    assert any(s.endswith("after epoch 1/2 and 2/3 batches of the next") for s in lines), lines
+    _same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_a_crash_mid_epoch_resumes_from_the_timed_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """log.checkpoint_minutes: the clock's checkpoints inside an epoch survive a crash that no
+    handler sees (here: an error in the 5th step; in life: SIGKILL, a node lost)."""
+    from conftest import make_synthetic_npz
+    from dorat import trainer
+
+    npz = make_synthetic_npz(tmp_path / "toy.npz", n_train=192, n_test=40)
+    sets = ["attack.steps=2", "eval.n=20", "eval.checks=false", "eval.steps=1", "done.warmup=0"]
+    cfg = C.resolve(None, {"dataset": f"npz:{npz}", "method": "done", "epochs": 2, "batch_size": 64},
+                    [*sets, "log.checkpoint_minutes=1e-9"])  # a checkpoint after every batch
+    train(cfg, tmp_path / "a", log=lambda s: None)
+    real, calls = trainer.Trainer.step, [0]
+
+    def step(self, *a, **k) -> None:  # noqa: ANN001, ANN002, ANN003
+        calls[0] += 1
+        if calls[0] == 6:  # epoch 2, batch 3 of 3
+            raise RuntimeError("the machine went away")
+        real(self, *a, **k)
+
+    monkeypatch.setattr(trainer.Trainer, "step", step)
+    with pytest.raises(RuntimeError):
+        train(cfg, tmp_path / "b", log=lambda s: None)
+    state = load_state(tmp_path / "b" / "checkpoint.safetensors")[0]
+    assert (state["epoch"], state["mid_epoch"]["step"]) == (1, 2)
+    monkeypatch.setattr(trainer.Trainer, "step", real)
+    train(cfg, tmp_path / "b", resume=True, log=lambda s: None)
+    _same_run(tmp_path / "a", tmp_path / "b")
+    # with the default (30 minutes) a short epoch only checkpoints at its end
+    default = C.resolve(None, {"dataset": f"npz:{npz}", "method": "done", "epochs": 1,
+                               "batch_size": 64}, sets)
+    saves: list[int] = []
+    monkeypatch.setattr(trainer, "_save_mid_epoch", lambda *a, **k: saves.append(1))
+    train(default, tmp_path / "c", log=lambda s: None)
+    assert not saves
+
+
+def test_held_stops_wait_for_the_step_a_second_ctrl_c_does_not(sigterm_raises: None) -> None:
+    from dorat.errors import Terminated
+    from dorat.interrupts import HeldStops
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with HeldStops() as held:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the process group's copy: still held
+        assert held.pending == signal.SIGTERM
+        with pytest.raises(Terminated):
+            held.stop()  # as the process's own handler does
+        assert signal.getsignal(signal.SIGTERM) == before[0]  # released by the raise
+        held.hold()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert held.pending == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C: at once
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

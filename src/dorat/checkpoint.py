@@ -32,9 +32,15 @@ os.umask(_UMASK)
 
 def pack(obj: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:
     if isinstance(obj, torch.Tensor):
-        name = f"{path}"
-        tensors[name] = obj.detach().cpu().contiguous()
-        return {"__tensor__": name}
+        t = obj.detach().cpu().contiguous()
+        for name, old in tensors.items():  # one tensor reached twice is stored once; safetensors
+            if t.numel() and old.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+                if old.data_ptr() == t.data_ptr() and old.shape == t.shape and old.dtype == t.dtype:
+                    return {"__tensor__": name}
+                t = t.clone()  # refuses tensors that share memory: a view of another one is copied
+                break
+        tensors[path] = t
+        return {"__tensor__": path}
     if isinstance(obj, dict):
         return {"__dict__": [[pack(k, tensors, f"{path}.k{i}"), pack(v, tensors, f"{path}.{i}")]
                              for i, (k, v) in enumerate(obj.items())]}
@@ -48,6 +54,15 @@ def pack(obj: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:
             return {"__float__": "inf" if obj > 0 else "-inf"}
         return obj
     raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
+
+
+def storable(obj: Any) -> bool:
+    """Whether ``pack`` can store ``obj`` (tensors, numbers, strings, None and containers of them)."""
+    try:
+        pack(obj, {})
+    except TypeError:
+        return False
+    return True
 
 
 def unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:

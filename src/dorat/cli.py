@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dorat: interrupted; {_how_to_continue(a.cmd)}", file=sys.stderr)
         return 130
     except Terminated:
-        print("dorat: terminated (SIGTERM); the last finished epoch's checkpoint is kept: "
+        print("dorat: terminated (SIGTERM); the checkpoint keeps the batches trained: "
               f"{_how_to_continue(a.cmd)}", file=sys.stderr)
         return EXIT_TERMINATED
     finally:

@@ -93,6 +93,11 @@ class LogConfig:
     tensorboard: bool = opt(False, "TensorBoard event files in RUN/tb: per-epoch scalars, per-class "
                                    "weights, a weight histogram, the final per-class accuracies "
                                    "(needs the tensorboard package: dorat[tensorboard])")
+    checkpoint_minutes: float = opt(30.0, "also checkpoint in the middle of an epoch when this many "
+                                          "minutes passed since the last checkpoint (0: only at an "
+                                          "epoch's end, and on SIGTERM/Ctrl-C, which always "
+                                          "checkpoint the batches done); one process only",
+                                    nonneg)
 
 
 @section("perf")

@@ -32,12 +32,13 @@ from dorat.config import Config
 from dorat.data.loader import Batches, resolve_augment
 from dorat.errors import CheckpointError, ConfigError, DoratError
 from dorat.guard import Watch
+from dorat.interrupts import HeldStops
 from dorat.models import use_channels_last
 from dorat.objectives import StepContext
 from dorat.objectives.attacks import SingleStep
-from dorat.objectives.base import ess_from_moments
 from dorat.probe import ClassStats, ValidationProbe
 from dorat.runtime import machine, use_bf16
+from dorat.stats import EpochStats
 from dorat.tracking import TensorBoard
 
 if TYPE_CHECKING:
@@ -67,103 +68,6 @@ def lr_lambda(schedule: str, total_steps: int, milestones: list[float], gamma: f
         peak = 0.4 * T
         return lambda t: t / peak if t < peak else max(0.0, (T - t) / (T - peak))
     raise ConfigError(f"unknown schedule '{schedule}'")
-
-
-class _Stats:
-    """Per-epoch sums kept on the device (no host sync per step)."""
-
-    def __init__(self, num_classes: int, device: torch.device) -> None:
-        z = lambda: torch.zeros((), device=device, dtype=torch.float64)  # noqa: E731
-        self.loss, self.correct_adv, self.correct_clean, self.n = z(), z(), z(), 0
-        self.w_max, self.batches = z(), 0
-        self.w_moments: list[torch.Tensor] = []  # per batch: Σw, Σw², |B| (global under DDP)
-        self.grad_norm_max, self.clipped, self.clip_used = z(), z(), False
-        self.w_class = torch.zeros(num_classes, device=device, dtype=torch.float64)
-        self.n_class = torch.zeros(num_classes, device=device, dtype=torch.float64)
-        self.w_all: list[torch.Tensor] = []  # per example of the epoch: weight, label, loss,
-        self.y_all: list[torch.Tensor] = []  # and position in the training split
-        self.loss_all: list[torch.Tensor] = []
-        self.idx_all: list[torch.Tensor] = []
-
-    def add(self, loss: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
-            logits_adv: torch.Tensor | None, clean_correct: torch.Tensor,
-            idx: torch.Tensor | None = None) -> None:
-        b = len(y)
-        self.loss += loss.double().sum()
-        if logits_adv is not None:
-            self.correct_adv += (logits_adv.argmax(1) == y).double().sum()
-        self.correct_clean += clean_correct.double().sum()
-        self.n += b
-        wd = w.double() * b  # in units of the uniform weight 1/|B|
-        wf = w.double()
-        self.w_moments.append(torch.stack([wf.sum(), (wf * wf).sum(), wf.new_tensor(float(b))]))
-        self.w_max = torch.maximum(self.w_max, wd.max())
-        self.w_class.index_add_(0, y, wd)
-        self.n_class.index_add_(0, y, torch.ones_like(wd))
-        self.w_all.append(wd.float())
-        self.y_all.append(y)
-        self.loss_all.append(loss.detach().float())
-        self.idx_all.append(idx if idx is not None else torch.full_like(y, -1))
-        self.batches += 1
-
-    def add_grad_norm(self, norm: torch.Tensor, clip: float) -> None:
-        self.clip_used = True
-        self.grad_norm_max = torch.maximum(self.grad_norm_max, norm.double())
-        self.clipped += (norm > clip).double()
-
-    def reduce(self, d: distributed.Dist) -> None:
-        """Sum (max) the epoch's numbers over ranks; every rank then logs the same."""
-        if not d.active:
-            return
-        sums = torch.stack([self.loss, self.correct_adv, self.correct_clean,
-                            torch.tensor(float(self.n), device=self.loss.device, dtype=torch.float64)])
-        distributed.all_sum(d, sums)
-        self.loss, self.correct_adv, self.correct_clean = sums[:3]
-        self.n = int(sums[3])
-        if self.w_moments:  # the ESS of each global batch: its moments summed over ranks
-            moments = distributed.all_sum(d, torch.stack(self.w_moments))
-            self.w_moments = list(moments)
-        distributed.all_sum(d, self.w_class)
-        distributed.all_sum(d, self.n_class)
-        maxes = distributed.all_max(d, torch.stack([self.w_max, self.grad_norm_max]))
-        self.w_max, self.grad_norm_max = maxes[0], maxes[1]
-
-    def gathered(self, d: distributed.Dist) -> dict[str, torch.Tensor]:
-        """The epoch's per-example weights, labels, losses and split positions of all ranks."""
-        parts = {"w": self.w_all, "y": self.y_all, "loss": self.loss_all, "idx": self.idx_all}
-        return {k: distributed.all_gather_cat(d, torch.cat(v)).cpu() for k, v in parts.items()}
-
-    def _ess(self) -> float:
-        """Mean over batches of ESS/|B| (each batch the global one under DDP)."""
-        if not self.w_moments:
-            return 1.0
-        m = torch.stack(self.w_moments)
-        return float(ess_from_moments(m[:, 0], m[:, 1], m[:, 2]).mean())
-
-    def _weight_sums(self) -> dict[str, float]:
-        """Mean, min and max over batches of Σŵ in the (global) batch: 1 for normalised
-        weightings; DONE's running normaliser lets it drift, and the step size with it."""
-        if not self.w_moments:
-            return {}
-        s = torch.stack(self.w_moments)[:, 0]
-        return {"w_sum_mean": float(s.mean()), "w_sum_min": float(s.min()), "w_sum_max": float(s.max())}
-
-    def summary(self) -> dict[str, Any]:
-        n = max(self.n, 1)
-        wc = (self.w_class / self.n_class.clamp_min(1)).tolist()
-        out = {
-            "loss": float(self.loss) / n,
-            "train_acc_clean": float(self.correct_clean) / n,
-            "train_acc_adv": float(self.correct_adv) / n,
-            "ess": self._ess(),
-            **self._weight_sums(),
-            "w_max": float(self.w_max),
-            "w_class_mean": [round(v, 5) for v in wc],
-        }
-        if self.clip_used:  # with optim.grad_clip: how hard clipping worked this epoch
-            out["grad_norm_max"] = float(self.grad_norm_max)
-            out["clipped_frac"] = float(self.clipped) / max(self.batches, 1)
-        return out
 
 
 class Trainer:
@@ -201,7 +105,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
             o.schedule, cfg.epochs * steps_per_epoch, list(o.milestones), o.gamma))
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext, stats: _Stats | None,
+    def step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext, stats: EpochStats | None,
              idx: torch.Tensor | None = None) -> None:
         model, method = self.model, self.method
         if self.channels_last:
@@ -242,18 +146,25 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
     trainer = Trainer(run, steps_per_epoch, d)
     run.model = model = trainer.model  # the evaluation uses the module that was trained
     optimizer, scheduler = trainer.optimizer, trainer.scheduler
-    start_epoch = 0
+    start_epoch, mid = 0, None
     if state is not None:
         try:
             load_state_dict_checked(model, state["model"], str(out / "checkpoint.safetensors"))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             _apply_optim_config(trainer, cfg)
-            method.weighting.load_state_dict(state["method"])
-            start_epoch = int(state["epoch"])
+            start_epoch, mid = int(state["epoch"]), state.get("mid_epoch")
+            if mid is None:
+                method.weighting.load_state_dict(state["method"])
+            else:
+                method.weighting.load_step_state(mid["weighting"], device)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint in {out} does not fit this run ({e})") from None
-        log(f"resuming {out} after epoch {start_epoch}/{epochs}")
+        if mid is not None and d.active:
+            raise CheckpointError(f"the checkpoint in {out} was taken in the middle of epoch "
+                                  f"{start_epoch + 1} by one process; resume it without torchrun")
+        log(f"resuming {out} after epoch {start_epoch}/{epochs}"
+            + (f" and {mid['step']}/{steps_per_epoch} batches of the next" if mid else ""))
         distributed.on_main(d, lambda: _truncate_log(out / "log.jsonl", start_epoch))
     progress = d.main and show_progress(cfg)
     extras = [k for k, v in (("channels-last", trainer.channels_last), ("bf16", trainer.bf16),
@@ -273,21 +184,45 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                 f"split's {len(split)} examples: the probe uses all of them")
     tb = TensorBoard(out, run.data.classes, start_epoch) if cfg.log.tensorboard and d.main else None
     host = machine(device.type)  # per epoch: a resumed run may go on on another machine
+    every_s = 60 * cfg.log.checkpoint_minutes if not d.active else 0
+    held = HeldStops(enabled=not d.active)  # a stop mid-epoch checkpoints the batches done
     try:
         for epoch in range(start_epoch, epochs):
             measured: list[tuple[float, float]] = []  # the probe's (wall, CPU) seconds this epoch
             after: list[ClassStats] = []  # a probe the weighting took after this epoch's training
             t0, c0 = time.perf_counter(), time.process_time()  # before a probe start_epoch may take
-            method.weighting.start_epoch(epoch, epochs, None if probe is None else partial(
-                _measure, probe, model, epoch, measured))
-            stats = _Stats(run.data.num_classes, device)
             gen = torch.Generator(device=device)
-            gen.manual_seed(cfg.seed * 1_000_003 + 20 * 7919 + epoch)
+            first = int(mid["step"]) if mid is not None and epoch == start_epoch else 0
+            if first:  # the middle of this epoch: its start (and the weighting's) is in the state
+                stats = EpochStats.from_state(mid["stats"], run.data.num_classes, device)
+                gen.set_state(mid["gen"])
+                t0, c0 = t0 - float(mid["seconds"]), c0 - float(mid["cpu_seconds"])
+                measured = [(float(w), float(c)) for w, c in mid["measured"]]
+            else:
+                method.weighting.start_epoch(epoch, epochs, None if probe is None else partial(
+                    _measure, probe, model, epoch, measured))
+                stats = EpochStats(run.data.num_classes, device)
+                gen.manual_seed(cfg.seed * 1_000_003 + 20 * 7919 + epoch)
             model.train()
-            bar = tqdm(batches.indexed(epoch), total=steps_per_epoch, disable=not progress,
-                       desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch")
-            for i, (x, y, idx) in enumerate(bar):
-                trainer.step(x, y, StepContext(epoch, epochs, epoch * steps_per_epoch + i, gen), stats, idx)
+            bar = tqdm(batches.indexed(epoch, first), total=steps_per_epoch, initial=first,
+                       disable=not progress, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                       unit="batch")
+            saved = time.perf_counter()
+            held.hold()  # a stop from here waits for the batch in progress (or the epoch's end)
+            for i, (x, y, idx) in enumerate(bar, start=first):
+                trainer.step(x, y, StepContext(epoch, epochs, epoch * steps_per_epoch + i, gen),
+                             stats, idx)
+                if i + 1 == steps_per_epoch:
+                    break  # a stop in the last batch waits for the epoch's own checkpoint
+                if held.pending is not None or (every_s and time.perf_counter() - saved >= every_s):
+                    _save_mid_epoch(out, cfg, trainer, epoch, i + 1, gen, stats, measured,
+                                    time.perf_counter() - t0, time.process_time() - c0)
+                    saved = time.perf_counter()
+                if held.pending is not None:
+                    bar.close()
+                    log(f"stopped in epoch {epoch + 1} after batch {i + 1}/{steps_per_epoch}; "
+                        "the checkpoint holds it")
+                    held.stop()
             bar.close()
             method.weighting.end_epoch(epoch, epochs, None if probe is None else partial(
                 _measure, probe, model, epoch, measured, after), model)
@@ -329,11 +264,16 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                 f"train clean {100 * summary['train_acc_clean']:.1f}%  "
                 f"adv {100 * summary['train_acc_adv']:.1f}%  lr {record['lr']:.4g}  "
                 f"{seconds:.1f}s ({record['examples_per_s']:.0f} ex/s)")
+            if held.pending is not None:
+                log(f"stopped after epoch {epoch + 1}")
+                held.stop()
+            held.release()  # the next epoch's start (a probe) stops at once
             if stop:
                 break
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs:
                 return None
     finally:
+        held.release()
         if tb is not None:
             tb.close()
 
@@ -348,6 +288,22 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
         log(f"the final model is {cfg.method.weighting}'s weight average, not the last epoch's weights")
     distributed.on_main(d, lambda: save_weights(out / "model.safetensors", model, meta=_meta(cfg)))
     return True
+
+
+def _save_mid_epoch(out: Path, cfg: Config, trainer: Trainer, epoch: int, step: int,
+                    gen: torch.Generator, stats: EpochStats, measured: list[tuple[float, float]],
+                    seconds: float, cpu_seconds: float) -> None:
+    """A checkpoint after ``step`` batches of epoch ``epoch`` (0-based; single process): what the
+    epoch's end would save, plus the epoch so far (the attack generator, the statistics, the
+    weighting's state within the epoch, the time), so a resume goes on bitwise from there."""
+    w = trainer.method.weighting
+    state = {"epoch": epoch, "model": trainer.model.state_dict(),
+             "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+             "method": w.state_dict(),
+             "mid_epoch": {"step": step, "gen": gen.get_state(), "stats": stats.state(),
+                           "weighting": w.step_state(), "measured": [list(m) for m in measured],
+                           "seconds": seconds, "cpu_seconds": cpu_seconds}}
+    save_state(out / "checkpoint.safetensors", state, meta=_meta(cfg))
 
 
 def _apply_optim_config(trainer: Trainer, cfg: Config) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from dorat.compare.grid import (
     _validate,
     selected,
 )
-from dorat.errors import DoratError
+from dorat.errors import DoratError, raise_terminated
 
 
 def pending(grid: Grid, log: Callable[[str], None], only: Sequence[str] | None = None,
@@ -160,6 +161,9 @@ def _worker_init(slots: Any, lines: Any, plugins: list[str]) -> None:
     from dorat.parts import load_plugins
 
     _SLOTS, _LINES = slots, lines
+    # SIGTERM (the parent's stop, or the process group's) ends the batch in progress and
+    # checkpoints the epoch so far (dorat.interrupts), instead of killing the worker outright
+    signal.signal(signal.SIGTERM, raise_terminated)
     load_plugins(plugins)
 
 

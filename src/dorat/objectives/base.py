@@ -24,7 +24,7 @@ or a share of the run ("50%": round(0.5 · epochs)); see dorat.parts.warmup_epoc
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -150,3 +150,40 @@ class Weighting:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned (checkpoint resume)."""
+
+    def step_state(self) -> dict[str, Any]:
+        """The state in the middle of an epoch (a checkpoint there, on SIGTERM or on the clock):
+        ``state_dict()`` and every other attribute that is not a config field (what start_epoch
+        and the steps set: this epoch's flags, accumulators) and that a checkpoint can store.
+        A weighting keeping such state in another form overrides this and load_step_state."""
+        from dorat.checkpoint import storable
+
+        own = {f.name for f in fields(self)} if hasattr(self, "__dataclass_fields__") else set()
+        attrs = {k: v for k, v in vars(self).items() if k not in own and storable(v)}
+        moved = [k for k, v in attrs.items() if _on_accelerator(v)]
+        return {"state": self.state_dict(), "attrs": attrs, "on_device": moved}
+
+    def load_step_state(self, state: dict[str, Any], device: torch.device) -> None:
+        """Restore what ``step_state`` returned; tensors that were on an accelerator go to
+        ``device`` (checkpoints hold CPU tensors)."""
+        self.load_state_dict(state["state"])
+        for k, v in state["attrs"].items():
+            setattr(self, k, _to(v, device) if k in state["on_device"] else v)
+
+
+def _on_accelerator(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.device.type != "cpu"
+    if isinstance(v, dict):
+        return any(_on_accelerator(x) for x in v.values())
+    return isinstance(v, (list, tuple)) and any(_on_accelerator(x) for x in v)
+
+
+def _to(v: Any, device: torch.device) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    if isinstance(v, dict):
+        return {k: _to(x, device) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_to(x, device) for x in v)
+    return v
