@@ -437,3 +437,43 @@ def test_held_stops_wait_for_the_step_a_second_ctrl_c_does_not(sigterm_raises: N
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C: at once
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_a_requeue_signal_waits_for_the_batch_like_submitits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """submitit requeues a Slurm job on SIGUSR2 and ends it with sys.exit: held like SIGTERM
+    (compare's slurm jobs call also_hold), so the requeued job resumes within the epoch."""
+    from conftest import make_synthetic_npz
+    from dorat import interrupts, trainer
+
+    npz = make_synthetic_npz(tmp_path / "toy.npz", n_train=192, n_test=40)
+    cfg = C.resolve(None, {"dataset": f"npz:{npz}", "method": "wat", "epochs": 2, "batch_size": 32},
+                    ["attack.steps=2", "eval.n=20", "eval.checks=false", "eval.steps=1",
+                     "data.val_size=64", "val.n=32", "val.steps=1"])
+    train(cfg, tmp_path / "a", log=lambda s: None)
+
+    def requeue(signum: int, frame: object) -> None:  # what submitit's handler does, in short
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    monkeypatch.setattr(interrupts, "_ALSO", set())
+    interrupts.also_hold(signal.SIGUSR2)
+    real, calls = trainer.Trainer.step, [0]
+
+    def step(self, *a, **k) -> None:  # noqa: ANN001, ANN002, ANN003
+        real(self, *a, **k)
+        calls[0] += 1
+        if calls[0] == 6:  # epoch 2 (of 4 batches), batch 2
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    try:
+        monkeypatch.setattr(trainer.Trainer, "step", step)
+        with pytest.raises(SystemExit):
+            train(cfg, tmp_path / "b", log=lambda s: None)
+        assert signal.getsignal(signal.SIGUSR2) is requeue
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert load_state(tmp_path / "b" / "checkpoint.safetensors")[0]["mid_epoch"]["step"] == 2
+    monkeypatch.setattr(trainer.Trainer, "step", real)
+    train(cfg, tmp_path / "b", resume=True, log=lambda s: None)
+    _same_run(tmp_path / "a", tmp_path / "b")

@@ -16,6 +16,13 @@ from types import FrameType, TracebackType
 from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_ALSO: set[int] = set()
+
+
+def also_hold(sig: int) -> None:
+    """Hold ``sig`` too: a signal whose handler ends the process, such as submitit's requeue on
+    SIGUSR2 at a Slurm time limit or preemption (it checkpoints the job and calls sys.exit)."""
+    _ALSO.add(sig)
 
 
 class HeldStops:
@@ -34,7 +41,7 @@ class HeldStops:
     def hold(self) -> None:
         """From now on SIGINT and SIGTERM wait for ``stop``."""
         if self.enabled and not self.previous:
-            for sig in SIGNALS:
+            for sig in (*SIGNALS, *sorted(_ALSO)):
                 handler = signal.getsignal(sig)
                 if callable(handler):
                     self.previous[sig] = handler

@@ -30,6 +30,7 @@ from typing import Any
 from dorat.compare.execute import run_one
 from dorat.compare.grid import FAILED, RunSpec, _finished
 from dorat.errors import ConfigError, DoratError, raise_terminated
+from dorat.interrupts import also_hold
 
 JOBS = "slurm-jobs.json"
 EXTRA = "dorat[slurm]"
@@ -113,6 +114,9 @@ class RunJob(_JobBase):
         # scancel's or the kill at the end: stop now, keeping the last checkpoint, instead of
         # training on for KillWait seconds until SIGKILL
         signal.signal(signal.SIGTERM, raise_terminated)
+        # submitit's requeue (SIGUSR2 before the time limit, or on preemption) ends the process
+        # with sys.exit: it waits for the batch in progress, which the checkpoint then holds
+        also_hold(signal.SIGUSR2)
         run_one(r, evals, tag, retry_failed, lambda s: print(s, file=sys.stderr, flush=True))
         return "finished" if (r.path / "metrics.json").is_file() else "not finished"
 
