@@ -19,8 +19,8 @@ METHOD_KEYS = {"name", "method", "set", "settings", "seeds"}
 EVAL_KEYS = {"name", "attacks", "n", "eps", "steps", "restarts"}
 FAILED = "failed.json"  # a run that stopped with an error: skipped until --retry-failed
 # may differ between machines and do not change the method (perf.* are execution options)
-IGNORED_KEYS = ("device", "data.dir", "log.progress", "perf.channels_last", "perf.compile",
-                "perf.compile_backend", "perf.sync_bn", "perf.deterministic")
+IGNORED_KEYS = ("device", "data.dir", "log.progress", "log.checkpoint_minutes", "perf.channels_last",
+                "perf.compile", "perf.compile_backend", "perf.sync_bn", "perf.deterministic")
 
 
 @dataclass
