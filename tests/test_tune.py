@@ -52,7 +52,7 @@ def test_two_processes_share_one_study(tmp_path: Path) -> None:
         assert p.returncode == 0, err
     study = _study(storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert 4 <= len(done) <= 5  # the study's total; at most one more while both ran a last trial
+    assert len(done) == 4  # the study's total: a trial another process runs counts towards it
     assert len({t.user_attrs["worker"] for t in done}) == 2, "both processes ran trials"
     for t in done:  # each trial: its own run, scored on validation, with per-epoch probes
         run = Path(t.user_attrs["run_dir"])

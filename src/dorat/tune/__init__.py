@@ -21,7 +21,8 @@ heartbeat per running trial; a trial whose process died (killed, node lost) is f
 process that looks and retried with the same values (Optuna's RetryHeartbeatStaleTrialCallback),
 and the retry resumes the dead trial's run directory from its last checkpoint. A process stopped
 by Ctrl-C or SIGTERM fails its trial at once and enqueues the same retry. ``--trials N`` is the
-study's total of finished (complete or pruned) trials, over all processes.
+study's total of finished (complete or pruned) trials, over all processes: a process ends when
+the finished trials and those running elsewhere reach N.
 
 Outputs (rewritten by each process when it stops): OUT/best.yaml (the best trial's full config,
 for `dorat train --config`), OUT/tune.md (the trials table) and OUT/tune.png (the objective
@@ -251,9 +252,12 @@ def optimize(tuner: Tuner, study: Any, trials: int) -> None:
         if len(failed) >= MAX_FAILED_IN_A_ROW:
             s.stop()
 
+    # after each trial: stop once the finished trials and those other processes are running
+    # reach --trials (counting finished ones only, every process that ended a trial while
+    # another still ran one started one more: up to #processes - 1 trials too many)
     study.optimize(lambda t: tuner.run_trial(t, refs), n_trials=None,
-                   callbacks=[MaxTrialsCallback(trials, states=states), give_up], catch=(DoratError,),
-                   gc_after_trial=True)
+                   callbacks=[MaxTrialsCallback(trials, states=(*states, TrialState.RUNNING)),
+                              give_up], catch=(DoratError,), gc_after_trial=True)
     if len(failed) >= MAX_FAILED_IN_A_ROW:
         last = failed[-1]
         raise DoratError(f"{len(failed)} trials in a row failed (the last, trial {last.number}: "
