@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from dorat import config as C
 from dorat.checkpoint import load_state
 from dorat.cli import main
-from dorat.errors import DoratError
+from dorat.errors import CheckpointError, DoratError
 from dorat.evaluate import EvalSettings, evaluate
 from dorat.run import load_run, train
 
@@ -408,6 +408,14 @@ def test_a_crash_mid_epoch_resumes_from_the_timed_checkpoint(
     state = load_state(tmp_path / "b" / "checkpoint.safetensors")[0]
     assert (state["epoch"], state["mid_epoch"]["step"]) == (1, 2)
     monkeypatch.setattr(trainer.Trainer, "step", real)
+    from dorat.checkpoint import save_state
+
+    ck = tmp_path / "b" / "checkpoint.safetensors"
+    good = ck.read_bytes()
+    save_state(ck, {**state, "mid_epoch": {**state["mid_epoch"], "step": 7}})  # not this run's
+    with pytest.raises(CheckpointError, match="taken after batch 7 of an epoch of 3"):
+        train(cfg, tmp_path / "b", resume=True, log=lambda s: None)
+    ck.write_bytes(good)
     train(cfg, tmp_path / "b", resume=True, log=lambda s: None)
     _same_run(tmp_path / "a", tmp_path / "b")
     # with the default (30 minutes) a short epoch only checkpoints at its end

@@ -158,6 +158,9 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                 method.weighting.load_state_dict(state["method"])
             else:
                 method.weighting.load_step_state(mid["weighting"], device)
+                if not 0 < int(mid["step"]) < steps_per_epoch:
+                    raise ValueError(f"it was taken after batch {mid['step']} of an epoch of "
+                                     f"{steps_per_epoch}")
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint in {out} does not fit this run ({e})") from None
         if mid is not None and d.active:
