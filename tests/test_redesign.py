@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import dorat
 from dorat import config as C
 from dorat.compare import load_grid
 from dorat.errors import ConfigError
@@ -226,7 +225,13 @@ def test_fit_takes_tensors_datasets_and_loaders_and_the_run_reopens(
     kw = {"method": "done", "epochs": 2, "batch_size": 64, "attack__steps": 2, "eval__n": 40,
           "eval__checks": False, "log": lambda s: None}
     torch.manual_seed(0)
+    import dorat.run
+
+    reads: list[str] = []
+    real_load = dorat.run.load_dataset
+    monkeypatch.setattr(dorat.run, "load_dataset", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
     a = dorat.fit(mynets.TinyNet(), (x, y), (xt, yt), out=tmp_path / "a", **kw)
+    assert not reads  # fit writes RUN/data.npz for later processes and never reads it back
     assert a.config.model == "mynets:TinyNet" and a.metrics["sa"] > 0.5
     ds = torch.utils.data.TensorDataset(x, y)
     torch.manual_seed(0)

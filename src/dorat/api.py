@@ -98,7 +98,8 @@ def fit(model: nn.Module | str, train_data: Any, test_data: Any = None, *, metho
                     model=model if isinstance(model, nn.Module) else None)
     from dorat.run import load_run
 
-    run = load_run(out, cfg.device, model=model if isinstance(model, nn.Module) else None)
+    run = load_run(out, cfg.device, model=model if isinstance(model, nn.Module) else None,
+                   data=data)  # in memory: RUN/data.npz is for later processes
     return Fitted(run.model, metrics or {}, out, cfg)
 
 

@@ -125,11 +125,12 @@ def read_config(run_dir: str | Path) -> Config:
 
 def load_run(run_dir: str | Path, device: str | None = "auto",
              overrides: Mapping[str, Any] | None = None, model: nn.Module | None = None,
-             weights: str = "last") -> Run:
+             weights: str = "last", data: Dataset | None = None) -> Run:
     """A finished run ready for analysis: its config (with ``overrides`` of dotted keys, e.g.
-    ``{"eval.n": 1000}``; None values are ignored), data, and the trained model weights
-    (loaded into ``model`` when given: a model the config cannot rebuild): the last epoch's,
-    or with ``weights="best"`` the best probed epoch's (val.keep_best)."""
+    ``{"eval.n": 1000}``; None values are ignored), data (``data`` when given: the data set the
+    config names, already in memory), and the trained model weights (loaded into ``model``
+    when given: a model the config cannot rebuild): the last epoch's, or with
+    ``weights="best"`` the best probed epoch's (val.keep_best)."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     updates = {k: v for k, v in {"device": device, **(overrides or {})}.items() if v is not None}
@@ -137,7 +138,7 @@ def load_run(run_dir: str | Path, device: str | None = "auto",
     if weights == "best" and not (run_dir / "best.safetensors").is_file():
         raise ConfigError(f"{run_dir} has no best.safetensors: it is kept by training with "
                           "--set val.keep_best=ra_pgd (or worst_class_pgd, tail30_pgd, sa)")
-    run = prepare(cfg, model=model)
+    run = prepare(cfg, data=data, model=model)
     load_weights(run_dir / ("best.safetensors" if weights == "best" else "model.safetensors"), run.model)
     run.model.eval()
     return run
