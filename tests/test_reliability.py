@@ -387,7 +387,7 @@ def test_a_crash_mid_epoch_resumes_from_the_timed_checkpoint(
     """log.checkpoint_minutes: the clock's checkpoints inside an epoch survive a crash that no
     handler sees (here: an error in the 5th step; in life: SIGKILL, a node lost)."""
     from conftest import make_synthetic_npz
-    from dorat import trainer
+    from dorat import midepoch, trainer
 
     npz = make_synthetic_npz(tmp_path / "toy.npz", n_train=192, n_test=40)
     sets = ["attack.steps=2", "eval.n=20", "eval.checks=false", "eval.steps=1", "done.warmup=0"]
@@ -422,7 +422,7 @@ def test_a_crash_mid_epoch_resumes_from_the_timed_checkpoint(
     default = C.resolve(None, {"dataset": f"npz:{npz}", "method": "done", "epochs": 1,
                                "batch_size": 64}, sets)
     saves: list[int] = []
-    monkeypatch.setattr(trainer, "_save_mid_epoch", lambda *a, **k: saves.append(1))
+    monkeypatch.setattr(midepoch, "save", lambda *a, **k: saves.append(1))
     train(default, tmp_path / "c", log=lambda s: None)
     assert not saves
 

@@ -120,6 +120,16 @@ def all_max(d: Dist, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather_objects(d: Dist, obj: T) -> list[T]:
+    """Every rank's ``obj`` on rank 0, in rank order (others get an empty list); between the
+    run's own processes, never from a file."""
+    if not d.active:
+        return [obj]
+    out: list[Any] = [None] * d.world if d.main else []
+    dist.gather_object(obj, out if d.main else None, dst=0)
+    return out
+
+
 def all_gather_cat(d: Dist, t: torch.Tensor) -> torch.Tensor:
     """Concatenate equally sized tensors from every rank (rank order)."""
     if not d.active:

@@ -96,7 +96,7 @@ class LogConfig:
     checkpoint_minutes: float = opt(30.0, "also checkpoint in the middle of an epoch when this many "
                                           "minutes passed since the last checkpoint (0: only at an "
                                           "epoch's end, and on SIGTERM/Ctrl-C, which always "
-                                          "checkpoint the batches done); one process only",
+                                          "checkpoint the batches done)",
                                     nonneg)
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from dorat import distributed
+from dorat import distributed, midepoch
 from dorat.checkpoint import (
     json_text,
     load_state_dict_checked,
@@ -30,7 +30,7 @@ from dorat.checkpoint import (
 )
 from dorat.config import Config
 from dorat.data.loader import Batches, resolve_augment
-from dorat.errors import CheckpointError, ConfigError, DoratError
+from dorat.errors import CheckpointError, ConfigError, DoratError, Terminated
 from dorat.guard import Watch
 from dorat.interrupts import HeldStops
 from dorat.models import use_channels_last
@@ -157,17 +157,11 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
             if mid is None:
                 method.weighting.load_state_dict(state["method"])
             else:
-                method.weighting.load_step_state(mid["weighting"], device)
-                if not 0 < int(mid["step"]) < steps_per_epoch:
-                    raise ValueError(f"it was taken after batch {mid['step']} of an epoch of "
-                                     f"{steps_per_epoch}")
+                first, mine = int(mid["step"]), midepoch.restore(mid, d, steps_per_epoch, trainer, device)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint in {out} does not fit this run ({e})") from None
-        if mid is not None and d.active:
-            raise CheckpointError(f"the checkpoint in {out} was taken in the middle of epoch "
-                                  f"{start_epoch + 1} by one process; resume it without torchrun")
         log(f"resuming {out} after epoch {start_epoch}/{epochs}"
-            + (f" and {mid['step']}/{steps_per_epoch} batches of the next" if mid else ""))
+            + (f" and {first}/{steps_per_epoch} batches of the next" if mid else ""))
         distributed.on_main(d, lambda: _truncate_log(out / "log.jsonl", start_epoch))
     progress = d.main and show_progress(cfg)
     extras = [k for k, v in (("channels-last", trainer.channels_last), ("bf16", trainer.bf16),
@@ -187,21 +181,21 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                 f"split's {len(split)} examples: the probe uses all of them")
     tb = TensorBoard(out, run.data.classes, start_epoch) if cfg.log.tensorboard and d.main else None
     host = machine(device.type)  # per epoch: a resumed run may go on on another machine
-    every_s = 60 * cfg.log.checkpoint_minutes if not d.active else 0
-    held = HeldStops(enabled=not d.active)  # a stop mid-epoch checkpoints the batches done
+    every_s = 60 * cfg.log.checkpoint_minutes
+    held = HeldStops()  # a stop within an epoch checkpoints the batches done (dorat.midepoch)
     try:
         for epoch in range(start_epoch, epochs):
             measured: list[tuple[float, float]] = []  # the probe's (wall, CPU) seconds this epoch
             after: list[ClassStats] = []  # a probe the weighting took after this epoch's training
             t0, c0 = time.perf_counter(), time.process_time()  # before a probe start_epoch may take
             gen = torch.Generator(device=device)
-            first = int(mid["step"]) if mid is not None and epoch == start_epoch else 0
-            if first:  # the middle of this epoch: its start (and the weighting's) is in the state
-                stats = EpochStats.from_state(mid["stats"], run.data.num_classes, device)
-                gen.set_state(mid["gen"])
-                t0, c0 = t0 - float(mid["seconds"]), c0 - float(mid["cpu_seconds"])
-                measured = [(float(w), float(c)) for w, c in mid["measured"]]
+            if mid is not None and epoch == start_epoch:  # its start (and the weighting's) is
+                stats = EpochStats.from_state(mine["stats"], run.data.num_classes, device)  # in the state
+                gen.set_state(mine["gen"])
+                t0, c0 = t0 - float(mine["seconds"]), c0 - float(mine["cpu_seconds"])
+                measured = [(float(w), float(c)) for w, c in mine["measured"]]
             else:
+                first = 0
                 method.weighting.start_epoch(epoch, epochs, None if probe is None else partial(
                     _measure, probe, model, epoch, measured))
                 stats = EpochStats(run.data.num_classes, device)
@@ -217,15 +211,17 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                              stats, idx)
                 if i + 1 == steps_per_epoch:
                     break  # a stop in the last batch waits for the epoch's own checkpoint
-                if held.pending is not None or (every_s and time.perf_counter() - saved >= every_s):
-                    _save_mid_epoch(out, cfg, trainer, epoch, i + 1, gen, stats, measured,
-                                    time.perf_counter() - t0, time.process_time() - c0)
+                due = bool(every_s) and time.perf_counter() - saved >= every_s
+                stop, save = midepoch.decide(d, held, due, i + 1, device)
+                if save:
+                    midepoch.save(out, _meta(cfg), trainer, d, epoch, i + 1, midepoch.rank_state(
+                        gen, stats, trainer, measured, time.perf_counter() - t0, time.process_time() - c0))
                     saved = time.perf_counter()
-                if held.pending is not None:
+                if stop:
                     bar.close()
                     log(f"stopped in epoch {epoch + 1} after batch {i + 1}/{steps_per_epoch}; "
                         "the checkpoint holds it")
-                    held.stop()
+                    _stop(held, d)
             bar.close()
             method.weighting.end_epoch(epoch, epochs, None if probe is None else partial(
                 _measure, probe, model, epoch, measured, after), model)
@@ -267,9 +263,9 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                 f"train clean {100 * summary['train_acc_clean']:.1f}%  "
                 f"adv {100 * summary['train_acc_adv']:.1f}%  lr {record['lr']:.4g}  "
                 f"{seconds:.1f}s ({record['examples_per_s']:.0f} ex/s)")
-            if held.pending is not None:
+            if midepoch.stop_at_epoch_end(d, held, device):
                 log(f"stopped after epoch {epoch + 1}")
-                held.stop()
+                _stop(held, d)
             held.release()  # the next epoch's start (a probe) stops at once
             if stop:
                 break
@@ -293,20 +289,12 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
     return True
 
 
-def _save_mid_epoch(out: Path, cfg: Config, trainer: Trainer, epoch: int, step: int,
-                    gen: torch.Generator, stats: EpochStats, measured: list[tuple[float, float]],
-                    seconds: float, cpu_seconds: float) -> None:
-    """A checkpoint after ``step`` batches of epoch ``epoch`` (0-based; single process): what the
-    epoch's end would save, plus the epoch so far (the attack generator, the statistics, the
-    weighting's state within the epoch, the time), so a resume goes on bitwise from there."""
-    w = trainer.method.weighting
-    state = {"epoch": epoch, "model": trainer.model.state_dict(),
-             "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-             "method": w.state_dict(),
-             "mid_epoch": {"step": step, "gen": gen.get_state(), "stats": stats.state(),
-                           "weighting": w.step_state(), "measured": [list(m) for m in measured],
-                           "seconds": seconds, "cpu_seconds": cpu_seconds}}
-    save_state(out / "checkpoint.safetensors", state, meta=_meta(cfg))
+def _stop(held: HeldStops, d: distributed.Dist) -> None:
+    """Stop as the held signal's handler says; under torchrun every rank stops, also one that
+    received no signal or whose handler returned."""
+    held.stop()
+    if d.active:
+        raise Terminated
 
 
 def _apply_optim_config(trainer: Trainer, cfg: Config) -> None:
