@@ -485,3 +485,42 @@ def test_a_requeue_signal_waits_for_the_batch_like_submitits(
     monkeypatch.setattr(trainer.Trainer, "step", real)
     train(cfg, tmp_path / "b", resume=True, log=lambda s: None)
     _same_run(tmp_path / "a", tmp_path / "b")
+
+
+@pytest.mark.parametrize("damage", [
+    lambda m: {**m, "ranks": 3},  # not a list
+    lambda m: {**m, "ranks": []},  # another number of processes
+    lambda m: {**m, "ranks": [{**m["ranks"][0], "gen": torch.zeros(3)}]},  # not a generator state
+    lambda m: {**m, "ranks": [{**m["ranks"][0], "stats": {"sums": 1}}]},
+    lambda m: {**m, "ranks": [{**m["ranks"][0], "measured": [[1.0]]}]},
+], ids=["ranks-not-a-list", "world", "gen", "stats", "measured"])
+def test_a_damaged_mid_epoch_checkpoint_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture, damage) -> None:  # noqa: ANN001
+    from conftest import make_synthetic_npz
+    from dorat import trainer
+    from dorat.checkpoint import save_state
+
+    npz = make_synthetic_npz(tmp_path / "toy.npz", n_train=192, n_test=40)
+    cfg = C.resolve(None, {"dataset": f"npz:{npz}", "method": "done", "epochs": 1, "batch_size": 64},
+                    ["attack.steps=1", "eval.n=20", "eval.checks=false", "eval.steps=1",
+                     "done.warmup=0", "log.checkpoint_minutes=1e-9"])
+    real = trainer.Trainer.step
+    calls = [0]
+
+    def step(self, *a, **k) -> None:  # noqa: ANN001, ANN002, ANN003
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("crash")
+        real(self, *a, **k)
+
+    monkeypatch.setattr(trainer.Trainer, "step", step)
+    with pytest.raises(RuntimeError):
+        train(cfg, tmp_path / "r", log=lambda s: None)
+    ck = tmp_path / "r" / "checkpoint.safetensors"
+    state = load_state(ck)[0]
+    save_state(ck, {**state, "mid_epoch": damage(state["mid_epoch"])})
+    monkeypatch.setattr(trainer.Trainer, "step", real)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dorat: error: checkpoint in ") and "does not fit this run" in err[-1]

@@ -13,6 +13,7 @@ one file. A resume needs the same number of processes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,19 +75,35 @@ def save(out: Path, meta: dict[str, str], trainer: Trainer, d: distributed.Dist,
     distributed.on_main(d, write)
 
 
+@dataclass
+class Resumed:
+    """What a checkpoint taken within an epoch gives this rank back."""
+
+    step: int  # batches of the epoch done
+    stats: EpochStats
+    gen_state: torch.Tensor
+    seconds: float
+    cpu_seconds: float
+    measured: list[tuple[float, float]]
+
+
 def restore(mid: dict[str, Any], d: distributed.Dist, steps_per_epoch: int, trainer: Trainer,
-            device: torch.device) -> dict[str, Any]:
-    """This rank's part of ``mid`` after loading the weighting's state from it; a ValueError
-    when the checkpoint does not fit the run."""
-    step, ranks = int(mid["step"]), mid["ranks"]
+            num_classes: int, device: torch.device) -> Resumed:
+    """This rank's part of ``mid``, with the weighting's state loaded from it; a ValueError (or
+    TypeError, KeyError) when the checkpoint does not fit the run."""
+    step, ranks = int(mid["step"]), list(mid["ranks"])
     if not 0 < step < steps_per_epoch:
         raise ValueError(f"it was taken after batch {step} of an epoch of {steps_per_epoch}")
     if len(ranks) != d.world:
         raise ValueError(f"it was taken in the middle of an epoch by {len(ranks)} process(es), and "
                          f"this run has {d.world}: resume it with {len(ranks)}")
     mine = ranks[d.rank]
+    if not (isinstance(mine["gen"], torch.Tensor) and mine["gen"].dtype == torch.uint8):
+        raise ValueError("its attack generator state is not a byte tensor")
     trainer.method.weighting.load_step_state(mine["weighting"], device)
-    return mine
+    return Resumed(step, EpochStats.from_state(mine["stats"], num_classes, device), mine["gen"],
+                   float(mine["seconds"]), float(mine["cpu_seconds"]),
+                   [(float(w), float(c)) for w, c in mine["measured"]])
 
 
 def _cpu(v: Any) -> Any:

@@ -146,22 +146,24 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
     trainer = Trainer(run, steps_per_epoch, d)
     run.model = model = trainer.model  # the evaluation uses the module that was trained
     optimizer, scheduler = trainer.optimizer, trainer.scheduler
-    start_epoch, mid = 0, None
+    start_epoch = 0
+    mid: midepoch.Resumed | None = None  # from a checkpoint taken within epoch start_epoch + 1
     if state is not None:
         try:
             load_state_dict_checked(model, state["model"], str(out / "checkpoint.safetensors"))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             _apply_optim_config(trainer, cfg)
-            start_epoch, mid = int(state["epoch"]), state.get("mid_epoch")
-            if mid is None:
+            start_epoch = int(state["epoch"])
+            if state.get("mid_epoch") is None:
                 method.weighting.load_state_dict(state["method"])
             else:
-                first, mine = int(mid["step"]), midepoch.restore(mid, d, steps_per_epoch, trainer, device)
-        except (KeyError, ValueError, RuntimeError) as e:
+                mid = midepoch.restore(state["mid_epoch"], d, steps_per_epoch, trainer,
+                                       run.data.num_classes, device)
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint in {out} does not fit this run ({e})") from None
         log(f"resuming {out} after epoch {start_epoch}/{epochs}"
-            + (f" and {first}/{steps_per_epoch} batches of the next" if mid else ""))
+            + (f" and {mid.step}/{steps_per_epoch} batches of the next" if mid else ""))
         distributed.on_main(d, lambda: _truncate_log(out / "log.jsonl", start_epoch))
     progress = d.main and show_progress(cfg)
     extras = [k for k, v in (("channels-last", trainer.channels_last), ("bf16", trainer.bf16),
@@ -189,13 +191,12 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
             after: list[ClassStats] = []  # a probe the weighting took after this epoch's training
             t0, c0 = time.perf_counter(), time.process_time()  # before a probe start_epoch may take
             gen = torch.Generator(device=device)
-            if mid is not None and epoch == start_epoch:  # its start (and the weighting's) is
-                stats = EpochStats.from_state(mine["stats"], run.data.num_classes, device)  # in the state
-                gen.set_state(mine["gen"])
-                t0, c0 = t0 - float(mine["seconds"]), c0 - float(mine["cpu_seconds"])
-                measured = [(float(w), float(c)) for w, c in mine["measured"]]
+            first = mid.step if mid is not None and epoch == start_epoch else 0
+            if first:  # within this epoch: its start (and the weighting's) is in the state
+                stats = mid.stats
+                gen.set_state(mid.gen_state)
+                t0, c0, measured = t0 - mid.seconds, c0 - mid.cpu_seconds, list(mid.measured)
             else:
-                first = 0
                 method.weighting.start_epoch(epoch, epochs, None if probe is None else partial(
                     _measure, probe, model, epoch, measured))
                 stats = EpochStats(run.data.num_classes, device)
