@@ -56,6 +56,17 @@ def pack(obj: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:
     raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
 
 
+def tensors_to(obj: Any, device: torch.device | str) -> Any:
+    """``obj`` with every tensor in it (nested in dicts, lists, tuples) detached and on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device)
+    if isinstance(obj, dict):
+        return {k: tensors_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tensors_to(v, device) for v in obj)
+    return obj
+
+
 def storable(obj: Any) -> bool:
     """Whether ``pack`` can store ``obj`` (tensors, numbers, strings, None and containers of them)."""
     try:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dorat import distributed
-from dorat.checkpoint import save_state
+from dorat.checkpoint import save_state, tensors_to
 from dorat.stats import EpochStats
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def rank_state(gen: torch.Generator, stats: EpochStats, trainer: Trainer,
 def save(out: Path, meta: dict[str, str], trainer: Trainer, d: distributed.Dist, epoch: int,
          step: int, mine: dict[str, Any]) -> None:
     """The checkpoint after ``step`` batches of epoch ``epoch`` (0-based), written by rank 0."""
-    ranks = distributed.gather_objects(d, _cpu(mine))
+    ranks = distributed.gather_objects(d, tensors_to(mine, "cpu"))
 
     def write() -> None:
         w = trainer.method.weighting
@@ -104,13 +104,3 @@ def restore(mid: dict[str, Any], d: distributed.Dist, steps_per_epoch: int, trai
     return Resumed(step, EpochStats.from_state(mine["stats"], num_classes, device), mine["gen"],
                    float(mine["seconds"]), float(mine["cpu_seconds"]),
                    [(float(w), float(c)) for w, c in mine["measured"]])
-
-
-def _cpu(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.detach().cpu()
-    if isinstance(v, dict):
-        return {k: _cpu(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(_cpu(x) for x in v)
-    return v

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from dorat.attacks import AttackResult
+from dorat.checkpoint import storable, tensors_to
 from dorat.parts import register, warmup_epochs
 
 if TYPE_CHECKING:
@@ -156,8 +157,6 @@ class Weighting:
         ``state_dict()`` and every other attribute that is not a config field (what start_epoch
         and the steps set: this epoch's flags, accumulators) and that a checkpoint can store.
         A weighting keeping such state in another form overrides this and load_step_state."""
-        from dorat.checkpoint import storable
-
         own = {f.name for f in fields(self)} if hasattr(self, "__dataclass_fields__") else set()
         attrs = {k: v for k, v in vars(self).items() if k not in own and storable(v)}
         moved = [k for k, v in attrs.items() if _on_accelerator(v)]
@@ -168,7 +167,7 @@ class Weighting:
         ``device`` (checkpoints hold CPU tensors)."""
         self.load_state_dict(state["state"])
         for k, v in state["attrs"].items():
-            setattr(self, k, _to(v, device) if k in state["on_device"] else v)
+            setattr(self, k, tensors_to(v, device) if k in state["on_device"] else v)
 
 
 def _on_accelerator(v: Any) -> bool:
@@ -177,13 +176,3 @@ def _on_accelerator(v: Any) -> bool:
     if isinstance(v, dict):
         return any(_on_accelerator(x) for x in v.values())
     return isinstance(v, (list, tuple)) and any(_on_accelerator(x) for x in v)
-
-
-def _to(v: Any, device: torch.device) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.to(device)
-    if isinstance(v, dict):
-        return {k: _to(x, device) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(_to(x, device) for x in v)
-    return v
