@@ -491,9 +491,10 @@ def test_a_requeue_signal_waits_for_the_batch_like_submitits(
     lambda m: {**m, "ranks": 3},  # not a list
     lambda m: {**m, "ranks": []},  # another number of processes
     lambda m: {**m, "ranks": [{**m["ranks"][0], "gen": torch.zeros(3)}]},  # not a generator state
+    lambda m: {**m, "ranks": [{**m["ranks"][0], "gen": torch.zeros(3, dtype=torch.uint8)}]},
     lambda m: {**m, "ranks": [{**m["ranks"][0], "stats": {"sums": 1}}]},
     lambda m: {**m, "ranks": [{**m["ranks"][0], "measured": [[1.0]]}]},
-], ids=["ranks-not-a-list", "world", "gen", "stats", "measured"])
+], ids=["ranks-not-a-list", "world", "gen", "gen-size", "stats", "measured"])
 def test_a_damaged_mid_epoch_checkpoint_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture, damage) -> None:  # noqa: ANN001
     from conftest import make_synthetic_npz

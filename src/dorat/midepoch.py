@@ -100,6 +100,7 @@ def restore(mid: dict[str, Any], d: distributed.Dist, steps_per_epoch: int, trai
     mine = ranks[d.rank]
     if not (isinstance(mine["gen"], torch.Tensor) and mine["gen"].dtype == torch.uint8):
         raise ValueError("its attack generator state is not a byte tensor")
+    torch.Generator(device=device).set_state(mine["gen"])  # the size fits this device's kind
     trainer.method.weighting.load_step_state(mine["weighting"], device)
     return Resumed(step, EpochStats.from_state(mine["stats"], num_classes, device), mine["gen"],
                    float(mine["seconds"]), float(mine["cpu_seconds"]),
