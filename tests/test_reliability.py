@@ -445,6 +445,12 @@ def test_held_stops_wait_for_the_step_a_second_ctrl_c_does_not(sigterm_raises: N
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C: at once
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    held = HeldStops()
+    held.hold()
+    os.kill(os.getpid(), signal.SIGTERM)  # after the loop's last look at it
+    with pytest.raises(Terminated):
+        held.release()  # delivered, not lost
+    assert signal.getsignal(signal.SIGTERM) == before[0]
 
 
 def test_a_requeue_signal_waits_for_the_batch_like_submitits(

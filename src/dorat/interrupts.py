@@ -27,10 +27,10 @@ def also_hold(sig: int) -> None:
 
 class HeldStops:
     """``held.hold()`` ... ``if held.pending is not None: (checkpoint); held.stop()`` ...
-    ``held.release()``; or ``with HeldStops(enabled) as held:`` around the same."""
+    ``held.release()``; or ``with HeldStops() as held:`` around the same."""
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+    def __init__(self) -> None:
+        self.enabled = threading.current_thread() is threading.main_thread()
         self.previous: dict[int, Any] = {}
         self.pending: int | None = None
 
@@ -51,26 +51,27 @@ class HeldStops:
         if self.pending is None:
             self.pending = signum
             return
-        if signum != signal.SIGINT:  # SIGTERM again: a process group's or a parent's copy
-            return
-        handler = self.previous[signum]
-        self.release()  # a second signal: the process's own handler, now
-        handler(signum, frame)
+        if signum == signal.SIGINT:  # a second Ctrl-C: the process's own handler, now
+            self.pending = signum
+            self.release()
+        # SIGTERM again: a process group's or a parent's copy of the first
 
     def stop(self) -> None:
-        """Act on the held signal as the process's own handler would (usually: raise)."""
-        signum, self.pending = self.pending, None
-        handler = self.previous.get(signum) if signum is not None else None
+        """Act on the held signal as the process's own handler would (usually: raise); if the
+        handler returns, stops are held again."""
         self.release()
-        if handler is not None:
-            handler(signum, None)
-        self.hold()  # a handler that returned: training goes on, still holding stops
+        self.hold()
 
     def release(self) -> None:
-        """The process's own handlers again (a signal still pending is dropped)."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous, self.pending = {}, None
+        """The process's own handlers again; a signal still held is delivered to its handler
+        now (so a stop that came after the last look is not lost)."""
+        signum, self.pending = self.pending, None
+        handler = self.previous.get(signum) if signum is not None else None
+        for sig, h in self.previous.items():
+            signal.signal(sig, h)
+        self.previous = {}
+        if handler is not None:
+            handler(signum, None)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

@@ -213,12 +213,12 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                 if i + 1 == steps_per_epoch:
                     break  # a stop in the last batch waits for the epoch's own checkpoint
                 due = bool(every_s) and time.perf_counter() - saved >= every_s
-                stop, save = midepoch.decide(d, held, due, i + 1, device)
+                halt, save = midepoch.decide(d, held, due, i + 1, device)
                 if save:
                     midepoch.save(out, _meta(cfg), trainer, d, epoch, i + 1, midepoch.rank_state(
                         gen, stats, trainer, measured, time.perf_counter() - t0, time.process_time() - c0))
                     saved = time.perf_counter()
-                if stop:
+                if halt:
                     bar.close()
                     log(f"stopped in epoch {epoch + 1} after batch {i + 1}/{steps_per_epoch}; "
                         "the checkpoint holds it")
