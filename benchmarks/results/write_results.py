@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 from dorat.compare import markdown_tables, mean_std, signed_points
@@ -267,6 +268,39 @@ def ablation_lines(aggs: dict[str, dict | None]) -> list[str]:
     return out + [""]
 
 
+# Who pays for a class-level tilt: these rows against the same step with uniform weights, class
+# by class (the AutoAttack evaluation's per-class worst case of all attacks, paired by seed).
+CLASS_PAIRS = (("done-val-x2", "at-x2"), ("wat-at", "at-x2"))
+
+
+def class_pair_lines(grid: dict, setting: str) -> list[str]:
+    """Per class: the reference's mean, the row's mean, the difference on every common seed and
+    its mean ± std; [] without a common seed."""
+    rows = {r["method"]: r for r in grid["rows"] if r["setting"] == setting}
+    out: list[str] = []
+    for name, ref in CLASS_PAIRS:
+        d, b = rows.get(name), rows.get(ref)
+        if d is None or b is None or "aa1000" not in d.get("per_class_values", {}) or \
+                "aa1000" not in b.get("per_class_values", {}):
+            continue
+        common = [s for s in d["seeds"] if s in b["seeds"]]
+        if not common:
+            continue
+        pd, pb = (dict(zip(r["seeds"], r["per_class_values"]["aa1000"])) for r in (d, b))
+        out += [f"| class | {ref} | {name} | difference (points), per seed | mean ± std |",
+                "|---|---|---|---|---|"]
+        for c, cls in enumerate(d["classes"]):
+            diff = [pd[s][c] - pb[s][c] for s in common]
+            ms = mean_std(diff)
+            spread = f" ± {100 * ms['std']:.1f}" if ms["n"] > 1 else ""
+            out.append(f"| {cls} | {100 * statistics.fmean(pb[s][c] for s in common):.1f} | "
+                       f"{100 * statistics.fmean(pd[s][c] for s in common):.1f} | "
+                       + ", ".join(f"s{s}: {signed_points(x)}" for s, x in zip(common, diff))
+                       + f" | {signed_points(ms['mean'])}{spread} |")
+        out.append("")
+    return out
+
+
 # The paired-by-seed sections of RESULTS.md: (table, heading, what it pairs), each per setting.
 PAIRED_SECTIONS = (
     (paired_lines, "DONE against its unweighted loss and the best baseline",
@@ -277,6 +311,10 @@ PAIRED_SECTIONS = (
      "Each row against the same loss with uniform weights (TRADES or PGD-AT); `wat-at` also against "
      "`at-x2`, PGD-AT at the step WAT's weights take (its class weights count only where it beats "
      "that), and `done-val-x2` (done-val at that step) against `at-x2` and `wat-at`."),
+    (class_pair_lines, "Who pays for the class tilt: per class against at-x2",
+     "The class-level weightings at WAT's step against PGD-AT at the same step (`at-x2`), class by "
+     "class: robust accuracy on the 1,000 AutoAttack points (100 per class, so 1 point is one "
+     "image), worst case of all attacks, means over the common seeds."),
 )
 
 

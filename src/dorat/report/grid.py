@@ -110,6 +110,7 @@ def aggregate(grid: Grid) -> dict[str, Any]:
                 "per_class": {k: [statistics.fmean(c) for c in zip(*v)] for k, v in per_class.items()},
                 "per_class_std": {k: [statistics.stdev(c) if len(c) > 1 else 0.0 for c in zip(*v)]
                                   for k, v in per_class.items()},
+                "per_class_values": per_class,  # per seed, in the order of "seeds": for pairing
                 "classes": classes,
                 "weights": _weights_summary(last_epochs),
                 "machines": sorted(machines),
