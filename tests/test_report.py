@@ -116,6 +116,9 @@ def test_compare_runs_skips_resumes_and_aggregates(tmp_path: Path, synthetic_npz
             assert row["metrics"][key]["std"] == pytest.approx(statistics.stdev(vals))
         cw = [json.loads((r.path / "eval-cw40.json").read_text())["ra"]["cw"] for r in runs]
         assert row["metrics"]["cw40:ra.cw"]["mean"] == pytest.approx(statistics.fmean(cw))
+        # each seed's per-class accuracies, in the order of "seeds" (for pairing by seed)
+        assert row["per_class_values"]["cw40"] == [
+            json.loads((r.path / "eval-cw40.json").read_text())["per_class"]["cw"] for r in runs]
         last = [json.loads((r.path / "log.jsonl").read_text().splitlines()[-1]) for r in runs]
         w = row["weights"]
         assert w["ess"]["values"] == pytest.approx([e["ess"] for e in last])
