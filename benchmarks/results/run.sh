@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make results`: the results grid, then docs/RESULTS.md. Resumable: stop it at any time and run
-# it again; finished runs are kept and interrupted ones resume from their last epoch.
+# it again; finished runs are kept, and interrupted ones resume where they stopped (after the
+# batch in progress on SIGTERM or Ctrl-C; after the last checkpoint on a kill -9).
 # The grid runs seeds outermost, so a stopped grid already compares every method on seed 0.
 #
 # The runs live in $OUT/grid (default benchmarks/results/grid). Their small files (config, log,
