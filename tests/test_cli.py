@@ -35,6 +35,32 @@ def test_train_eval_roundtrip_through_cli(tmp_path: Path, capsys: pytest.Capture
     assert code == 0, err
     m = json.loads((tmp_path / "e.json").read_text())
     assert set(m["ra"]) == {"pgd", "cw", "worst"} and m["n"] == 20
+    # stopped in the middle (here after PGD's batch): the same command goes on from its journal
+    import dorat.evaluate as E
+
+    real, calls = E._attack_batch, []
+
+    def attack(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        calls.append(a[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    again = ["eval", str(run), "--attacks", "pgd,cw", "--n", "20", "--out", str(tmp_path / "f.json")]
+    E._attack_batch = attack
+    try:
+        code, out, err = _run(capsys, *again)
+        assert code == 130 and "run the same command again to continue where the attacks stopped" in err
+        assert (tmp_path / ".f.json.partial.safetensors").is_file() and not (tmp_path / "f.json").exists()
+        code, out, err = _run(capsys, *again)
+    finally:
+        E._attack_batch = real
+    assert code == 0 and "resuming the evaluation after 2 of 3" in err  # clean, PGD; not CW
+    assert calls[:3] == ["pgd", "cw", "cw"], calls  # then the sanity checks' PGD sweep
+    f = json.loads((tmp_path / "f.json").read_text())
+    assert {k: v for k, v in f.items() if k != "eval_seconds"} == {
+        k: v for k, v in m.items() if k != "eval_seconds"}  # what the uninterrupted one gave
+    assert not (tmp_path / ".f.json.partial.safetensors").exists()
     code, out, err = _run(capsys, "eval", str(run), "--attacks", "pgd,fab")
     assert code == 2 and "unknown attack(s) fab" in err
     code, out, err = _run(capsys, "eval", str(run), "--out", str(tmp_path / "no" / "dir.json"))

@@ -211,12 +211,14 @@ def benchmark(model: nn.Module, dataset: str, eps: float | None = None, n: int |
               data_dir: str | None = None, device: str = "auto",
               normalize: str | tuple[Sequence[float], Sequence[float]] | None = None,
               model_info: Mapping[str, Any] | None = None, progress: bool = False,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, journal: Path | None = None
+              ) -> dict[str, Any]:
     """Evaluate ``model`` (inputs in [0, 1]) on ``n`` stratified test points of ``dataset`` under
     ``attacks`` and return its card (see the module docstring). ``normalize``: (mean, std), or
     its text "MEAN,STD" / C means then C stds, wraps a model that expects normalised inputs.
     ``eps`` defaults to RobustBench's standard radius where there is one (CIFAR-10/100: 8/255
-    Linf, 0.5 L2)."""
+    Linf, 0.5 L2). ``journal``: a file the evaluation saves its progress in and resumes from
+    (dorat.evaluate)."""
     from dorat.data import check_dataset, load_dataset
     from dorat.evaluate import EvalSettings, check_attacks, evaluate
     from dorat.run import resolve_device
@@ -241,7 +243,7 @@ def benchmark(model: nn.Module, dataset: str, eps: float | None = None, n: int |
     _check_model_fits(model, ds.x_test, ds.num_classes, dataset, dev)
     settings = EvalSettings(eps=eps, norm=norm, steps=steps, restarts=restarts)
     metrics, _ = evaluate(model, ds.x_test, ds.y_test, ds.classes, list(attacks), settings, n, dev,
-                          progress, checks=checks, check_n=check_n, log=log)
+                          progress, checks=checks, check_n=check_n, journal=journal, log=log)
     return make_card(metrics, dataset, norm, eps, attacks, model_info, normalize)
 
 

@@ -210,14 +210,10 @@ def cmd_train(a: argparse.Namespace) -> int:
                              "data.dir": a.data_dir, "perf.channels_last": a.channels_last,
                              "perf.amp": a.amp, "perf.compile": a.compile, "perf.sync_bn": a.sync_bn,
                              "log.tensorboard": True if "tensorboard" in a.log else None,
-                             "val.co_restore": a.co_restore,
-                             "plugins": a.plugin or None}
+                             "val.co_restore": a.co_restore, "plugins": a.plugin or None}
     cfg = cfglib.resolve(a.config, flags, a.set)
     changes = dict(cfglib.parse_set(item) for item in a.set)
-    if a.epochs is not None:
-        changes["epochs"] = a.epochs
-    if a.data_dir is not None:
-        changes["data.dir"] = a.data_dir
+    changes.update({k: v for k, v in (("epochs", a.epochs), ("data.dir", a.data_dir)) if v is not None})
     if a.resume and has_checkpoint(Path(a.out)) and (a.config or any(
             v is not None for k, v in flags.items()
             if k not in ("device", "data.dir", "plugins", "epochs"))):
@@ -239,7 +235,7 @@ def _cmd_tune(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from dorat.checkpoint import probe_writable, write_json_atomic
     from dorat.evaluate import summary_lines
-    from dorat.run import evaluate_run, load_run
+    from dorat.run import eval_journal, evaluate_run, load_run
 
     load_plugins(a.plugin)
     external = [o for o, v in (("--model", a.model), ("--weights", a.weights), ("--dataset", a.dataset),
@@ -264,8 +260,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise DoratError(f"{out} already holds an evaluation; pass --overwrite to replace it or "
                          "--out FILE to keep both")
     probe_writable(out)  # before an evaluation that may take an hour, not after it
-    metrics = evaluate_run(run, progress=sys.stderr.isatty(),
-                           log=lambda m: print(m, file=sys.stderr))
+    metrics = evaluate_run(run, progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr),
+                           journal=eval_journal(out))
     write_json_atomic(out, metrics)
     print("\n".join(summary_lines(metrics)))
     print(f"results in {out}")
@@ -278,6 +274,7 @@ def _eval_model(a: argparse.Namespace) -> int:
     from dorat.checkpoint import probe_writable, write_json_atomic
     from dorat.data import get_spec
     from dorat.evaluate import check_attacks, summary_lines
+    from dorat.run import eval_journal
 
     if a.dataset is None:
         raise DoratError("--model needs --dataset NAME (the test set to evaluate on, e.g. cifar10)")
@@ -304,7 +301,8 @@ def _eval_model(a: argparse.Namespace) -> int:
         model, a.dataset, a.eps, 1000 if a.n is None else a.n, attacks, norm=a.norm or "linf",
         steps=a.steps or 20, restarts=a.restarts or 1, checks=a.checks is not False,
         data_dir=a.data_dir, device=a.device, normalize=a.normalize, model_info=info,
-        progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr))
+        progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr),
+        journal=eval_journal(out))
     write_json_atomic(out, card)
     print("\n".join(summary_lines(card)))
     print(f"card in {out}")
@@ -363,6 +361,8 @@ def cmd_data(a: argparse.Namespace) -> int:
 
 
 def _how_to_continue(cmd: str) -> str:
+    if cmd == "eval":  # its journal beside OUT (dorat.run.eval_journal)
+        return "run the same command again to continue where the attacks stopped"
     if cmd in ("compare", "tune"):
         return "run the same command again to continue (finished runs are kept, stopped ones resume)"
     return "run the same command with --resume to continue"

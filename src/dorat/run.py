@@ -204,6 +204,11 @@ def eval_split(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
     return run.data.x_test, run.data.y_test
 
 
+def eval_journal(out: Path) -> Path:
+    """Where `dorat eval` keeps its progress beside its output file: the same command resumes it."""
+    return out.parent / f".{out.name}.partial.safetensors"
+
+
 def evaluate_run(run: Run, progress: bool = False, log: Callable[[str], None] | None = None,
                  journal: Path | None = None) -> dict[str, Any]:
     """Evaluate the run's model as its ``eval`` config says (attacks, split, subset).
