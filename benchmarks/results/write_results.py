@@ -193,7 +193,7 @@ def target_lines(grid: dict, setting: str = "balanced") -> list[str]:
     sa_min = m["at"]["sa"]["mean"] - TARGET_SA_DROP
 
     def cell(v: dict, ok: bool) -> str:
-        spread = f" ± {100 * v['std']:.2f}" if v["n"] > 1 else ""  # no spread from one seed
+        spread = f" ± {100 * v['std']:.2f}" if len(v["values"]) > 1 else ""  # no spread from one seed
         return f"{100 * v['mean']:.2f}{spread} {'✓' if ok else '✗'}"
 
     out = [f"PGD-AT's means set the bars: RA-AA ≥ {100 * ra_min:.2f}, SA ≥ {100 * sa_min:.2f}, and "
