@@ -387,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dorat: interrupted; {_how_to_continue(a.cmd)}", file=sys.stderr)
         return 130
     except Terminated:
-        print("dorat: terminated (SIGTERM); the checkpoint keeps the batches trained: "
-              f"{_how_to_continue(a.cmd)}", file=sys.stderr)
+        kept = "" if a.cmd == "eval" else "the checkpoint keeps the batches trained: "
+        print(f"dorat: terminated (SIGTERM); {kept}{_how_to_continue(a.cmd)}", file=sys.stderr)
         return EXIT_TERMINATED
     finally:
         if main_thread:
