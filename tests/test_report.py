@@ -246,6 +246,36 @@ def test_compare_workers_split_the_grid(tmp_path: Path, synthetic_npz: Path,
     assert not list(out.rglob(".lock"))
 
 
+def test_a_stopped_compare_checkpoints_its_workers_and_starts_no_queued_run(
+        tmp_path: Path, synthetic_npz: Path) -> None:
+    """SIGTERM to the whole process group (a scheduler's stop) while two workers train: both
+    checkpoint and stop, and the runs the pool had queued never start (a worker that ends
+    cleanly would otherwise be replaced by one running the next run)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    f = _compare_file(tmp_path, synthetic_npz, epochs=200)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dorat", "compare", str(f), "--out", str(out),
+                             "--workers", "2"], env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    grid = load_grid(f, out)
+    first, queued = grid.runs[:2], grid.runs[2:]
+    deadline = time.time() + 120
+    while time.time() < deadline and not all((r.path / "log.jsonl").is_file() for r in first):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert all((r.path / "checkpoint.safetensors").is_file() for r in first)
+    assert not any((r.path / "log.jsonl").exists() for r in queued), err
+    assert "training" not in " ".join(ln for ln in err.splitlines() if "seed1" in ln), err
+
+
 def test_compare_checks_methods_before_writing_or_starting_workers(tmp_path: Path,
                                                                    synthetic_npz: Path) -> None:
     f = _compare_file(tmp_path, synthetic_npz)

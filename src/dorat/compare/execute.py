@@ -107,6 +107,9 @@ def _pool(todo: Sequence[tuple[RunSpec, str]], evals: Sequence[dict[str, Any]], 
 
     ctx = mp.get_context("spawn")
     slots, lines = ctx.Queue(), ctx.Queue()  # free slots; the workers' messages for ``log``
+    # set on a stop: the runs the pool had already queued (a stopped worker exits cleanly, so
+    # the pool starts new workers for them) then end at once instead of training
+    stopping = ctx.Event()
     for k in range(workers):
         slots.put(k)
 
@@ -118,7 +121,7 @@ def _pool(todo: Sequence[tuple[RunSpec, str]], evals: Sequence[dict[str, Any]], 
     printer.start()
     extra = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
     ex = ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
-                             initargs=(slots, lines, list(plugins)), **extra)
+                             initargs=(slots, lines, list(plugins), stopping), **extra)
     errors = []
     try:
         futures = [ex.submit(_worker_job, r, list(evals), tag, retry_failed, workers, device)
@@ -133,6 +136,7 @@ def _pool(todo: Sequence[tuple[RunSpec, str]], evals: Sequence[dict[str, Any]], 
                                  "(killed, or out of memory?); run the same command again: finished "
                                  "runs are kept and interrupted ones resume") from None
     except BaseException:  # Ctrl-C or SIGTERM (a Slurm job's end): stop the workers too
+        stopping.set()
         _terminate(ex)
         raise
     finally:
@@ -154,13 +158,14 @@ def _terminate(ex: Any) -> None:
 
 _SLOTS: Any = None
 _LINES: Any = None
+_STOPPING: Any = None
 
 
-def _worker_init(slots: Any, lines: Any, plugins: list[str]) -> None:
-    global _SLOTS, _LINES
+def _worker_init(slots: Any, lines: Any, plugins: list[str], stopping: Any) -> None:
+    global _SLOTS, _LINES, _STOPPING
     from dorat.parts import load_plugins
 
-    _SLOTS, _LINES = slots, lines
+    _SLOTS, _LINES, _STOPPING = slots, lines, stopping
     # SIGTERM (the parent's stop, or the process group's) ends the batch in progress and
     # checkpoints the epoch so far (dorat.interrupts), instead of killing the worker outright
     signal.signal(signal.SIGTERM, raise_terminated)
@@ -169,7 +174,10 @@ def _worker_init(slots: Any, lines: Any, plugins: list[str]) -> None:
 
 def _worker_job(r: RunSpec, evals: list[dict[str, Any]], tag: str, retry_failed: bool, workers: int,
                 device: str | None) -> None:
-    """A pool worker's run: its slot's threads and GPU, its messages prefixed [wK]."""
+    """A pool worker's run: its slot's threads and GPU, its messages prefixed [wK]; nothing
+    once the grid is stopping."""
+    if _STOPPING.is_set():
+        return
     k = _SLOTS.get()
     try:
         os.environ.update(worker_env(k, workers, device))
