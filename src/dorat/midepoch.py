@@ -65,11 +65,7 @@ def save(out: Path, meta: dict[str, str], trainer: Trainer, d: distributed.Dist,
     ranks = distributed.gather_objects(d, tensors_to(mine, "cpu"))
 
     def write() -> None:
-        w = trainer.method.weighting
-        state = {"epoch": epoch, "model": trainer.model.state_dict(),
-                 "optimizer": trainer.optimizer.state_dict(),
-                 "scheduler": trainer.scheduler.state_dict(), "method": w.state_dict(),
-                 "mid_epoch": {"step": step, "ranks": ranks}}
+        state = {**trainer.state(epoch), "mid_epoch": {"step": step, "ranks": ranks}}
         save_state(out / "checkpoint.safetensors", state, meta=meta)
 
     distributed.on_main(d, write)

@@ -105,6 +105,12 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
             o.schedule, cfg.epochs * steps_per_epoch, list(o.milestones), o.gamma))
 
+    def state(self, epochs_done: int) -> dict[str, Any]:
+        """What a checkpoint holds: model, optimizer, schedule, the weighting's state."""
+        return {"epoch": epochs_done, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "method": self.method.weighting.state_dict()}
+
     def step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext, stats: EpochStats | None,
              idx: torch.Tensor | None = None) -> None:
         model, method = self.model, self.method
@@ -250,10 +256,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                 **val, **({"val_seconds": round(sum(w for w, _ in measured), 3)} if measured else {}),
             }
             stop = watch is not None and watch.after_epoch(record, model, d.main)
-            state_now = {
-                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "method": method.weighting.state_dict(),
-            } if d.main else {}
+            state_now = trainer.state(epoch + 1) if d.main else {}
             gathered = stats.gathered(d)
             distributed.on_main(d, partial(_write_epoch, out, record, gathered, state_now, cfg))
             if tb is not None:
