@@ -99,10 +99,21 @@ def test_compare_runs_skips_resumes_and_aggregates(tmp_path: Path, synthetic_npz
     # one run interrupted after its first epoch: compare must resume it, not restart it
     pre = grid.runs[2]
     train(pre.cfg, pre.path, stop_after_epoch=1, log=lambda s: None)
+    # another stopped before its first checkpoint (only config.yaml), then started again: that
+    # attempt trains beside it in RUN/.next, and its checkpoint there must be resumed, not wiped
+    nxt = grid.runs[3]
+    train(nxt.cfg, nxt.path, stop_after_epoch=1, log=lambda s: None)
+    for name in ("checkpoint.safetensors", "log.jsonl", "weights.safetensors"):
+        (nxt.path / name).unlink()
+    train(nxt.cfg, nxt.path, overwrite=True, stop_after_epoch=1, log=lambda s: None)
+    assert (nxt.path / ".next" / "checkpoint.safetensors").is_file()
     logs: list[str] = []
     report = compare(f, out, log=logs.append)
     assert any("at/seed1: resuming" in m for m in logs)
-    assert sum("training" in m and "seed" in m for m in logs) == 3
+    assert any("done-w0/seed1: resuming" in m for m in logs)
+    assert sum("training" in m and "seed" in m for m in logs) == 2
+    assert not (nxt.path / ".next").exists()
+    assert [json.loads(ln)["epoch"] for ln in (nxt.path / "log.jsonl").read_text().splitlines()] == [1, 2]
     for r in grid.runs:
         assert (r.path / "metrics.json").is_file() and (r.path / "eval-cw40.json").is_file()
     agg = json.loads((out / "results.json").read_text())

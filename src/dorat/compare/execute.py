@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dorat import locks
+from dorat import locks, rundir
 from dorat.compare.grid import (
     FAILED,
     Grid,
@@ -197,7 +197,7 @@ def _do_run(r: RunSpec, evals: Sequence[dict[str, Any]], st: str, tag: str,
 
     if st == "failed":  # only reached with retry_failed
         (r.path / FAILED).unlink()
-        st = "resume" if (r.path / "checkpoint.safetensors").is_file() else "new"
+        st = "resume" if rundir.has_checkpoint(r.path) else "new"
     missing = _missing_evals(r, evals)
     if st == "done" and missing and not (r.path / "model.safetensors").is_file():
         log(f"{tag}: finished, but its model file is gone and evaluation(s) {', '.join(missing)} "

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dorat import config as cfglib
-from dorat import parts
+from dorat import parts, rundir
 from dorat.config import Config
 from dorat.errors import ConfigError
 
@@ -213,7 +213,7 @@ def _status(run: RunSpec) -> str:
         return "done"
     if (p / FAILED).is_file():
         return "failed"
-    if (p / "checkpoint.safetensors").is_file():
+    if rundir.has_checkpoint(p):  # in RUN, or in RUN/.next for a restart beside a config.yaml
         return "resume"
     return "new"
 
