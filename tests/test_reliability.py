@@ -427,6 +427,43 @@ def test_a_crash_mid_epoch_resumes_from_the_timed_checkpoint(
     assert not saves
 
 
+def test_weighting_state_a_checkpoint_cannot_hold_is_named_at_the_first_mid_epoch_save(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plug-in keeping epoch state as, say, a numpy array: the default step_state cannot store
+    it, so the run says so once (naming it) instead of resuming differently without a word."""
+    import numpy as np
+
+    from conftest import make_synthetic_npz
+    from dorat.objectives.base import Weighting
+
+    def start_epoch(self, epoch, epochs, measure=None) -> None:  # noqa: ANN001
+        self.hist, self.seen = np.zeros(3), epoch  # seen is storable, hist is not
+
+    monkeypatch.setattr(Weighting, "start_epoch", start_epoch)  # "uniform" (at)
+    npz = make_synthetic_npz(tmp_path / "toy.npz", n_train=192, n_test=40)
+    cfg = C.resolve(None, {"dataset": f"npz:{npz}", "method": "at", "epochs": 2, "batch_size": 64},
+                    ["attack.steps=1", "eval.n=20", "eval.checks=false", "eval.steps=1",
+                     "log.checkpoint_minutes=1e-9"])  # a checkpoint after every batch
+    lines: list[str] = []
+    train(cfg, tmp_path / "r", log=lines.append)
+    warned = [s for s in lines if s.startswith("warning: the weighting")]
+    assert warned == [
+        "warning: the weighting 'uniform' keeps hist in a form a checkpoint cannot store (only "
+        "tensors, numbers, strings, None and lists/tuples/dicts of them), so a resume within an "
+        "epoch starts without it; override its step_state and load_step_state (docs/ARCHITECTURE.md)"]
+    w = Weighting()
+    start_epoch(w, 1, 2)
+    assert w.step_state()["attrs"] == {"seen": 1} and w.unstored_attrs() == ["hist"]
+
+    class Own(Weighting):
+        def step_state(self) -> dict:
+            return {"hist": self.hist.tolist()}
+
+    w = Own()
+    start_epoch(w, 1, 2)
+    assert w.unstored_attrs() == []  # its own step_state: its business
+
+
 def test_held_stops_wait_for_the_step_a_second_ctrl_c_does_not(sigterm_raises: None) -> None:
     from dorat.errors import Terminated
     from dorat.interrupts import HeldStops

@@ -192,6 +192,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
     every_s = 60 * cfg.log.checkpoint_minutes
     held = HeldStops()  # a stop within an epoch checkpoints the batches done (dorat.midepoch)
     try:
+        warned = False  # _warn_unstored, at the first checkpoint within an epoch
         for epoch in range(start_epoch, epochs):
             measured: list[tuple[float, float]] = []  # the probe's (wall, CPU) seconds this epoch
             after: list[ClassStats] = []  # a probe the weighting took after this epoch's training
@@ -221,6 +222,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                 due = bool(every_s) and time.perf_counter() - saved >= every_s
                 halt, save = midepoch.decide(d, held, due, i + 1, device)
                 if save:
+                    warned = warned or _warn_unstored(method.weighting, cfg.method.weighting, log)
                     midepoch.save(out, _meta(cfg), trainer, d, epoch, i + 1, midepoch.rank_state(
                         gen, stats, trainer, measured, time.perf_counter() - t0, time.process_time() - c0))
                     saved = time.perf_counter()
@@ -335,6 +337,18 @@ def _write_epoch(out: Path, record: dict[str, Any], weights: dict[str, torch.Ten
         raise
     save_state(out / "weights.safetensors", weights, meta={"epoch": str(record["epoch"])})
     save_state(out / "checkpoint.safetensors", state, meta=_meta(cfg))
+
+
+def _warn_unstored(weighting: Any, name: str, log: Callable[[str], None]) -> bool:
+    """At the first checkpoint within an epoch: what it will not hold (a plug-in's state in a
+    form a checkpoint cannot store, e.g. a numpy array). True: checked."""
+    lost = weighting.unstored_attrs()
+    if lost:
+        log(f"warning: the weighting '{name}' keeps {', '.join(lost)} in a form a checkpoint "
+            "cannot store (only tensors, numbers, strings, None and lists/tuples/dicts of them), so "
+            "a resume within an epoch starts without it; override its step_state and "
+            "load_step_state (docs/ARCHITECTURE.md)")
+    return True
 
 
 def _truncate_log(path: Path, epochs_done: int) -> None:

@@ -157,10 +157,20 @@ class Weighting:
         ``state_dict()`` and every other attribute that is not a config field (what start_epoch
         and the steps set: this epoch's flags, accumulators) and that a checkpoint can store.
         A weighting keeping such state in another form overrides this and load_step_state."""
-        own = {f.name for f in fields(self)} if hasattr(self, "__dataclass_fields__") else set()
-        attrs = {k: v for k, v in vars(self).items() if k not in own and storable(v)}
+        attrs = {k: v for k, v in self._step_attrs().items() if storable(v)}
         moved = [k for k, v in attrs.items() if _on_accelerator(v)]
         return {"state": self.state_dict(), "attrs": attrs, "on_device": moved}
+
+    def unstored_attrs(self) -> list[str]:
+        """The attributes the default ``step_state`` leaves out because a checkpoint cannot
+        store them (a resume within the epoch starts without them); none when it is overridden."""
+        if type(self).step_state is not Weighting.step_state:
+            return []
+        return sorted(k for k, v in self._step_attrs().items() if not storable(v))
+
+    def _step_attrs(self) -> dict[str, Any]:
+        own = {f.name for f in fields(self)} if hasattr(self, "__dataclass_fields__") else set()
+        return {k: v for k, v in vars(self).items() if k not in own}
 
     def load_step_state(self, state: dict[str, Any], device: torch.device) -> None:
         """Restore what ``step_state`` returned; tensors that were on an accelerator go to
