@@ -228,12 +228,15 @@ def test_an_error_on_rank_0_stops_every_rank(tmp_path) -> None:  # noqa: ANN001
     assert errors[0] == errors[1] and errors[0].startswith("ConfigError") and "finished run" in errors[0]
 
 
-def _stopped_worker(rank: int, ports: list[int], npz: str, out: str, q) -> None:  # noqa: ANN001
+def _stopped_worker(rank: int, ports: list[int], npz: str, out: str, q, crash: bool) -> None:  # noqa: ANN001
     """Rank 1 alone gets a SIGTERM in epoch 2; both ranks stop at the next agreement, rank 0
-    writes the checkpoint, and the next launch resumes within the epoch."""
+    writes the checkpoint, and the next launch resumes within the epoch. ``crash``: instead,
+    log.checkpoint_minutes saves at every agreement (rank 0's clock decides) and both ranks die
+    in batch 3 of epoch 2 with no handler; the next launch resumes from the timed checkpoint."""
     import signal
 
     from dorat import midepoch, trainer
+    from dorat.checkpoint import load_state
     from dorat.errors import Terminated, raise_terminated
     from dorat.run import train
 
@@ -243,30 +246,35 @@ def _stopped_worker(rank: int, ports: list[int], npz: str, out: str, q) -> None:
     real, calls = trainer.Trainer.step, [0]
 
     def step(self, *a, **k) -> None:  # noqa: ANN001, ANN002, ANN003
-        real(self, *a, **k)
         calls[0] += 1
-        if calls[0] == 5 and rank == 1:  # epoch 2, batch 1
+        if crash and calls[0] == 7:  # epoch 2, batch 3: the node is gone
+            raise RuntimeError("the machine went away")
+        real(self, *a, **k)
+        if not crash and calls[0] == 5 and rank == 1:  # epoch 2, batch 1
             os.kill(os.getpid(), signal.SIGTERM)
 
+    cfg = _ddp_cfg(npz)
+    if crash:
+        cfg = cfg.replace({"log.checkpoint_minutes": 1e-9})  # due at every agreement
     results = []
     for i, port in enumerate(ports):
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         trainer.Trainer.step = step if i == 0 else real  # type: ignore[method-assign]
         try:
-            train(_ddp_cfg(npz), out, resume=i > 0, log=lambda s: None)
+            train(cfg, out, resume=i > 0, log=lambda s: None)
             results.append("finished")
-        except Terminated:
-            from dorat.checkpoint import load_state
-
-            mid = load_state(f"{out}/checkpoint.safetensors")[0]["mid_epoch"]
-            results.append(f"terminated after batch {mid['step']} of epoch 2, {len(mid['ranks'])} ranks")
+        except (Terminated, RuntimeError) as e:
+            mid = load_state(f"{out}/checkpoint.safetensors")[0]["mid_epoch"] if rank == 0 else None
+            results.append(f"{type(e).__name__}" + (
+                f": checkpoint after batch {mid['step']} of epoch 2, {len(mid['ranks'])} ranks"
+                if mid else ""))
         except Exception as e:  # noqa: BLE001
             results.append(repr(e))
     q.put((rank, results))
 
 
-def test_a_stop_on_one_rank_stops_all_within_the_epoch_and_resumes_bitwise(tmp_path) -> None:  # noqa: ANN001
+def test_a_stop_on_one_rank_or_a_crash_of_all_resumes_within_the_epoch_bitwise(tmp_path) -> None:  # noqa: ANN001
     from safetensors.torch import load_file
 
     from conftest import make_synthetic_npz
@@ -274,26 +282,29 @@ def test_a_stop_on_one_rank_stops_all_within_the_epoch_and_resumes_bitwise(tmp_p
 
     npz = str(make_synthetic_npz(tmp_path / "toy.npz", n_train=256, n_test=40))
     ctx = mp.get_context("spawn")
-    runs = {"whole": [_free_port(), _free_port()], "stopped": [_free_port(), _free_port()]}
+    runs = {name: [_free_port(), _free_port()] for name in ("whole", "stopped", "crashed")}
     for name, ports in runs.items():
         q = ctx.Queue()
         target = _train_worker if name == "whole" else _stopped_worker
         args = ((2, ports, npz, str(tmp_path / name), q) if name == "whole"
-                else (ports, npz, str(tmp_path / name), q))
+                else (ports, npz, str(tmp_path / name), q, name == "crashed"))
         procs = [ctx.Process(target=target, args=(r, *args)) for r in range(2)]
         for p in procs:
             p.start()
         got = dict(q.get(timeout=300)[:2] for _ in procs)
         for p in procs:
             p.join(timeout=60)
-        if name == "stopped":
-            first = "terminated after batch 2 of epoch 2, 2 ranks"
-            assert got == {0: [first, "finished"], 1: [first, "finished"]}, got
-    a = load_file(tmp_path / "whole" / "model.safetensors")
-    b = load_file(tmp_path / "stopped" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    la, lb = ((tmp_path / n / "log.jsonl").read_text().splitlines() for n in runs)
+        if name != "whole":
+            why = "Terminated" if name == "stopped" else "RuntimeError"
+            assert got == {0: [f"{why}: checkpoint after batch 2 of epoch 2, 2 ranks", "finished"],
+                           1: [why, "finished"]}, got
     strip = lambda line: {k: v for k, v in __import__("json").loads(line).items()  # noqa: E731
                           if k not in ("seconds", "cpu_seconds", "examples_per_s")}
-    assert [strip(x) for x in la] == [strip(x) for x in lb]
-    assert load_state(tmp_path / "stopped" / "checkpoint.safetensors")[0]["epoch"] == 2
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    la = (tmp_path / "whole" / "log.jsonl").read_text().splitlines()
+    for name in ("stopped", "crashed"):
+        b = load_file(tmp_path / name / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        lb = (tmp_path / name / "log.jsonl").read_text().splitlines()
+        assert [strip(x) for x in la] == [strip(x) for x in lb], name
+        assert load_state(tmp_path / name / "checkpoint.safetensors")[0]["epoch"] == 2
