@@ -379,7 +379,7 @@ def plot_frontier(rows: list[dict], path: Path, title: str, target: bool = False
     from dorat.report.runs import _plt
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8.5, 6))
+    fig, ax = plt.subplots(figsize=(11, 6))
     cmap, marks = plt.get_cmap("tab20"), "osD^v<>pPhX*"
     for i, r in enumerate(rows):
         (x, y) = (100 * r["metrics"][k]["mean"] for k in keys)
@@ -387,6 +387,8 @@ def plot_frontier(rows: list[dict], path: Path, title: str, target: bool = False
         ax.errorbar(x, y, xerr=dx, yerr=dy, fmt=marks[i % len(marks)], capsize=3, ms=7,
                     color="black" if r["method"] == "at" else cmap(i % 20),
                     label=f"{r['method']} (n={len(r['seeds'])})")
+        if y >= 100 * TARGET_WORST:  # the rows above the worst-class bar are few and apart: named
+            ax.annotate(r["method"], (x, y), xytext=(6, 5), textcoords="offset points", fontsize=8)
     at = next((r for r in rows if r["method"] == "at"), None)
     if target and at is not None:
         x0 = 100 * (at["metrics"][keys[0]]["mean"] - TARGET_RA_DROP)
@@ -396,7 +398,7 @@ def plot_frontier(rows: list[dict], path: Path, title: str, target: bool = False
                         label="target: RA-AA ≥ PGD-AT − 1, worst class ≥ 13%")
         ax.set_xlim(lo, hi)
         ax.set_ylim(top=top)
-    ax.legend(fontsize=7, ncol=2, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: no point hidden
     ax.set_xlabel("RA-AA (%), AutoAttack on 1,000 points")
     ax.set_ylabel("worst-class robust accuracy (%), worst of PGD, CW, AutoAttack")
     ax.set_title(title, fontsize=10)
