@@ -11,7 +11,6 @@ model, eps, clean and AutoAttack accuracy in %) and the versions that produced i
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import math
 import pickle
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from dorat.data.fetch import file_digest
 from dorat.errors import CheckpointError, ConfigError, DoratError
 
 CARD_FORMAT = "dorat-card/1"
@@ -174,11 +174,7 @@ def versions() -> dict[str, str]:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def default_eps(dataset: str, norm: str) -> float:

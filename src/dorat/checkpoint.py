@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from dorat.errors import CheckpointError
+from dorat.errors import CheckpointError, DoratError
 
 FORMAT = "dorat-checkpoint-1"
 _UMASK = os.umask(0)
@@ -161,6 +161,17 @@ def probe_writable(path: Path) -> None:
                               ) from None
     os.close(fd)
     os.unlink(tmp)
+
+
+def check_output_file(out: Path, overwrite: bool) -> None:
+    """``out`` can be written now (its directory exists; it is new, or ``overwrite``): a
+    DoratError if not."""
+    if not out.parent.is_dir():
+        raise DoratError(f"cannot write {out}: directory {out.parent} does not exist")
+    if out.exists() and not overwrite:
+        raise DoratError(f"{out} already exists; pass --overwrite to replace it or --out FILE "
+                         "to keep both")
+    probe_writable(out)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -233,7 +233,7 @@ def _cmd_tune(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from dorat.checkpoint import probe_writable, write_json_atomic
+    from dorat.checkpoint import check_output_file, write_json_atomic
     from dorat.evaluate import summary_lines
     from dorat.run import eval_journal, evaluate_run, load_run
 
@@ -254,12 +254,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         "eval.steps": a.steps, "eval.restarts": a.restarts, "eval.split": a.split,
         "eval.checks": a.checks}, weights=a.which)
     out = Path(a.out) if a.out else run_dir / ("eval.json" if a.which == "last" else "eval-best.json")
-    if not out.parent.is_dir():
-        raise DoratError(f"cannot write {out}: directory {out.parent} does not exist")
-    if out.exists() and not a.overwrite:
-        raise DoratError(f"{out} already holds an evaluation; pass --overwrite to replace it or "
-                         "--out FILE to keep both")
-    probe_writable(out)  # before an evaluation that may take an hour, not after it
+    check_output_file(out, a.overwrite)  # before an evaluation that may take an hour
     metrics = evaluate_run(run, progress=sys.stderr.isatty(), log=lambda m: print(m, file=sys.stderr),
                            journal=eval_journal(out))
     write_json_atomic(out, metrics)
@@ -271,7 +266,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def _eval_model(a: argparse.Namespace) -> int:
     """`dorat eval --model`: a user's model on a dataset's test set → a card."""
     from dorat import card as cards
-    from dorat.checkpoint import probe_writable, write_json_atomic
+    from dorat.checkpoint import check_output_file, write_json_atomic
     from dorat.data import get_spec
     from dorat.evaluate import check_attacks, summary_lines
     from dorat.run import eval_journal
@@ -286,11 +281,7 @@ def _eval_model(a: argparse.Namespace) -> int:
     attacks = [t.strip() for t in a.attacks.split(",")] if a.attacks else ["pgd", "cw", "aa"]
     check_attacks(attacks)
     out = Path(a.out or "card.json")
-    if not out.parent.is_dir():
-        raise DoratError(f"cannot write {out}: directory {out.parent} does not exist")
-    if out.exists() and not a.overwrite:
-        raise DoratError(f"{out} already exists; pass --overwrite to replace it or --out FILE")
-    probe_writable(out)
+    check_output_file(out, a.overwrite)  # before an evaluation that may take an hour
     model = cards.build_external(a.model)
     info: dict[str, Any] = {"factory": a.model, "weights": None,
                             "parameters": sum(p.numel() for p in model.parameters())}

@@ -48,8 +48,9 @@ def locate(name: str, data_dir: str | None = None) -> Path | None:
     return None
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    """The hex digest of a file, read in 1 MiB blocks (hashlib.file_digest is Python ≥ 3.11)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -99,7 +100,7 @@ def unpack_archives(spec: Spec, root: Path) -> bool:
     if not archives or not all(p.is_file() for _, p in archives):
         return False
     for d, p in archives:
-        got = _md5(p)
+        got = file_digest(p)
         if got != d.md5:
             raise DataError(f"{p} has MD5 {got}, expected {d.md5} (an incomplete download or "
                             f"another file): download it again from {d.url}")
@@ -140,7 +141,7 @@ def download(name: str, data_dir: str | None = None, timeout: float = 30.0) -> P
                     shutil.copyfileobj(r, f)
             except (urllib.error.URLError, OSError, TimeoutError) as e:
                 raise DataError(_offline_message(spec, target, str(getattr(e, "reason", e)))) from None
-            got = _md5(part)
+            got = file_digest(part)
             if got != d.md5:
                 raise DataError(
                     f"{d.url} downloaded with MD5 {got}, expected {d.md5} (corrupted or changed "
