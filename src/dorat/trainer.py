@@ -222,7 +222,9 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                 due = bool(every_s) and time.perf_counter() - saved >= every_s
                 halt, save = midepoch.decide(d, held, due, i + 1, device)
                 if save:
-                    warned = warned or _warn_unstored(method.weighting, cfg.method.weighting, log)
+                    if not warned:
+                        _warn_unstored(method.weighting, cfg.method.weighting, log)
+                        warned = True
                     midepoch.save(out, _meta(cfg), trainer, d, epoch, i + 1, midepoch.rank_state(
                         gen, stats, trainer, measured, time.perf_counter() - t0, time.process_time() - c0))
                     saved = time.perf_counter()
@@ -339,16 +341,15 @@ def _write_epoch(out: Path, record: dict[str, Any], weights: dict[str, torch.Ten
     save_state(out / "checkpoint.safetensors", state, meta=_meta(cfg))
 
 
-def _warn_unstored(weighting: Any, name: str, log: Callable[[str], None]) -> bool:
+def _warn_unstored(weighting: Any, name: str, log: Callable[[str], None]) -> None:
     """At the first checkpoint within an epoch: what it will not hold (a plug-in's state in a
-    form a checkpoint cannot store, e.g. a numpy array). True: checked."""
+    form a checkpoint cannot store, e.g. a numpy array)."""
     lost = weighting.unstored_attrs()
     if lost:
         log(f"warning: the weighting '{name}' keeps {', '.join(lost)} in a form a checkpoint "
             "cannot store (only tensors, numbers, strings, None and lists/tuples/dicts of them), so "
             "a resume within an epoch starts without it; override its step_state and "
             "load_step_state (docs/ARCHITECTURE.md)")
-    return True
 
 
 def _truncate_log(path: Path, epochs_done: int) -> None:
