@@ -154,3 +154,40 @@ def test_a_study_whose_trials_all_fail_stops(tmp_path: Path, capsys: pytest.Capt
     assert last.startswith("dorat: error: 3 trials in a row failed") and "data.val_size" in last, last
     assert [t.state for t in _study(storage).trials] == [optuna.trial.TrialState.FAIL] * 3
     assert (tmp_path / "tune" / "tune.md").is_file()  # the table says what happened
+
+
+def test_two_trials_started_at_once_past_the_limit(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The race behind the check after each trial: with N - 1 finished, two processes end a trial
+    at the same moment, both see N - 1 and both start one. The later-numbered trial must fail
+    unrun (no training, no run directory, not in the report) and its process stop, so the study
+    ends with exactly N. Here the other process's trial is a RUNNING trial this test asked for."""
+    from conftest import run_cli
+
+    from dorat.tune import surplus
+
+    npz = make_synthetic_npz(tmp_path / "toy.npz")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    dist = {"optim.lr": optuna.distributions.FloatDistribution(0.01, 0.1)}
+    for v in (10.0, 20.0, 30.0):  # pruned: finished, and no run directory to read a best config from
+        study.add_trial(optuna.trial.create_trial(params={"optim.lr": 0.05}, distributions=dist,
+                                                  state=optuna.trial.TrialState.PRUNED,
+                                                  intermediate_values={1: v}))
+    elsewhere = study.ask()  # the 4th trial, running in another process
+    assert surplus(elsewhere, 4) is None and surplus(elsewhere, 3) == 3
+    code, _, err = run_cli(capsys, *_argv(npz, tmp_path / "tune", storage, "--space", "optim.lr=0.01:0.1",
+                                          "--objective", "val.sa", "--trials", "4", "--pruner", "none"))
+    assert code == 0, err
+    trials = _study(storage).trials
+    state = optuna.trial.TrialState
+    assert [t.state for t in trials] == [state.PRUNED] * 3 + [state.RUNNING, state.FAIL]
+    extra = trials[4]
+    assert extra.user_attrs == {"surplus": True} and extra.params == {}
+    assert "[trial 4] not run: 4 trials are finished or running (--trials 4)" in err
+    assert "Traceback" not in err and "Surplus" not in err  # Optuna's failure warning is muted
+    assert not (tmp_path / "tune" / "trials").exists()
+    assert "4 trials: 3 pruned, 1 running." in (tmp_path / "tune" / "tune.md").read_text()
+    # the trial elsewhere fails: the limit is no longer reached, the next trial is within it
+    study.tell(elsewhere, state=state.FAIL)
+    nxt = study.ask()
+    assert surplus(nxt, 4) is None

@@ -22,7 +22,9 @@ process that looks and retried with the same values (Optuna's RetryHeartbeatStal
 and the retry resumes the dead trial's run directory from its last checkpoint. A process stopped
 by Ctrl-C or SIGTERM fails its trial at once and enqueues the same retry. ``--trials N`` is the
 study's total of finished (complete or pruned) trials, over all processes: a process ends when
-the finished trials and those running elsewhere reach N.
+the finished trials and those running elsewhere reach N; of two processes that start a trial at
+the same moment past N, the later-numbered trial fails unrun (user attribute ``surplus``; not in
+the report), so the study ends with exactly N.
 
 Outputs (rewritten by each process when it stops): OUT/best.yaml (the best trial's full config,
 for `dorat train --config`), OUT/tune.md (the trials table) and OUT/tune.png (the objective
@@ -32,19 +34,20 @@ against each parameter).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dorat import config as cfglib
 from dorat.errors import ConfigError, DoratError, Terminated
-from dorat.tune.report import best_trial, write_outputs
+from dorat.tune.report import SURPLUS, best_trial, write_outputs
 from dorat.tune.space import Constraint, Metric, Param, parse_constraint, parse_metric, parse_space
 
 EXTRA = "dorat[tune]"
@@ -110,6 +113,8 @@ class Tuner:
     direction: str = "maximize"
     reference: Callable[[str], cfglib.Config] | None = None  # a reference method's config
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
+    trials: int = 0  # --trials: the study's total of finished trials (0: no limit)
+    surplus: set[int] = field(default_factory=set)  # trials failed unrun, past --trials
 
     def settings(self) -> dict[str, Any]:
         """What must agree between processes that share the study."""
@@ -140,6 +145,14 @@ class Tuner:
         optuna = _optuna()
         from dorat.run import train
 
+        ahead = surplus(trial, self.trials)
+        if ahead is not None:
+            trial.set_user_attr(SURPLUS, True)
+            self.surplus.add(trial.number)
+            trial.study.stop()
+            self.log(f"[trial {trial.number}] not run: {ahead} trials are finished or running "
+                     f"(--trials {self.trials}); this process stops")
+            raise Surplus(f"trial {trial.number} is past --trials {self.trials}")
         values = {p.key: p.suggest(trial) for p in self.space}
         path = self.trial_dir(trial)
         trial.set_user_attr("run_dir", str(path))
@@ -184,6 +197,27 @@ class Tuner:
         value = self.objective.value(metrics)
         self.log(f"{tag} {self.objective} = {value:.2f}")
         return value
+
+
+class Surplus(DoratError):
+    """A trial created after the study already had --trials trials finished or running."""
+
+
+def surplus(trial: Any, trials: int) -> int | None:
+    """How many trials came before ``trial`` and count towards ``--trials`` (finished, or running
+    in some process), when that is already ``trials``; None when ``trial`` is within the limit.
+
+    The storage numbers trials atomically, so of two processes that both saw N - 1 finished trials
+    and both asked for one more, only the later-numbered trial is past the limit: the study ends
+    with exactly N (the check after each trial alone lets both run)."""
+    from optuna.trial import TrialState
+
+    if trials <= 0:
+        return None
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    ahead = sum(t.number < trial.number and not t.user_attrs.get(SURPLUS)
+                for t in trial.study.get_trials(deepcopy=False, states=states))
+    return ahead if ahead >= trials else None
 
 
 def _train_waiting(cfg: cfglib.Config, path: Path, log: Callable[[str], None]) -> dict[str, Any]:
@@ -248,16 +282,28 @@ def optimize(tuner: Tuner, study: Any, trials: int) -> None:
     # would fail every trial, and failed trials do not count towards --trials)
 
     def give_up(s: Any, t: Any) -> None:
+        if t.user_attrs.get(SURPLUS):
+            return
         failed[:] = [*failed, t] if t.state == TrialState.FAIL else []
         if len(failed) >= MAX_FAILED_IN_A_ROW:
             s.stop()
 
     # after each trial: stop once the finished trials and those other processes are running
-    # reach --trials (counting finished ones only, every process that ended a trial while
-    # another still ran one started one more: up to #processes - 1 trials too many)
-    study.optimize(lambda t: tuner.run_trial(t, refs), n_trials=None,
-                   callbacks=[MaxTrialsCallback(trials, states=(*states, TrialState.RUNNING)),
-                              give_up], catch=(DoratError,), gc_after_trial=True)
+    # reach --trials; a trial that two processes started at once past that is failed unrun
+    # (Tuner.run_trial: surplus) without Optuna's warning and traceback
+    tuner.trials = trials
+
+    def quiet(record: logging.LogRecord) -> bool:  # Optuna's two "Trial N failed" warnings
+        return not any(record.getMessage().startswith(f"Trial {n} failed") for n in tuner.surplus)
+
+    logger = logging.getLogger("optuna.study._optimize")
+    logger.addFilter(quiet)
+    try:
+        study.optimize(lambda t: tuner.run_trial(t, refs), n_trials=None,
+                       callbacks=[MaxTrialsCallback(trials, states=(*states, TrialState.RUNNING)),
+                                  give_up], catch=(DoratError,), gc_after_trial=True)
+    finally:
+        logger.removeFilter(quiet)
     if len(failed) >= MAX_FAILED_IN_A_ROW:
         last = failed[-1]
         raise DoratError(f"{len(failed)} trials in a row failed (the last, trial {last.number}: "

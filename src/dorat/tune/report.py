@@ -11,6 +11,8 @@ import yaml
 
 from dorat import config as cfglib
 
+SURPLUS = "surplus"  # a trial's user attribute: created past --trials, failed before it ran
+
 if TYPE_CHECKING:
     from dorat.tune import Tuner
 
@@ -49,7 +51,7 @@ def _state(t: Any) -> str:
 def report_markdown(tuner: Tuner, study: Any, best: Any | None) -> str:
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS)]
     keys = [p.key for p in tuner.space]
     sign = -1 if tuner.direction == "maximize" else 1
 
