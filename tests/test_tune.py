@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_synthetic_npz
+from conftest import make_synthetic_npz, run_cli
+from dorat.tune import surplus
 
 optuna = pytest.importorskip("optuna")
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,8 +88,6 @@ def test_two_processes_share_one_study(tmp_path: Path) -> None:
 
 
 def test_median_pruner_stops_a_bad_trial(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from conftest import run_cli
-
     npz = make_synthetic_npz(tmp_path / "toy.npz")
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
@@ -143,8 +142,6 @@ def test_stopped_trial_resumes_in_the_next_process(tmp_path: Path) -> None:
 def test_a_study_whose_trials_all_fail_stops(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Failed trials do not count towards --trials: three in a row end the process with one line
     instead of failing forever."""
-    from conftest import run_cli
-
     npz = make_synthetic_npz(tmp_path / "toy.npz")
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     code, _, err = run_cli(capsys, *_argv(npz, tmp_path / "tune", storage, "--space", "data.val_size=int:1:3",
@@ -161,10 +158,6 @@ def test_two_trials_started_at_once_past_the_limit(tmp_path: Path, capsys: pytes
     at the same moment, both see N - 1 and both start one. The later-numbered trial must fail
     unrun (no training, no run directory, not in the report) and its process stop, so the study
     ends with exactly N. Here the other process's trial is a RUNNING trial this test asked for."""
-    from conftest import run_cli
-
-    from dorat.tune import surplus
-
     npz = make_synthetic_npz(tmp_path / "toy.npz")
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
