@@ -113,7 +113,6 @@ class Tuner:
     direction: str = "maximize"
     reference: Callable[[str], cfglib.Config] | None = None  # a reference method's config
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
-    trials: int = 0  # --trials: the study's total of finished trials (0: no limit)
     surplus: set[int] = field(default_factory=set)  # trials failed unrun, past --trials
 
     def settings(self) -> dict[str, Any]:
@@ -141,18 +140,19 @@ class Tuner:
         old = trial.user_attrs.get("run_dir")
         return Path(old) if old else self.out / "trials" / f"{trial.number:04d}"
 
-    def run_trial(self, trial: Any, refs: dict[str, dict[str, Any]]) -> float:
+    def run_trial(self, trial: Any, refs: dict[str, dict[str, Any]], trials: int) -> float:
+        """Train and score one trial; ``trials`` is --trials (0: no limit)."""
         optuna = _optuna()
         from dorat.run import train
 
-        ahead = surplus(trial, self.trials)
+        ahead = surplus(trial, trials)
         if ahead is not None:
             trial.set_user_attr(SURPLUS, True)
             self.surplus.add(trial.number)
             trial.study.stop()
             self.log(f"[trial {trial.number}] not run: {ahead} trials are finished or running "
-                     f"(--trials {self.trials}); this process stops")
-            raise Surplus(f"trial {trial.number} is past --trials {self.trials}")
+                     f"(--trials {trials}); this process stops")
+            raise Surplus(f"trial {trial.number} is past --trials {trials}")
         values = {p.key: p.suggest(trial) for p in self.space}
         path = self.trial_dir(trial)
         trial.set_user_attr("run_dir", str(path))
@@ -291,15 +291,13 @@ def optimize(tuner: Tuner, study: Any, trials: int) -> None:
     # after each trial: stop once the finished trials and those other processes are running
     # reach --trials; a trial that two processes started at once past that is failed unrun
     # (Tuner.run_trial: surplus) without Optuna's warning and traceback
-    tuner.trials = trials
-
     def quiet(record: logging.LogRecord) -> bool:  # Optuna's two "Trial N failed" warnings
         return not any(record.getMessage().startswith(f"Trial {n} failed") for n in tuner.surplus)
 
     logger = logging.getLogger("optuna.study._optimize")
     logger.addFilter(quiet)
     try:
-        study.optimize(lambda t: tuner.run_trial(t, refs), n_trials=None,
+        study.optimize(lambda t: tuner.run_trial(t, refs, trials), n_trials=None,
                        callbacks=[MaxTrialsCallback(trials, states=(*states, TrialState.RUNNING)),
                                   give_up], catch=(DoratError,), gc_after_trial=True)
     finally:
