@@ -37,8 +37,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         ". Datasets: " + ", ".join(dataset_names()) + ". Models: " + ", ".join(model_names()) +
         ". Presets for --config: " + ", ".join(cfglib.preset_names()) + "."))
     p.add_argument("--method", help="training method preset")
-    p.add_argument("--dataset", help="dataset name or npz:PATH")
+    p.add_argument("--dataset", help="dataset name, npz:PATH or imagefolder:DIR")
     p.add_argument("--model", help="model architecture")
+    p.add_argument("--init", metavar="RUN_OR_WEIGHTS",
+                   help="start from trained weights: a run directory (its model.safetensors) or a "
+                        "weights file (.safetensors or a state dict); recorded in RUN/init.json")
     p.add_argument("--epochs", type=int)
     p.add_argument("--out", help="RUN_DIR for config, log, checkpoints and metrics")
     p.add_argument("--config", help="preset name or YAML file")
@@ -206,7 +209,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if not a.out:
         raise DoratError("--out RUN_DIR is required (where config, log, checkpoint and metrics go)")
     flags: dict[str, Any] = {"method": a.method, "dataset": a.dataset, "model": a.model,
-                             "epochs": a.epochs, "seed": a.seed, "device": a.device,
+                             "init": a.init, "epochs": a.epochs, "seed": a.seed, "device": a.device,
                              "data.dir": a.data_dir, "perf.channels_last": a.channels_last,
                              "perf.amp": a.amp, "perf.compile": a.compile, "perf.sync_bn": a.sync_bn,
                              "log.tensorboard": True if "tensorboard" in a.log else None,
@@ -276,7 +279,7 @@ def _eval_model(a: argparse.Namespace) -> int:
     if a.split == "val":
         raise DoratError("--split val is for dorat runs (their held-out split); --model evaluates on "
                          "the test set")
-    if not a.dataset.startswith("npz:"):
+    if not a.dataset.startswith(("npz:", "imagefolder:")):
         get_spec(a.dataset)  # an unknown name fails here, before the model is built
     attacks = [t.strip() for t in a.attacks.split(",")] if a.attacks else ["pgd", "cw", "aa"]
     check_attacks(attacks)
@@ -334,6 +337,15 @@ def cmd_data(a: argparse.Namespace) -> int:
         for name in dataset_names():
             where = locate(name, None) if name in SPECS else None
             print(f"{name:<14} {where or '-'}")
+        return 0
+    if getattr(a, "name", "").startswith("imagefolder:"):  # check / fetch: decode and cache
+        from dorat.data import load_dataset
+        from dorat.data.imagefolder import arrays_sha256
+
+        ds = load_dataset(a.name, a.data_dir)
+        digest = arrays_sha256(*(t.numpy() for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test)))
+        print(f"{a.name}: {len(ds.y_train)} train, {len(ds.y_test)} test, {ds.num_classes} classes "
+              f"({', '.join(ds.classes)}), images {tuple(ds.shape)}, decoded arrays sha256 {digest}")
         return 0
     if a.data_cmd == "check":
         get_spec(a.name)

@@ -362,8 +362,12 @@ def _resolve_layers(layers: list[tuple[Mapping[str, Any], str | None]]) -> Confi
 def _absolute_paths(flat: dict[str, Any]) -> None:
     """Data paths as absolute paths, so the saved config reopens the run from any directory."""
     ds = flat["dataset"]
-    if ds.startswith("npz:") and not Path(ds[4:]).expanduser().is_absolute():
-        flat["dataset"] = f"npz:{Path(ds[4:]).expanduser().resolve()}"
+    for prefix in ("npz:", "imagefolder:"):
+        path = Path(ds[len(prefix):]).expanduser()
+        if ds.startswith(prefix) and not path.is_absolute():
+            flat["dataset"] = f"{prefix}{path.resolve()}"
+    if flat["init"] is not None:
+        flat["init"] = str(Path(flat["init"]).expanduser().resolve())
     if flat["data.dir"] is not None:
         flat["data.dir"] = str(Path(flat["data.dir"]).expanduser().resolve())
 

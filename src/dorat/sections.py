@@ -15,8 +15,11 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 @section("")
 @dataclass(frozen=True)
 class RunConfig:
-    dataset: str = opt("fashion-mnist", "dataset name or npz:PATH (see `dorat data list`)")
+    dataset: str = opt("fashion-mnist", "dataset name, npz:PATH or imagefolder:DIR (see `dorat data list`)")
     model: str = opt("small-cnn", "a registered model, or module:factory returning an nn.Module")
+    init: str | None = opt(None, "start from trained weights: a run directory (its model.safetensors) "
+                                 "or a weights file (.safetensors, or a state dict read with "
+                                 "weights_only); recorded in RUN/init.json (dorat.warmstart)")
     seed: int = opt(0, "fixes data order, initialisation and attack noise", seed_value)
     device: str = opt("auto", "auto = CUDA when present, else CPU", choices=DEVICES)
     epochs: int = opt(10, "training epochs", positive)
@@ -43,7 +46,7 @@ class DataConfig:
     imbalance_ratio: float = opt(1.0, "long-tailed training set: n_max/n_min",
                                  lambda v: None if v >= 1 else "must be >= 1")
     val_size: int = opt(0, "held-out validation examples from train (stratified)", nonneg)
-    augment: str = opt("auto", "auto: crop+flip for CIFAR-like data, crop for digits",
+    augment: str = opt("auto", "auto: crop+flip for CIFAR-like data and image folders, crop for digits",
                        choices=("auto", "none", "crop-flip", "crop"))
     download: bool = opt(True, "download a missing dataset (with checksums)")
 
@@ -64,6 +67,13 @@ class OptimConfig:
     # rarely reach it (docs/DONE.md; benchmarks/results/clip.yaml measures both with and without)
     grad_clip: float | None = opt(5.0, "clip the gradient norm at this value (null: no clip)",
                                   positive)
+    ema: float = opt(0.0, "weight averaging: the decay per step of an exponential moving average "
+                          "of the weights (0: off; 0.995 in the reference code of Rebuffi et al.); "
+                          "the probe, val.keep_best, model.safetensors and the evaluation use the "
+                          "average (dorat.averaging)",
+                     lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    ema_start: int | str = opt(0, "when the average starts: before it, it is the current weights "
+                                  "(epochs, or a share of the run like '50%')", kind="warmup")
 
 
 @section("eval")

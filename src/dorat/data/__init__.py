@@ -2,7 +2,8 @@
 
 ``load_dataset("fashion-mnist")`` finds the files (``--data-dir``, ``$DORAT_DATA``,
 ``~/.cache/dorat``, Debian's ``/usr/share/datasets``), else downloads them with a checksum.
-``load_dataset("npz:PATH")`` reads a user's own arrays.
+``load_dataset("npz:PATH")`` reads a user's own arrays, ``load_dataset("imagefolder:DIR")`` a
+folder of images per class (dorat.data.imagefolder).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from dorat.data.fetch import download, find_or_fetch, get_spec, locate
+from dorat.data.imagefolder import folder_of, is_imagefolder, read_imagefolder
 from dorat.data.registry import SPECS
 from dorat.errors import DataError
 
@@ -40,7 +42,7 @@ class Dataset:
 
 
 def dataset_names() -> list[str]:
-    return list(SPECS) + ["npz:PATH"]
+    return list(SPECS) + ["npz:PATH", "imagefolder:DIR"]
 
 
 def check_dataset(ds: Dataset) -> None:
@@ -64,6 +66,9 @@ def load_dataset(name: str, data_dir: str | None = None, allow_download: bool = 
 
         x, y, xt, yt, classes = read_npz(Path(name[4:]).expanduser())
         augment = "none"
+    elif is_imagefolder(name):
+        x, y, xt, yt, classes = read_imagefolder(folder_of(name), data_dir)
+        augment = "crop-flip"  # natural images, the common use; data.augment sets another
     else:
         spec = get_spec(name)
         root = find_or_fetch(name, data_dir, allow_download)

@@ -35,7 +35,8 @@ def candidate_dirs(name: str, data_dir: str | None = None) -> list[Path]:
 def get_spec(name: str) -> Spec:
     if name not in SPECS:
         raise DataError(
-            f"unknown dataset '{name}'; choose one of {', '.join(SPECS)} or npz:PATH for your own data"
+            f"unknown dataset '{name}'; choose one of {', '.join(SPECS)}, or npz:PATH or "
+            "imagefolder:DIR for your own data"
         )
     return SPECS[name]
 
@@ -126,6 +127,9 @@ def download(name: str, data_dir: str | None = None, timeout: float = 30.0) -> P
         Path(os.environ["DORAT_DATA"]) / name if os.environ.get("DORAT_DATA")
         else Path.home() / ".cache" / "dorat" / name
     )
+    if spec.obtain:
+        raise DataError(f"dataset '{name}' is not on this machine and has no download: "
+                        + spec.obtain.format(target=target) + " (or pass --data-dir / set DORAT_DATA)")
     if not spec.downloads:
         raise DataError(f"dataset '{name}' has no download source; put its files in {target}")
     try:
@@ -165,6 +169,6 @@ def find_or_fetch(name: str, data_dir: str | None = None, allow_download: bool =
         if cand.is_dir() and unpack_archives(spec, cand):
             return cand
     target = candidate_dirs(name, data_dir)[0]
-    if not allow_download:
+    if not allow_download and not spec.obtain:
         raise DataError(_offline_message(spec, target, "downloads are disabled"))
     return download(name, data_dir)

