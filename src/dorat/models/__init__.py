@@ -14,12 +14,16 @@ import torch.nn as nn
 
 from dorat import parts
 from dorat.errors import ConfigError
-from dorat.models.nets import PreActResNet18, ResNet18, SmallCNN, WideResNet
+from dorat.models.nets import VGG8, PreActResNet18, ResNet18, ResNet20, SmallCNN, WideResNet
 
 parts.register("model", "small-cnn", lambda c, size, k: SmallCNN(c, size, k))
 parts.register("model", "resnet18", lambda c, size, k: ResNet18(c, k))
 parts.register("model", "preact-resnet18", lambda c, size, k: PreActResNet18(c, k))
 parts.register("model", "wrn-34-10", lambda c, size, k: WideResNet(34, 10, c, k))
+parts.register("model", "preact-resnet18-w16", lambda c, size, k: PreActResNet18(c, k, width=16))
+parts.register("model", "resnet20", lambda c, size, k: ResNet20(c, k))
+parts.register("model", "vgg8-w16", lambda c, size, k: VGG8(c, k, width=16))
+parts.register("model", "vgg8-w32", lambda c, size, k: VGG8(c, k, width=32))
 
 
 def import_factory(path: str) -> object:

@@ -3,6 +3,10 @@
 - SmallCNN: the 4-conv + 3-FC network of TRADES/FAT/GAIRAT for 28×28 data (no BatchNorm).
 - ResNet18 and PreActResNet18 with the CIFAR stem (3×3 conv, no max-pool).
 - WideResNet-34-10 (Zagoruyko & Komodakis), the standard robust-training backbone.
+- Small CIFAR nets for CPU budgets (docs/PERFORMANCE.md, "A CIFAR-10 budget"): ResNet-20 (He et
+  al. 2016's CIFAR ResNet, widths 16/32/64), a narrow PreAct-ResNet-18 (base width 16), and
+  VGG8, a 7-conv BatchNorm net in the style of airbench's (conv, then three stages of conv,
+  max-pool, BN, ReLU, conv), base width 16 or 32.
 """
 
 from __future__ import annotations
@@ -87,17 +91,19 @@ class PreActBlock(nn.Module):
 
 
 class _ResNet(nn.Module):
-    def __init__(self, block: type[nn.Module], preact: bool, in_channels: int, num_classes: int):
+    def __init__(self, block: type[nn.Module], preact: bool, in_channels: int, num_classes: int,
+                 widths: tuple[int, ...] = (64, 128, 256, 512), blocks: int = 2):
         super().__init__()
         self.preact = preact
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        layers, cin = [], 64
-        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-            layers += [block(cin, cout, stride), block(cout, cout, 1)]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[-1] if preact else widths[0])
+        layers, cin = [], widths[0]
+        for i, cout in enumerate(widths):
+            layers += [block(cin, cout, 1 if i == 0 else 2)]
+            layers += [block(cout, cout, 1) for _ in range(blocks - 1)]
             cin = cout
         self.layers = nn.Sequential(*layers)
-        self.linear = nn.Linear(512, num_classes)
+        self.linear = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)
@@ -116,9 +122,39 @@ class ResNet18(_ResNet):
 
 
 class PreActResNet18(_ResNet):
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 64) -> None:
+        # bn1 is the final pre-activation BN on the last block's output
+        super().__init__(PreActBlock, True, in_channels, num_classes,
+                         (width, 2 * width, 4 * width, 8 * width))
+
+
+class ResNet20(_ResNet):
+    """He et al. (2016), section 4.2: three stages of 3 basic blocks, widths 16, 32, 64."""
+
     def __init__(self, in_channels: int = 3, num_classes: int = 10) -> None:
-        super().__init__(PreActBlock, True, in_channels, num_classes)
-        self.bn1 = nn.BatchNorm2d(512)  # final pre-activation BN on the last block's output
+        super().__init__(BasicBlock, False, in_channels, num_classes, (16, 32, 64), blocks=3)
+
+
+class VGG8(nn.Module):
+    """conv-BN-ReLU, then three stages of (conv, max-pool 2, BN, ReLU, conv, BN, ReLU) at widths
+    w, 2w, 4w, global max-pool, linear: 7 convolutions, ~54 MFLOP per 32×32 image at w = 32."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+
+        def conv_bn(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        layers, cin = conv_bn(in_channels, width), width
+        for cout in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.MaxPool2d(2),
+                       nn.BatchNorm2d(cout), nn.ReLU(), *conv_bn(cout, cout)]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.linear = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(F.adaptive_max_pool2d(self.features(x), 1).flatten(1))
 
 
 class WideBlock(nn.Module):
