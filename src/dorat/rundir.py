@@ -32,7 +32,7 @@ from dorat.config import Config
 from dorat.errors import ConfigError
 
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.safetensors", "model.safetensors",
-             "weights.safetensors", "metrics.json")
+             "weights.safetensors", "metrics.json", "init.json")
 # An evaluation's progress while it runs (RUN/.metrics.partial.safetensors,
 # RUN/.eval-NAME.partial.safetensors): resumed after an interruption, deleted when it is done.
 JOURNAL = ".{name}.partial.safetensors"
@@ -42,6 +42,7 @@ STAGE = ".next"            # a replacement run (--overwrite) while it trains
 COMPLETE = ".complete"     # in STAGE: the replacement finished; lists the files to move
 # what may change when a run is resumed: nothing that the checkpoint's tensors depend on
 RESUMABLE = ("epochs", "device", "data.dir", "optim.", "eval.", "log.", "perf.", "val.")
+FIXED = ("optim.ema", "optim.ema_start")  # the weight average in the checkpoint depends on them
 
 
 @dataclass
@@ -118,11 +119,12 @@ def _changed(saved: Config, changes: Mapping[str, Any], device: str) -> tuple[Co
     new = saved.replace({**changes, "device": device})
     before, after = saved.flat(), new.flat()
     diff = {k: after[k] for k in after if after[k] != before.get(k)}
-    fixed = [k for k in diff if not (k in RESUMABLE or k.startswith(RESUMABLE))]
+    fixed = [k for k in diff if k in FIXED or not (k in RESUMABLE or k.startswith(RESUMABLE))]
     if fixed:
         raise ConfigError(f"--resume cannot change {', '.join(fixed)}: the checkpoint depends on "
                           "it; start a new run (--overwrite, or another --out). On resume only "
-                          "optim.*, epochs, eval.*, log.*, perf.*, val.* and data.dir may change")
+                          "optim.* (but optim.ema*), epochs, eval.*, log.*, perf.*, val.* and "
+                          "data.dir may change")
     return new, {k: v for k, v in diff.items() if k != "device"}
 
 

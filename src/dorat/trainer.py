@@ -20,6 +20,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from dorat import distributed, midepoch
+from dorat.averaging import EMA
 from dorat.checkpoint import (
     json_text,
     load_state_dict_checked,
@@ -104,12 +105,19 @@ class Trainer:
                                          weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
             o.schedule, cfg.epochs * steps_per_epoch, list(o.milestones), o.gamma))
+        self.ema = (EMA(self.model, o.ema, o.ema_start, cfg.epochs, steps_per_epoch)
+                    if o.ema else None)  # weight averaging (dorat.averaging)
+
+    def eval_model(self) -> nn.Module:
+        """The model the probe, best.safetensors and the end use: the average under optim.ema."""
+        return self.model if self.ema is None else self.ema.sync()
 
     def state(self, epochs_done: int) -> dict[str, Any]:
         """What a checkpoint holds: model, optimizer, schedule, the weighting's state."""
         return {"epoch": epochs_done, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "method": self.method.weighting.state_dict()}
+                "method": self.method.weighting.state_dict(),
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
 
     def step(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext, stats: EpochStats | None,
              idx: torch.Tensor | None = None) -> None:
@@ -126,6 +134,8 @@ class Trainer:
                 stats.add_grad_norm(norm, self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(model, ctx.step)
         if stats is not None:  # clean accuracy of the updated model, for the epoch's log line
             with torch.no_grad(), self.autocast:
                 model.eval()
@@ -159,6 +169,8 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
             load_state_dict_checked(model, state["model"], str(out / "checkpoint.safetensors"))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if trainer.ema is not None:
+                trainer.ema.load_state_dict(state["ema"])
             _apply_optim_config(trainer, cfg)
             start_epoch = int(state["epoch"])
             if state.get("mid_epoch") is None:
@@ -237,8 +249,10 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
             method.weighting.end_epoch(epoch, epochs, None if probe is None else partial(
                 _measure, probe, model, epoch, measured, after), model)
             val = {}
+            judged = trainer.eval_model()  # what the probe, best.safetensors and the guard judge
             if every and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
-                val = (after[-1] if after else _measure(probe, model, epoch, measured)).summary()
+                val = (after[-1] if after and judged is model
+                       else _measure(probe, judged, epoch, measured)).summary()
                 val.update({"probe_split": "train"} if on_train else {})
             stats.reduce(d)
             summary = stats.summary()
@@ -259,7 +273,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                 **method.weighting.epoch_log(),
                 **val, **({"val_seconds": round(sum(w for w, _ in measured), 3)} if measured else {}),
             }
-            stop = watch is not None and watch.after_epoch(record, model, d.main)
+            stop = watch is not None and watch.after_epoch(record, judged, d.main)
             state_now = trainer.state(epoch + 1) if d.main else {}
             gathered = stats.gathered(d)
             distributed.on_main(d, partial(_write_epoch, out, record, gathered, state_now, cfg))
@@ -284,6 +298,9 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
         if tb is not None:
             tb.close()
 
+    if trainer.ema is not None:  # the final model is the average (the guard may restore another)
+        model.load_state_dict(trainer.ema.sync().state_dict())
+        log(f"the final model is the weight average (optim.ema={cfg.optim.ema})")
     final = None if watch is not None and watch.final(model) else method.weighting.final_state()
     if watch is not None and watch.restored_to is not None:
         log(f"the final model is epoch {watch.restored_to}'s (the catastrophic-overfitting guard "

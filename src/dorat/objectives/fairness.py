@@ -23,8 +23,9 @@ import torch
 
 from dorat import distributed
 from dorat.attacks import AttackResult
+from dorat.averaging import fold
 from dorat.distributed import Dist
-from dorat.errors import DoratError
+from dorat.errors import ConfigError, DoratError
 from dorat.objectives.base import LossOutput, Measure, StepContext, Weighting
 from dorat.parts import nonneg, opt, positive, register
 
@@ -226,8 +227,14 @@ class CFAWeighting(Weighting):
         self.dist = info.get("dist")
         self.robust: torch.Tensor | None = None  # r_c of the previous epoch
         self.acc: torch.Tensor | None = None  # this epoch's per-class [correct, count]
-        self.avg: dict[str, torch.Tensor] | None = None  # FAWA's average
+        self.avg: dict[str, torch.Tensor] | None = None  # FAWA's average (dorat.averaging.fold)
         self.active = False
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        if cfg.cfa.fawa and cfg.optim.ema:
+            raise ConfigError("cfa.fawa and optim.ema both make the final model a weight average; "
+                              "turn one off (--set cfa.fawa=false or --set optim.ema=0)")
 
     def needs_validation(self) -> bool:
         return self.fawa
@@ -271,13 +278,7 @@ class CFAWeighting(Weighting):
             return
         worst = float(1 - measure().robust_err.max())
         if worst >= self.fawa_threshold:  # this epoch enters the average
-            sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if self.avg is None:
-                self.avg = sd
-            else:
-                d, old = self.epoch_decay(epochs), self.avg
-                self.avg = {k: (old[k].to(v.device) * d + v * (1 - d)).to(v.dtype)
-                            if v.is_floating_point() else v for k, v in sd.items()}
+            self.avg = fold(self.avg, model, self.epoch_decay(epochs), buffers="average")
         self.last_worst = worst
 
     def epoch_decay(self, epochs: int) -> float:
