@@ -105,7 +105,9 @@ def _is_state(obj: Mapping) -> bool:
     return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def load_external_weights(path: str | Path, model: nn.Module) -> None:
+def load_external_weights(path: str | Path, model: nn.Module,
+                          hint: str = "check that --model builds the architecture these weights "
+                                      "are for") -> None:
     """Weights from safetensors (by its suffix) or a PyTorch state dict, checked against the model."""
     from dorat.checkpoint import check_finite, load_state_dict_checked, read_safetensors
 
@@ -117,8 +119,7 @@ def load_external_weights(path: str | Path, model: nn.Module) -> None:
     else:
         sd = read_torch_state(path)
     check_finite(sd, path)
-    load_state_dict_checked(model, sd, str(path),
-                            hint="check that --model builds the architecture these weights are for")
+    load_state_dict_checked(model, sd, str(path), hint=hint)
 
 
 class Normalized(nn.Module):

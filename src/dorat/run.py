@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from dorat import config as cfglib
-from dorat import distributed, rundir, tracking
+from dorat import distributed, rundir, tracking, warmstart
 from dorat.attacks import EVAL_ATTACKS
 from dorat.checkpoint import load_state, load_weights, read_json, write_json_atomic
 from dorat.checks import warning_lines
@@ -332,11 +332,17 @@ def _train(cfg: Config, out: Path, d: distributed.Dist, resume: bool, overwrite:
     _warn_idle_weighting(run, log)
     _warn_emulated_bf16(run, log)
     state = load_state(p.dir / "checkpoint.safetensors")[0] if p.mode == "resume" else None
+    init = None
+    if state is None and p.cfg.init is not None:  # a first start from trained weights
+        init = warmstart.load_init(p.cfg.init, run.model, p.dir, restart=resume)
+        log(f"starting from {init['file']} (sha256 {init['sha256'][:12]}…)")
     if p.changes:
         log(f"resuming with {', '.join(f'{k}={v}' for k, v in p.changes.items())} "
             f"(recorded in {p.dir / rundir.HISTORY})")
     distributed.on_main(d, lambda: rundir.set_up(p, out, cfglib.dump,
                                                  int(state["epoch"]) if state else 0))
+    if init is not None:
+        distributed.on_main(d, lambda: write_json_atomic(p.dir / warmstart.INIT_FILE, init))
     if trainer.fit(run, p.dir, state, stop_after_epoch, log, d, on_epoch) is None:
         return None
 
