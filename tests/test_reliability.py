@@ -333,6 +333,7 @@ MID_EPOCH = [  # the weightings that keep state within an epoch, and plain AT
     ("done", ["done.warmup=0", "done.level=mixed"]), ("done-val", []),
 ("frl-rwrm", ["frl.warmup=1"]),
     ("wat", []), ("trades-cfa", ["cfa.fawa_threshold=0"]), ("dafa", ["dafa.warmup=1"]),
+    ("faal-scratch", []), ("at", ["optim.ema=0.9"]), ("done-val", ["optim.ema=0.9", "val.every=1"]),
 ]
 
 

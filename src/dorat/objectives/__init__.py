@@ -2,7 +2,7 @@
 
 Importing this package registers the built-in parts (dorat.parts)."""
 
-from dorat.objectives import attacks, fairness, losses, weightings  # noqa: F401  register the parts
+from dorat.objectives import attacks, faal, fairness, losses, weightings  # noqa: F401  register the parts
 from dorat.objectives.base import LossOutput, StepContext, Weighting
 from dorat.objectives.done import KLDROWeighting
 from dorat.objectives.method import Method, StepOutput, build_method
