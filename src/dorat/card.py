@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import importlib
 import math
-import pickle
 import platform
 import sys
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,15 +22,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dorat.data.fetch import file_digest
-from dorat.errors import CheckpointError, ConfigError, DoratError
+from dorat.checkpoint import STATE_KEYS, load_external_weights, read_torch_state, sha256  # noqa: F401
+from dorat.errors import ConfigError, DoratError
 
 CARD_FORMAT = "dorat-card/1"
 # RobustBench's standard threat models (robustbench.model_zoo: Linf 8/255 and L2 0.5 on CIFAR)
 STANDARD_EPS = {("cifar10", "linf"): 8 / 255, ("cifar100", "linf"): 8 / 255,
                 ("cifar10", "l2"): 0.5, ("cifar100", "l2"): 0.5}
 THREAT_MODEL = {"linf": "Linf", "l2": "L2"}
-STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "ema")  # common checkpoint nests
 
 
 def import_factory(spec: str) -> Callable[[], Any]:
@@ -73,53 +70,6 @@ def build_external(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-def read_torch_state(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a ``torch.save`` file, read with ``weights_only=True``: tensors and plain
-    containers only, never code. A checkpoint that nests it (``{"state_dict": ...}``) and
-    DataParallel's ``module.`` prefix are accepted."""
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"{path} needs code to load (it pickles objects, not only tensors), which dorat never "
-            "runs: save the weights with torch.save(model.state_dict(), f) or as safetensors"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch file ({str(e).splitlines()[0]})"
-                              ) from None
-    if isinstance(obj, Mapping) and not _is_state(obj):
-        obj = next((obj[k] for k in STATE_KEYS if isinstance(obj.get(k), Mapping) and _is_state(obj[k])),
-                   obj)
-    if not isinstance(obj, Mapping) or not _is_state(obj):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors "
-                              f"(nor one under {', '.join(STATE_KEYS)})")
-    sd = dict(obj)
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
-def _is_state(obj: Mapping) -> bool:
-    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
-def load_external_weights(path: str | Path, model: nn.Module,
-                          hint: str = "check that --model builds the architecture these weights "
-                                      "are for") -> None:
-    """Weights from safetensors (by its suffix) or a PyTorch state dict, checked against the model."""
-    from dorat.checkpoint import check_finite, load_state_dict_checked, read_safetensors
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no weights file at {path}")
-    if path.suffix == ".safetensors":
-        sd, _ = read_safetensors(path, f"no weights file at {path}")
-    else:
-        sd = read_torch_state(path)
-    check_finite(sd, path)
-    load_state_dict_checked(model, sd, str(path), hint=hint)
 
 
 class Normalized(nn.Module):
@@ -172,10 +122,6 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return out
-
-
-def sha256(path: Path) -> str:
-    return file_digest(path, "sha256")
 
 
 def default_eps(dataset: str, norm: str) -> float:

@@ -14,8 +14,11 @@ import errno
 import json
 import math
 import os
+import pickle
 import struct
 import tempfile
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +294,58 @@ def load_state_dict_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor],
                   f"model needs {tuple(own[shapes[0]].shape)}")
         raise CheckpointError(f"{src} does not fit this model ({detail}); {hint}")
     model.load_state_dict(sd)
+
+
+# Weights a user names (dorat eval --model --weights, init): safetensors or a weights_only state dict
+STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "ema")  # common checkpoint nests
+
+
+def sha256(path: Path) -> str:
+    from dorat.data.fetch import file_digest
+
+    return file_digest(path, "sha256")
+
+
+def read_torch_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``torch.save`` file, read with ``weights_only=True``: tensors and plain
+    containers only, never code. A checkpoint that nests it (``{"state_dict": ...}``) and
+    DataParallel's ``module.`` prefix are accepted."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} needs code to load (it pickles objects, not only tensors), which dorat never "
+            "runs: save the weights with torch.save(model.state_dict(), f) or as safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch file ({str(e).splitlines()[0]})"
+                              ) from None
+    if isinstance(obj, Mapping) and not _is_state(obj):
+        obj = next((obj[k] for k in STATE_KEYS if isinstance(obj.get(k), Mapping) and _is_state(obj[k])),
+                   obj)
+    if not isinstance(obj, Mapping) or not _is_state(obj):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors "
+                              f"(nor one under {', '.join(STATE_KEYS)})")
+    sd = dict(obj)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _is_state(obj: Mapping) -> bool:
+    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def load_external_weights(path: str | Path, model: torch.nn.Module,
+                          hint: str = "check that --model builds the architecture these weights "
+                                      "are for") -> None:
+    """Weights from safetensors (by its suffix) or a PyTorch state dict, checked against the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no weights file at {path}")
+    if path.suffix == ".safetensors":
+        sd, _ = read_safetensors(path, f"no weights file at {path}")
+    else:
+        sd = read_torch_state(path)
+    check_finite(sd, path)
+    load_state_dict_checked(model, sd, str(path), hint=hint)

@@ -339,13 +339,9 @@ def cmd_data(a: argparse.Namespace) -> int:
             print(f"{name:<14} {where or '-'}")
         return 0
     if getattr(a, "name", "").startswith("imagefolder:"):  # check / fetch: decode and cache
-        from dorat.data import load_dataset
-        from dorat.data.imagefolder import arrays_sha256
+        from dorat.data import describe
 
-        ds = load_dataset(a.name, a.data_dir)
-        digest = arrays_sha256(*(t.numpy() for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test)))
-        print(f"{a.name}: {len(ds.y_train)} train, {len(ds.y_test)} test, {ds.num_classes} classes "
-              f"({', '.join(ds.classes)}), images {tuple(ds.shape)}, decoded arrays sha256 {digest}")
+        print(describe(a.name, a.data_dir))
         return 0
     if a.data_cmd == "check":
         get_spec(a.name)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from dorat.checkpoint import read_json
+from dorat.checkpoint import load_external_weights, read_json, sha256
 from dorat.errors import CheckpointError, ConfigError
 
 INIT_FILE = "init.json"
@@ -41,8 +41,6 @@ def load_init(init: str, model: nn.Module, run_dir: Path, restart: bool) -> dict
     """Load ``init``'s weights into ``model`` (a mismatch names the first tensor that differs);
     returns the record for RUN/init.json. ``restart``: the run in ``run_dir`` started before, so
     its recorded init must be the same file content."""
-    from dorat.card import load_external_weights, sha256
-
     path = weights_file(init)
     record = {"init": init, "file": str(path.resolve()), "sha256": sha256(path)}
     old = run_dir / INIT_FILE

@@ -39,6 +39,7 @@ in bold) and OUT/report.md with the per-class plot of the means.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,6 +49,7 @@ from dorat.compare.grid import Grid, RunSpec, _validate, comparability_warnings,
 from dorat.compare.slurm import SlurmOptions
 from dorat.compare.slurm import check_available as check_slurm
 from dorat.compare.slurm import launch as launch_slurm
+from dorat.compare.tuning import CHOSEN, run_study, study_dir, tuning_markdown
 from dorat.errors import DoratError
 from dorat.report.grid import aggregate, flat_metrics, markdown_tables, mean_std, signed_points, write_outputs
 
@@ -80,11 +82,55 @@ def compare(path: str | Path, out: str | Path, device: str | None = None, data_d
     if not aggregate_only:  # aggregating only reads finished runs: fine beside a running compare
         if slurm is not None:
             check_slurm()  # before anything is submitted
-            launch_slurm(pending(grid, log, only, retry_failed), grid.evals, out, slurm, retry_failed,
-                         log, wait)
-        else:
+        # passes until nothing more can start: a tuning step chooses values, runs wait for their
+        # method's tuning or for the run they start from (init_from; dorat.compare.tuning)
+        while True:
+            before = _progress(grid)
+            for st in grid.studies:
+                if not only or st.name.rpartition("/")[2] in only:
+                    run_study(st, grid.tune, log)  # type: ignore[arg-type]
+            grid = load_grid(path, out, device, data_dir)
+            if slurm is not None:
+                launch_slurm(pending(grid, log, only, retry_failed), grid.evals, out, slurm,
+                             retry_failed, log, wait)
+                break
             run_grid(grid, log, progress and workers == 1, only, retry_failed, workers, device, plugins)
+            grid = load_grid(path, out, device, data_dir)
+            blocked = [r for r in grid.runs if r.waiting or (r.after is not None and not (
+                r.after / "metrics.json").is_file())]
+            if not blocked or _progress(grid) == before:
+                break
+    if grid.tune is not None:
+        write_tuning(grid, out)
     return write_outputs(grid, out)
+
+
+def _progress(grid: Grid) -> tuple[int, int]:
+    """(methods tuned, runs trained): a pass that moves neither ends the loop."""
+    return (sum(r.chosen is not None for r in grid.runs),
+            sum((r.path / "metrics.json").is_file() for r in grid.runs))
+
+
+def write_tuning(grid: Grid, out: Path) -> None:
+    """OUT/tuning.md and OUT/tuning.json: the one budget and each method's chosen values."""
+    from dorat.checkpoint import read_json, write_json_atomic, write_text_atomic
+    from dorat.compare.grid import _dirname
+
+    assert grid.tune is not None
+    rows, records = [], []
+    for ds, setting in grid.groups:
+        for name in grid.names:
+            if not any((r.dataset, r.setting, r.name) == (ds, setting, name) for r in grid.runs):
+                continue
+            f = study_dir(out, _dirname(ds), setting, name) / CHOSEN
+            chosen = read_json(f) if f.is_file() else None
+            rows.append((ds, setting, name, chosen))
+            records.append({"dataset": ds, "setting": setting, "method": name, "chosen": chosen})
+    budgets = {json.dumps(c["budget"], sort_keys=True) for *_, c in rows if c is not None}
+    if len(budgets) > 1:  # read_chosen refuses this already: the budget is one for all
+        raise DoratError("the methods of this grid were tuned with different budgets")
+    write_json_atomic(out / "tuning.json", {"budget": grid.tune.budget(), "methods": records})
+    write_text_atomic(out / "tuning.md", tuning_markdown(grid.tune, rows))
 
 
 __all__ = ["Grid", "RunSpec", "aggregate", "available_cores", "compare", "find_compare_file",

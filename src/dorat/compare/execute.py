@@ -44,7 +44,13 @@ def pending(grid: Grid, log: Callable[[str], None], only: Sequence[str] | None =
         tag = f"[{i + 1}/{len(grid.runs)}] {r.dataset}/{r.setting}/{r.name}/seed{r.seed}"
         if st == "failed" and not retry_failed:
             log(f"{tag}: failed earlier ({_failure(r)}); skipped (--retry-failed to try again)")
-        elif not _finished(r, grid.evals):
+        elif _finished(r, grid.evals):
+            continue
+        elif r.waiting:
+            log(f"{tag}: waits for its method's tuning")
+        elif r.after is not None and not (r.after / "metrics.json").is_file():
+            log(f"{tag}: waits for {r.after} (its init) to finish")
+        else:
             out.append((r, tag))
     return out
 

@@ -11,11 +11,13 @@ from typing import Any
 
 from dorat import config as cfglib
 from dorat import parts, rundir
+from dorat.compare.tuning import Study, TuneSpec, method_space, parse_tune, read_chosen, study_dir
 from dorat.config import Config
 from dorat.errors import ConfigError
 
-TOP_KEYS = {"title", "base", "set", "datasets", "model", "settings", "methods", "seeds", "evals"}
-METHOD_KEYS = {"name", "method", "set", "settings", "seeds"}
+TOP_KEYS = {"title", "base", "set", "datasets", "model", "settings", "methods", "seeds", "evals",
+            "tune"}
+METHOD_KEYS = {"name", "method", "set", "settings", "seeds", "space", "init_from"}
 EVAL_KEYS = {"name", "attacks", "n", "eps", "steps", "restarts"}
 FAILED = "failed.json"  # a run that stopped with an error: skipped until --retry-failed
 # may differ between machines and do not change the method (perf.* are execution options)
@@ -31,6 +33,9 @@ class RunSpec:
     seed: int
     cfg: Config
     path: Path
+    waiting: bool = False  # its method's tuning has not chosen yet (dorat.compare.tuning)
+    after: Path | None = None  # init_from: the run it starts from, which must finish first
+    chosen: dict[str, Any] | None = None  # the tuned values it trains with
 
 
 @dataclass
@@ -40,6 +45,8 @@ class Grid:
     evals: list[dict[str, Any]]
     groups: list[tuple[str, str]] = field(default_factory=list)  # (dataset, setting) in order
     names: list[str] = field(default_factory=list)  # method names in order
+    tune: TuneSpec | None = None  # the tuning budget, the same for every method
+    studies: list[Study] = field(default_factory=list)
 
 
 def _mapping(v: Any, what: str) -> dict[str, Any]:
@@ -118,30 +125,71 @@ def load_grid(path: str | Path, out: str | Path, device: str | None = None,
     names = [m["name"] for m in entries]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: two methods share the name; give each entry a distinct name")
-    runs = []
+    tune = parse_tune(spec.get("tune"), str(path))
+    by_name = {m["name"]: m for m in entries}
+    for m in entries:
+        m["space"] = method_space(m, str(path))
+        if m["space"] and tune is None:
+            raise ConfigError(f"{path}: method {m['name']} has a space but the file has no tune block "
+                              "(the budget every method is tuned with)")
+        dep = m.get("init_from")
+        if dep is not None and (dep not in by_name or dep == m["name"] or by_name[dep].get("init_from")):
+            raise ConfigError(f"{path}: {m['name']}.init_from must name another method of the file "
+                              f"that starts from scratch, got {dep!r}")
+    runs, studies = [], []
     groups = [(ds, sname) for ds in datasets for sname in settings]
     out = Path(out)
     # Seeds outermost: the first pass gives every method one finished run, so a grid stopped
     # early already compares all methods.
+
+    def run_dir(ds: str, sname: str, name: str, seed: int) -> Path:
+        return out / "runs" / _dirname(ds) / sname / name / f"seed{seed}"
+
+    def build(ds: str, sname: str, m: dict[str, Any], seed: int,
+              chosen: dict[str, Any] | None) -> Config:
+        # later layers win: common set < dataset/method/seed/model < setting < method set < tuned
+        over = {**common, "dataset": ds, "method": m["method"], "seed": seed,
+                **({"model": spec["model"]} if spec.get("model") else {}),
+                **_mapping(settings[sname], f"{path}: settings.{sname}"),
+                **_mapping(m.get("set"), f"{path}: {m['name']}.set"), **(chosen or {})}
+        if m.get("init_from"):
+            over["init"] = str(run_dir(ds, sname, m["init_from"], seed).resolve())
+        try:
+            return cfglib.resolve(base, {"device": device, "data.dir": data_dir}, overrides=over)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: run {ds}/{sname}/{m['name']}: {e}") from None
+
+    chosen: dict[tuple[str, str, str], dict[str, Any] | None] = {}
+    if tune is not None:
+        for ds, sname in groups:
+            for m in entries:
+                if m.get("settings") and sname not in m["settings"]:
+                    continue
+                where = study_dir(out, _dirname(ds), sname, m["name"])
+                got = chosen[(ds, sname, m["name"])] = read_chosen(where, tune, {**tune.space, **m["space"]})
+                if got is None:
+                    dep = m.get("init_from")
+                    studies.append(Study(f"{_dirname(ds)}/{sname}/{m['name']}", where,
+                                         build(ds, sname, m, tune.seed, None), m["space"],
+                                         run_dir(ds, sname, dep, tune.seed) if dep else None))
     for seed in sorted(set().union(*(m["seeds"] for m in entries)), key=_order(seeds)):
         for ds, sname in groups:
             for m in entries:
                 if m.get("settings") and sname not in m["settings"] or seed not in m["seeds"]:
                     continue
-                # later layers win: common set < dataset/method/seed/model < setting < method set
-                over = {**common, "dataset": ds, "method": m["method"], "seed": seed,
-                        **({"model": spec["model"]} if spec.get("model") else {}),
-                        **_mapping(settings[sname], f"{path}: settings.{sname}"),
-                        **_mapping(m.get("set"), f"{path}: {m['name']}.set")}
-                try:
-                    cfg = cfglib.resolve(base, {"device": device, "data.dir": data_dir},
-                                         overrides=over)
-                except ConfigError as e:
-                    raise ConfigError(f"{path}: run {ds}/{sname}/{m['name']}: {e}") from None
-                runs.append(RunSpec(ds, sname, m["name"], seed, cfg,
-                                    out / "runs" / _dirname(ds) / sname / m["name"] / f"seed{seed}"))
+                dep = m.get("init_from")
+                if dep and (seed not in by_name[dep]["seeds"] or (by_name[dep].get("settings")
+                                                                  and sname not in by_name[dep]["settings"])):
+                    raise ConfigError(f"{path}: {m['name']} starts from {dep}'s run, which the file "
+                                      f"does not have for {sname}/seed{seed}")
+                picked = chosen.get((ds, sname, m["name"]))
+                runs.append(RunSpec(ds, sname, m["name"], seed, build(ds, sname, m, seed, picked),
+                                    run_dir(ds, sname, m["name"], seed),
+                                    waiting=tune is not None and picked is None,
+                                    after=run_dir(ds, sname, dep, seed) if dep else None,
+                                    chosen=picked))
     title = str(spec.get("title") or f"dorat compare: {path.stem}")
-    return Grid(title, runs, evals, groups, names)
+    return Grid(title, runs, evals, groups, names, tune, studies)
 
 
 def _seeds(v: Any, where: str) -> list[int]:
@@ -177,10 +225,13 @@ def comparability_warnings(grid: Grid) -> list[str]:
         groups.setdefault((r.dataset, r.setting, r.seed), []).append(r)
     seen: set[tuple[str, tuple[tuple[str, tuple[str, ...]], ...]]] = set()
     out = []
+    tuned = set(grid.tune.space) if grid.tune is not None else set()  # chosen per method by design
     for runs in groups.values():
         flat = [(r.name, _comparable(r.cfg), cfglib.part_sections(r.cfg.method)) for r in runs]
         for k in sorted({k for _, c, _ in flat for k in c}):
             sec = k.rpartition(".")[0]
+            if k in tuned or k == "init":
+                continue
             if sec == "method" or (sec in parts.SECTIONS and sec not in cfglib.RUN_SECTIONS
                                    and sec not in cfglib.SHARED_SECTIONS):
                 continue  # the method itself, or a part's key: only its own method uses it

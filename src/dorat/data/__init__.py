@@ -85,3 +85,13 @@ def load_dataset(name: str, data_dir: str | None = None, allow_download: bool = 
     )
     check_dataset(ds)
     return ds
+
+
+def describe(name: str, data_dir: str | None = None) -> str:
+    """`dorat data check imagefolder:DIR`: the data set (decoded and cached) in one line."""
+    from dorat.data.imagefolder import arrays_sha256
+
+    ds = load_dataset(name, data_dir)
+    digest = arrays_sha256(*(t.numpy() for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test)))
+    return (f"{name}: {len(ds.y_train)} train, {len(ds.y_test)} test, {ds.num_classes} classes "
+            f"({', '.join(ds.classes)}), images {tuple(ds.shape)}, decoded arrays sha256 {digest}")

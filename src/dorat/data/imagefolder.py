@@ -199,3 +199,4 @@ def arrays_sha256(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
         h.update(str(a.shape).encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
+
