@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--smoke", action="store_true", help="tiny synthetic model and AutoAttack budget")
     ap.add_argument("--json")
     ap.add_argument("--doc", help="replace the block between the autoattack markers in this file")
+    ap.add_argument("--marker", default="autoattack",
+                    help="the markers' name (<!-- NAME:begin --> ... <!-- NAME:end -->)")
     a = ap.parse_args(argv)
     if not a.run and not a.smoke:
         ap.error("--run RUN_DIR is required (or --smoke)")
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "speedup": med[names[0]] / med[names[1]],
               "same_points": bool(torch.equal(found[names[0]], found[names[1]])),
               "robust_accuracy": float(found[names[1]].float().mean())}
-    publish(result, markdown(result), a.json, a.doc, MARK_BEGIN, MARK_END)
+    publish(result, markdown(result), a.json, a.doc, f"<!-- {a.marker}:begin -->",
+            f"<!-- {a.marker}:end -->")
     return result
 
 

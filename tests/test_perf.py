@@ -67,6 +67,20 @@ def test_autoattack_benchmark_smoke(tmp_path: Path) -> None:
     assert "dorat adapter, weights frozen" in doc.read_text() and "old" not in doc.read_text()
 
 
+def test_cifar_budget_benchmark_smoke(tmp_path: Path) -> None:
+    mod = _bench("cifar_budget")
+    doc = tmp_path / "PERF.md"
+    doc.write_text(f"# Perf\n\n{mod.MARK_BEGIN}\nold\n{mod.MARK_END}\n")
+    r = mod.main(["--smoke", "--doc", str(doc)])
+    assert set(r["rows"]) == {"vgg8-w16", "resnet20"}
+    for row in r["rows"].values():
+        assert row["examples_per_s"] > 0 and row["gflop_per_example"] > 0 and row["epochs_in_budget"] > 0
+    # resnet20 does more work per image than the 16-wide VGG8
+    assert r["rows"]["resnet20"]["gflop_per_example"] > r["rows"]["vgg8-w16"]["gflop_per_example"]
+    assert all(v > 0 for v in r["machine_gflops"].values())
+    assert "| vgg8-w16 |" in doc.read_text() and "old" not in doc.read_text()
+
+
 def test_allocator_benchmark_smoke(tmp_path: Path) -> None:
     mod = _bench("allocator")
     doc = tmp_path / "PERF.md"

@@ -154,3 +154,19 @@ def test_ema_is_what_the_run_ends_with_and_judges(trained: tuple[Path, Path], tm
         train(cfg, tmp_path / "half", resume=True, log=lambda s: None, changes={"optim.ema": 0.9})
     with pytest.raises(ConfigError, match="cfa.fawa and optim.ema"):
         C.resolve(None, {"dataset": f"npz:{npz}", "method": "at-cfa"}, ["optim.ema=0.99"])
+
+
+def test_fit_takes_init_like_the_cli(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    import numpy as np
+
+    import dorat
+
+    npz, base = trained
+    with np.load(npz) as f:
+        x, y = f["x_train"], f["y_train"]
+    from dorat.models.nets import SmallCNN
+
+    fitted = dorat.fit(SmallCNN(1, 28, 4), (x, y), method="at", out=tmp_path / "fit", epochs=1,
+                       init=str(base), set={"attack.steps": 1, "eval.n": 20, "eval.checks": False,
+                                            "eval.steps": 2}, log=lambda s: None)
+    assert json.loads((fitted.run_dir / "init.json").read_text())["file"].endswith("model.safetensors")

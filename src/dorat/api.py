@@ -70,7 +70,9 @@ def fit(model: nn.Module | str, train_data: Any, test_data: Any = None, *, metho
     ``train_data`` and evaluate it on ``test_data`` (default: a seeded, stratified 10% of the
     training data, held out: the model never trains on it). Config keys come from ``config``
     (a preset or YAML), ``set`` (dotted keys) and keyword overrides (``epochs=5``, ``attack__eps=0.1`` for
-    ``attack.eps``). Returns the trained model, its metrics and the run directory."""
+    ``attack.eps``, ``init="RUN"`` to start from a trained run's or a file's weights,
+    ``optim__ema=0.995`` for weight averaging). Returns the trained model, its metrics and the run
+    directory."""
     from dorat.run import train
 
     x, y = _tensors(train_data, "train_data")
