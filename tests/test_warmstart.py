@@ -170,3 +170,36 @@ def test_fit_takes_init_like_the_cli(trained: tuple[Path, Path], tmp_path: Path)
                        init=str(base), set={"attack.steps": 1, "eval.n": 20, "eval.checks": False,
                                             "eval.steps": 2}, log=lambda s: None)
     assert json.loads((fitted.run_dir / "init.json").read_text())["file"].endswith("model.safetensors")
+
+
+def test_faal_from_init_resumes_bitwise_after_a_stop_mid_epoch(
+        trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from dorat import trainer
+    from dorat.errors import Terminated, raise_terminated
+    from test_reliability import _same_run
+
+    npz, base = trained
+    cfg = _cfg(npz, method="faal", epochs=2, init=str(base), sets=["optim.ema=0.8"])
+    train(cfg, tmp_path / "a", log=lambda s: None)
+    real, calls = trainer.Trainer.step, [0]
+
+    def step(self, *a, **k) -> None:  # noqa: ANN001, ANN002, ANN003
+        real(self, *a, **k)
+        calls[0] += 1
+        if calls[0] == 4:  # epoch 2 (of 3 batches each), batch 1
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer.Trainer, "step", step)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        with pytest.raises(Terminated):
+            train(cfg, tmp_path / "b", log=lambda s: None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.setattr(trainer.Trainer, "step", real)
+    assert load_state(tmp_path / "b" / "checkpoint.safetensors")[0]["mid_epoch"]["step"] == 1
+    train(cfg, tmp_path / "b", resume=True, log=lambda s: None)
+    _same_run(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "a" / "init.json").read_text() == (tmp_path / "b" / "init.json").read_text()

@@ -6,7 +6,7 @@ The compare file states the budget once, before any run, for every method:
 
     tune:
       trials: 12                      # finished trials per method (the same for every method)
-      epochs: 4                       # a trial's length (shorter than a full run: the same for all)
+      epochs: 4                       # a trial's length (the same for all; at most the run's own)
       seed: 0                         # the trials' data seed and the TPE sampler's seed
       objective: val.worst_class.worst  # a validation metric (dorat tune's --objective)
       space: {optim.lr: "log:0.02:0.2", optim.ema: "0,0.995"}   # every method's common space
@@ -148,8 +148,9 @@ def run_study(st: Study, spec: TuneSpec, log: Callable[[str], None]) -> bool:
         log(f"tuning {st.name}: waits for {st.waits_for} (its init) to finish")
         return False
     every = st.base.val.every or 1
+    # a trial is never longer than the method's run (FAAL fine-tunes for 2 epochs)
     updates = {**spec.set, "eval.split": "val", "val.every": every,
-               **({"epochs": spec.epochs} if spec.epochs else {})}
+               **({"epochs": min(spec.epochs, st.base.epochs)} if spec.epochs else {})}
     try:
         base = st.base.replace(updates, f"tune block of {st.name}")
     except ConfigError as e:
