@@ -39,13 +39,18 @@ class Param:
         return f"{'int:' if self.kind == 'int' else ''}{'log:' if self.log else ''}{self.low:g}:{self.high:g}"
 
 
-def _full_key(key: str) -> str:
+def _full_key(key: str, base: cfglib.Config | None = None) -> str:
     """A config key; a bare name that is not a top-level key stands for the one section key
-    with that name (``r`` is ``done.r``)."""
+    with that name, the base method's own first (``r`` is ``done.r`` for DONE, ``faal.r`` for
+    FAAL)."""
     keys = cfglib.all_keys()
     if key in keys or "." in key:
         return key
     matches = [k for k in keys if k.rpartition(".")[2] == key]
+    if len(matches) > 1 and base is not None:
+        own = cfglib.part_sections(base.method)
+        mine = [k for k in matches if k.rpartition(".")[0] in own]
+        matches = mine or matches
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
@@ -63,7 +68,7 @@ def parse_space(item: str, base: cfglib.Config) -> Param:
     if not sep or not key.strip() or not spec.strip():
         raise ConfigError(f"--space '{item}' must be KEY=SPEC, e.g. r=log:0.25:16, done.beta=0.05:0.8, "
                           "epochs=int:4:12 or method.attack=pgd,trades")
-    key, spec = _full_key(key.strip()), spec.strip()
+    key, spec = _full_key(key.strip(), base), spec.strip()
     m = _SPACE.match(spec)
     if m and "," not in spec:
         kind = "int" if m.group(1) else "float"
