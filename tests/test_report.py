@@ -415,6 +415,21 @@ def test_results_compare_files_are_valid(tmp_path: Path, name: str) -> None:
     assert not (tmp_path / "o").exists()
 
 
+def test_the_cifar10_tuned_grid_states_one_budget_before_any_run(tmp_path: Path) -> None:
+    """Issue 51's CIFAR-10 grid: every method tuned with the same trials, length, sampler seed and
+    objective (one tune block), 3 seeds, FAAL fine-tuning each seed's PGD-AT run."""
+    f = Path(__file__).parent.parent / "benchmarks" / "results" / "cifar10-tuned.yaml"
+    grid = load_grid(f, tmp_path / "o")
+    assert grid.tune is not None and grid.tune.trials >= 6 and grid.tune.seed == 0
+    assert {st.name.rpartition("/")[2] for st in grid.studies} == set(grid.names)
+    assert {r.seed for r in grid.runs} == {0, 1, 2} and len(grid.runs) == 3 * len(grid.names)
+    assert all(r.cfg.dataset == "cifar10-jpeg" and r.cfg.data.val_size == 5000 for r in grid.runs)
+    faal = [r for r in grid.runs if r.name == "faal"]
+    assert all(r.after == next(x.path for x in grid.runs if (x.name, x.seed) == ("at", r.seed))
+               for r in faal)
+    assert not (tmp_path / "o").exists()
+
+
 def _write_results():
     """benchmarks/results/write_results.py as a module (it is a script, not part of dorat)."""
     import importlib.util

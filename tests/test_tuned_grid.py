@@ -67,6 +67,8 @@ def test_a_tuned_grid_runs_end_to_end_with_one_budget_for_every_method(tmp_path:
     faal = next(r for r in grid.runs if r.name == "faal")
     assert json.loads((faal.path / "init.json").read_text())["file"] == str(
         (next(r for r in grid.runs if r.name == "at").path / "model.safetensors").resolve())
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert all(row["tuned"] == next(r.chosen for r in grid.runs if r.name == row["method"]) for row in rows)
     tuning = json.loads((out / "tuning.json").read_text())
     assert [m["method"] for m in tuning["methods"]] == ["at", "trades", "faal"]
     assert "| at |" in (out / "tuning.md").read_text()

@@ -114,6 +114,7 @@ def aggregate(grid: Grid) -> dict[str, Any]:
                 "classes": classes,
                 "weights": _weights_summary(last_epochs),
                 "machines": sorted(machines),
+                **({"tuned": runs[0].chosen} if runs[0].chosen is not None else {}),
             })
     return {"title": grid.title, "rows": rows, "total_runs": len(grid.runs),
             "finished_runs": sum(_finished(r, grid.evals) for r in grid.runs)}
