@@ -77,28 +77,36 @@ def test_init_errors_are_one_line(trained: tuple[Path, Path], tmp_path: Path) ->
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
 
 
-def test_a_restart_refuses_an_init_file_that_changed(trained: tuple[Path, Path], tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def _stopped(cfg: C.Config, out: Path, step: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train ``cfg`` into ``out`` with Trainer.step replaced by ``step``, which stops the run (a
+    SIGTERM handled as the CLI handles it, or Terminated itself)."""
     from dorat import trainer
     from dorat.errors import Terminated, raise_terminated
+
+    real = trainer.Trainer.step
+    monkeypatch.setattr(trainer.Trainer, "step", step)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        with pytest.raises(Terminated):
+            train(cfg, out, log=lambda s: None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        monkeypatch.setattr(trainer.Trainer, "step", real)
+
+
+def test_a_restart_refuses_an_init_file_that_changed(trained: tuple[Path, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from dorat.errors import Terminated
 
     npz, base = trained
     init = tmp_path / "w.safetensors"
     init.write_bytes((base / "model.safetensors").read_bytes())
     cfg = _cfg(npz, init=str(init))
-    real = trainer.Trainer.step
 
     def stop(self, *a, **k) -> None:  # noqa: ANN001, ANN002, ANN003
         raise Terminated  # before the first batch is done: no checkpoint yet
 
-    monkeypatch.setattr(trainer.Trainer, "step", stop)
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        with pytest.raises(Terminated):
-            train(cfg, tmp_path / "run", log=lambda s: None)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    monkeypatch.setattr(trainer.Trainer, "step", real)
+    _stopped(cfg, tmp_path / "run", stop, monkeypatch)
     assert (tmp_path / "run" / "init.json").is_file()
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
     w = load_file(init)
@@ -177,7 +185,6 @@ def test_faal_from_init_resumes_bitwise_after_a_stop_mid_epoch(
     import os
 
     from dorat import trainer
-    from dorat.errors import Terminated, raise_terminated
     from test_reliability import _same_run
 
     npz, base = trained
@@ -191,14 +198,7 @@ def test_faal_from_init_resumes_bitwise_after_a_stop_mid_epoch(
         if calls[0] == 4:  # epoch 2 (of 3 batches each), batch 1
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(trainer.Trainer, "step", step)
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        with pytest.raises(Terminated):
-            train(cfg, tmp_path / "b", log=lambda s: None)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    monkeypatch.setattr(trainer.Trainer, "step", real)
+    _stopped(cfg, tmp_path / "b", step, monkeypatch)
     assert load_state(tmp_path / "b" / "checkpoint.safetensors")[0]["mid_epoch"]["step"] == 1
     train(cfg, tmp_path / "b", resume=True, log=lambda s: None)
     _same_run(tmp_path / "a", tmp_path / "b")
