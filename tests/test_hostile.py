@@ -63,6 +63,34 @@ def _yaml(tmp_path: Path, text: str) -> str:
     return str(tmp_path / "c.yaml")
 
 
+def _plugin(source: str) -> str:
+    """A plug-in module outside the scratch tree (its import writes nothing there), on sys.path."""
+    import sys
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="dorat-plugin-")
+    name = f"plug_{abs(hash(source)) % 10**8}"
+    Path(d, f"{name}.py").write_text(source)
+    sys.path.insert(0, d)
+    return name
+
+
+def _grid(t: Path, methods: str, extra: str = "") -> str:
+    return _yaml(t, f"set: {{dataset: 'npz:{t}/../toy.npz'}}\nmethods: {methods}\n{extra}")
+
+
+def _folder(t: Path, splits: tuple[str, ...] = ("train", "test"), junk: bool = False) -> str:
+    from PIL import Image
+
+    for s in splits:
+        for c in ("a", "b"):
+            (t / "imgs" / s / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(t / "imgs" / s / c / "0.png")
+    if junk:
+        (t / "imgs" / "train" / "a" / "1.png").write_bytes(b"not a png")
+    return f"imagefolder:{t / 'imgs'}"
+
+
 NAN = np.full((40, 12, 12), np.nan, dtype=np.float32)
 # id -> (argv builder(tmp_path, finished_run_dir), substring of the one-line message)
 MATRIX: dict[str, tuple] = {
@@ -98,6 +126,71 @@ MATRIX: dict[str, tuple] = {
     "unknown-dataset": (lambda t, r: ["train", "--dataset", "imagenet-xyz"], "unknown dataset 'imagenet-x"),
     # configs and flags
     "unknown-method": (lambda t, r: ["train", "--method", "nope"], "unknown method 'nope'"),
+    # resume: a flag is a change like --set (one rule), a finished run too, no contradiction
+    "resume-flag-seed": (lambda t, r: ["train", "--out", str(_unfinish(r)), "--resume", "--seed", "9"],
+                         "--resume cannot change seed"),
+    "resume-flag-method": (lambda t, r: ["train", "--out", str(_unfinish(r)), "--resume", "--method",
+                                         "done"], "--resume cannot change method.name"),
+    "resume-flag-model": (lambda t, r: ["train", "--out", str(_unfinish(r)), "--resume", "--model",
+                                        "vgg8-w16"], "--resume cannot change model"),
+    "resume-flag-dataset": (lambda t, r: ["train", "--out", str(_unfinish(r)), "--resume", "--dataset",
+                                          "mnist"], "--resume cannot change dataset"),
+    "resume-flag-init": (lambda t, r: ["train", "--out", str(_unfinish(r)), "--resume", "--init",
+                                       str(r / "model.safetensors")], "--resume cannot change init"),
+    "resume-finished-change": (lambda t, r: ["train", "--out", str(r), "--resume", "--set",
+                                             "method.weighting=kl-dro"],
+                               "--resume cannot change method.weighting"),
+    "resume-and-overwrite": (lambda t, r: ["train", "--out", str(r), "--resume", "--overwrite"],
+                             "--resume and --overwrite contradict each other"),
+    "resume-change-ema": (lambda t, r: ["train", "--out", str(_unfinish(r)), "--resume", "--set",
+                                        "optim.ema=0.9"], "--resume cannot change optim.ema"),
+    # init, weight averaging, FAAL
+    "init-missing": (lambda t, r: ["train", "--dataset", f"npz:{t}/../toy.npz", "--init", str(t / "none")],
+                     "does not exist"),
+    "init-unfinished-run": (lambda t, r: ["train", "--dataset", f"npz:{t}/../toy.npz", "--init",
+                                          str(t)], "without model.safetensors"),
+    "init-other-model": (lambda t, r: ["train", "--dataset", f"npz:{t}/../toy.npz", "--model", "vgg8-w16",
+                                       "--init", str(r)], "init: "),
+    "init-pickle": (lambda t, r: ["train", "--dataset", f"npz:{t}/../toy.npz", "--init",
+                                  str(_pickle_into(t, r, "w.pt") / "w.pt")], "needs code to load"),
+    "ema-out-of-range": (lambda t, r: ["train", "--set", "optim.ema=1"], "must be in [0, 1)"),
+    "ema-with-fawa": (lambda t, r: ["train", "--method", "at-cfa", "--set", "optim.ema=0.9"],
+                      "cfa.fawa and optim.ema"),
+    "faal-without-init": (lambda t, r: ["train", "--method", "faal"], "faal fine-tunes a trained model"),
+    # image folders
+    "imagefolder-missing": (lambda t, r: ["train", "--dataset", f"imagefolder:{t}/none"], "does not exist"),
+    "imagefolder-no-test": (lambda t, r: ["train", "--dataset", _folder(t, ("train",))],
+                            "has no test/ folder"),
+    "imagefolder-unreadable": (lambda t, r: ["train", "--dataset", _folder(t, junk=True)],
+                               "cannot read image"),
+    # plug-ins: one line whatever the module does on import; presets keep their names
+    "plugin-raises": (lambda t, r: ["train", "--plugin", _plugin("raise RuntimeError('boom')\n")],
+                      "failed while being imported (RuntimeError: boom)"),
+    "plugin-syntax-error": (lambda t, r: ["train", "--plugin", _plugin("def (:\n")],
+                            "failed while being imported (SyntaxError"),
+    "plugin-sys-exit": (lambda t, r: ["train", "--plugin", _plugin("import sys\nsys.exit(3)\n")],
+                        "failed while being imported (SystemExit: 3)"),
+    "plugin-replaces-preset": (lambda t, r: ["train", "--plugin", _plugin(
+        "import dorat\ndorat.register_preset('at', attack='pgd', loss='ce', weighting='kl-dro')\n")],
+        "a method preset named 'at' exists already"),
+    # grid names never become paths; a tuning block is checked before anything runs
+    "compare-name-escape": (lambda t, r: ["compare", _grid(t, "[{name: ../../escape, method: at}]"),
+                                          "--out", str(t / "cmp")], "is not a valid name"),
+    "compare-name-dot": (lambda t, r: ["compare", _grid(t, "[{name: .hidden, method: at}]"),
+                                       "--out", str(t / "cmp")], "is not a valid name"),
+    "compare-setting-slash": (lambda t, r: ["compare", _grid(t, "[at]", "settings: {a/b: {}}"),
+                                            "--out", str(t / "cmp")], "setting 'a/b' is not a valid"),
+    "compare-space-without-tune": (lambda t, r: ["compare", _grid(
+        t, "[{name: d, method: done, space: {done.r: '1:2'}}]"), "--out", str(t / "cmp")],
+        "has a space but the file has no tune block"),
+    "compare-tune-no-objective": (lambda t, r: ["compare", _grid(t, "[at]", "tune: {trials: 2}"),
+                                                "--out", str(t / "cmp")], "tune needs objective"),
+    "compare-tune-bad-trials": (lambda t, r: ["compare", _grid(
+        t, "[at]", "tune: {trials: 0, objective: val.ra.pgd}"), "--out", str(t / "cmp")],
+        "tune.trials must be an integer >= 1"),
+    "compare-init-from-unknown": (lambda t, r: ["compare", _grid(
+        t, "[at, {name: f, method: faal, init_from: nope}]"), "--out", str(t / "cmp")],
+        "init_from must name another method"),
     "unknown-model": (lambda t, r: ["train", "--model", "vgg99"], "unknown model 'vgg99'"),
     "eps-negative": (lambda t, r: ["train", "--set", "attack.eps=-0.1"], "attack.eps' must be in [0, 1]"),
     "eps-above-1": (lambda t, r: ["train", "--set", "attack.eps=1.5"], "attack.eps' must be in [0, 1]"),
@@ -445,6 +538,6 @@ def test_bad_input_matrix(case: str, tmp_path: Path, finished_run: Path,
 
 
 def test_matrix_is_big_enough() -> None:
-    assert len(MATRIX) >= 70
+    assert len(MATRIX) >= 100
 
 

@@ -34,9 +34,11 @@ def make_folder(root: Path, per_class: tuple[int, int] = (4, 2), size: int = 8, 
     return written
 
 
-def test_reads_the_layout_with_sorted_classes_exact_pixels_and_a_cache(tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture
-                                                                      ) -> None:
+def test_reads_the_layout_with_sorted_classes_exact_pixels_and_a_cache(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dorat.data import imagefolder
+
+    monkeypatch.setattr(imagefolder, "NOTICE_FROM", 1)  # the notice a large folder gets
     written = make_folder(tmp_path / "imgs")
     ds = load_dataset(f"imagefolder:{tmp_path / 'imgs'}", data_dir=str(tmp_path / "cache"))
     assert ds.classes == CLASSES and ds.augment == "crop-flip"

@@ -216,12 +216,14 @@ def cmd_train(a: argparse.Namespace) -> int:
                              "val.co_restore": a.co_restore, "plugins": a.plugin or None}
     cfg = cfglib.resolve(a.config, flags, a.set)
     changes = dict(cfglib.parse_set(item) for item in a.set)
-    changes.update({k: v for k, v in (("epochs", a.epochs), ("data.dir", a.data_dir)) if v is not None})
-    if a.resume and has_checkpoint(Path(a.out)) and (a.config or any(
-            v is not None for k, v in flags.items()
-            if k not in ("device", "data.dir", "plugins", "epochs"))):
-        print("dorat: note: --resume continues with the run's saved config.yaml (changed only by "
-              "--set and --epochs); other options are ignored", file=sys.stderr)
+    # on --resume a flag is a change like --set (one rule: only the documented keys may change);
+    # its value as resolved (an absolute data path), the method as its preset's label
+    flat = cfg.flat()
+    changes.update({("method.name" if k == "method" else k): flat["method.name" if k == "method" else k]
+                    for k, v in flags.items() if v is not None and k not in ("device", "plugins")})
+    if a.resume and has_checkpoint(Path(a.out)) and a.config:
+        print("dorat: note: --resume continues with the run's saved config.yaml; --config is not "
+              "read again (change keys with --set)", file=sys.stderr)
     metrics = train(cfg, a.out, resume=a.resume, overwrite=a.overwrite, changes=changes)
     if metrics is not None and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
         print("\n".join(summary_lines(metrics)))

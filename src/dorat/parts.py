@@ -314,9 +314,15 @@ def load_plugins(modules: list[str] | tuple[str, ...] = ()) -> None:
             continue
         try:
             importlib.import_module(m)
-        except ImportError as e:
+        except ModuleNotFoundError as e:
             raise ConfigError(f"plug-in module '{m}' cannot be imported ({e}); put it on "
                               "PYTHONPATH or install it") from None
+        except ConfigError as e:  # e.g. a name it registers is taken
+            raise ConfigError(f"plug-in module '{m}': {e}") from None
+        except (Exception, SystemExit) as e:  # noqa: BLE001  its code ran: anything may come out
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ConfigError(f"plug-in module '{m}' failed while being imported ({type(e).__name__}"
+                              f"{': ' + first if first else ''}); fix the module") from None
         _plugins_loaded.add(m)
 
 

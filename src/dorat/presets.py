@@ -38,10 +38,17 @@ PART_KEYS = ("attack", "loss", "weighting", "hypergrad")
 
 
 def register_preset(name: str, attack: str, loss: str, weighting: str, hypergrad: str = "none",
-                    help: str = "", set: Mapping[str, Any] | None = None) -> Preset:
-    """Add a method preset: a name for parts + config overrides (dotted keys)."""
+                    help: str = "", set: Mapping[str, Any] | None = None, *,
+                    replace: bool = False) -> Preset:
+    """Add a method preset: a name for parts + config overrides (dotted keys). A name taken by
+    another preset (a built-in one too) is refused unless ``replace=True``, as for parts; the
+    same preset registered again (a plug-in imported twice) is fine."""
     _load_presets()
     p = Preset(name, attack, loss, weighting, hypergrad, help, dict(set or {}))
+    old = PRESETS.get(name)
+    if old is not None and old != p and not replace:
+        raise ConfigError(f"a method preset named '{name}' exists already ({old.attack} × {old.loss} × "
+                          f"{old.weighting}); choose another name or pass replace=True")
     PRESETS[name] = p
     return p
 

@@ -86,6 +86,9 @@ def plan(out: Path, cfg: Config, resume: bool, overwrite: bool, changes: Mapping
     """What `train` does in ``out`` (see the module docstring). Writes nothing except completing
     a replacement that a crash interrupted. The caller owns ``out`` (`own`, which also checks
     that it is a directory)."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: --resume continues the "
+                          f"run in {out}, --overwrite replaces it; pass one of them")
     finish_replacement(out)
     stage = out / STAGE
     if resume:
@@ -95,8 +98,12 @@ def plan(out: Path, cfg: Config, resume: bool, overwrite: bool, changes: Mapping
                 new, diff = _changed(saved, changes, cfg.device)
                 return Plan("resume", new, where, diff)
         if (out / "metrics.json").is_file():
-            log(f"{out} holds a finished run: nothing to resume")
-            return Plan("finished", read_config(out), out)
+            saved = read_config(out)
+            _, diff = _changed(saved, changes, cfg.device)  # a change it cannot take is refused
+            log(f"{out} holds a finished run: nothing to resume"
+                + (f" (not applied: {', '.join(diff)}; `dorat eval` evaluates it with other "
+                   "eval.* settings)" if diff else ""))
+            return Plan("finished", saved, out)
         for where in (stage, out):
             if (where / "config.yaml").is_file():
                 log(f"{where} has no checkpoint yet (it stopped before its first epoch ended): "

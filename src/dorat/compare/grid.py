@@ -49,6 +49,19 @@ class Grid:
     studies: list[Study] = field(default_factory=list)
 
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}$")
+
+
+def check_name(name: Any, what: str) -> str:
+    """A user-given name that becomes one path component (a method or setting of a grid): letters,
+    digits and . _ + = -, not starting with a dot, at most 100 characters; never a path."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"{what} {name!r} is not a valid name: use letters, digits and . _ + = - "
+                          "(no slashes, not starting with a dot, at most 100 characters); it "
+                          "names a directory")
+    return name
+
+
 def _mapping(v: Any, what: str) -> dict[str, Any]:
     if v is None:
         return {}
@@ -95,6 +108,8 @@ def load_grid(path: str | Path, out: str | Path, device: str | None = None,
     settings = spec.get("settings") or {"default": {}}
     if not isinstance(settings, dict):
         raise ConfigError(f"{path}: settings must map a name to config overrides")
+    for sname in settings:
+        check_name(sname, f"{path}: setting")
     methods = spec.get("methods")
     if not methods or not isinstance(methods, list):
         raise ConfigError(f"{path}: methods must be a non-empty list (e.g. [at, done])")
@@ -116,6 +131,7 @@ def load_grid(path: str | Path, out: str | Path, device: str | None = None,
             raise ConfigError(f"{path}: a method entry is a preset name or a mapping with 'method' "
                               f"and optional {', '.join(sorted(METHOD_KEYS - {'method'}))}; got {m!r}")
         m.setdefault("name", m["method"])
+        check_name(m["name"], f"{path}: method name")
         # a method may have its own seeds (e.g. more seeds for the finalists of a sweep)
         m["seeds"] = _seeds(m["seeds"], f"{path}: {m['name']}.seeds") if "seeds" in m else seeds
         bad = set(m.get("settings") or []) - set(settings)

@@ -30,6 +30,7 @@ PREFIX = "imagefolder:"
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 MODES = {"L": 1, "RGB": 3}  # Pillow mode -> channels
 CACHE_VERSION = 1
+NOTICE_FROM = 1000  # images: a folder this large says that it is being decoded
 
 
 def is_imagefolder(name: str) -> bool:
@@ -128,7 +129,8 @@ def _decode_all(files: dict[str, list[tuple[Path, int]]], root: Path, progress: 
     from tqdm import tqdm
 
     total = sum(len(v) for v in files.values())
-    print(f"decoding {total} images of {root} once (later runs read the cache)", file=sys.stderr)
+    if total >= NOTICE_FROM or progress:  # a few images decode in a blink: no word about them
+        print(f"decoding {total} images of {root} once (later runs read the cache)", file=sys.stderr)
     bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr)
     expect, first = None, None
     out: dict[str, np.ndarray] = {}
