@@ -174,6 +174,10 @@ MATRIX: dict[str, tuple] = {
         "import dorat\ndorat.register_preset('at', attack='pgd', loss='ce', weighting='kl-dro')\n")],
         "a method preset named 'at' exists already"),
     # grid names never become paths; a tuning block is checked before anything runs
+    "eval-model-steps-zero": (lambda t, r: [*_ext(t), "--steps", "0"], "--steps must be at least 1, got 0"),
+    "eval-model-restarts-zero": (lambda t, r: [*_ext(t), "--restarts", "0"],
+                                 "--restarts must be at least 1, got 0"),
+    "eval-run-steps-zero": (lambda t, r: ["eval", str(r), "--steps", "0"], "--steps must be at least 1"),
     "compare-name-escape": (lambda t, r: ["compare", _grid(t, "[{name: ../../escape, method: at}]"),
                                           "--out", str(t / "cmp")], "is not a valid name"),
     "compare-name-dot": (lambda t, r: ["compare", _grid(t, "[{name: .hidden, method: at}]"),

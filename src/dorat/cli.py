@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(a: argparse.Namespace) -> int:
     from dorat.evaluate import summary_lines
     from dorat.run import train
-    from dorat.rundir import has_checkpoint
+    from dorat.rundir import flag_changes, has_checkpoint
 
     if a.list_keys:
         load_plugins(a.plugin)
@@ -216,11 +216,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                              "val.co_restore": a.co_restore, "plugins": a.plugin or None}
     cfg = cfglib.resolve(a.config, flags, a.set)
     changes = dict(cfglib.parse_set(item) for item in a.set)
-    # on --resume a flag is a change like --set (one rule: only the documented keys may change);
-    # its value as resolved (an absolute data path), the method as its preset's label
-    flat = cfg.flat()
-    changes.update({("method.name" if k == "method" else k): flat["method.name" if k == "method" else k]
-                    for k, v in flags.items() if v is not None and k not in ("device", "plugins")})
+    changes.update(flag_changes(flags, cfg))  # on --resume a flag is a change like --set
     if a.resume and has_checkpoint(Path(a.out)) and a.config:
         print("dorat: note: --resume continues with the run's saved config.yaml; --config is not "
               "read again (change keys with --set)", file=sys.stderr)
@@ -251,6 +247,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.run_dir is not None and external:
         raise DoratError(f"{external[0]} is for evaluating your own model; a RUN_DIR brings its own "
                          "(give one or the other)")
+    for flag, v in (("--steps", a.steps), ("--restarts", a.restarts)):
+        if v is not None and v < 1:  # never silently the default
+            raise DoratError(f"{flag} must be at least 1, got {v}")
     if a.model is not None:
         return _eval_model(a)
     run_dir = Path(a.run_dir)

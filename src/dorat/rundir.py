@@ -77,6 +77,16 @@ def own(out: Path) -> Iterator[None]:
         yield
 
 
+def flag_changes(flags: Mapping[str, Any], cfg: Config) -> dict[str, Any]:
+    """The command line's flags as changes to a resumed run, like --set (one rule: only the
+    RESUMABLE keys may change): each given flag's value as resolved in ``cfg`` (an absolute data
+    path), ``--method`` as its preset's label (method.name)."""
+    flat = cfg.flat()
+    keys = ["method.name" if k == "method" else k for k, v in flags.items()
+            if v is not None and k not in ("device", "plugins")]
+    return {k: flat[k] for k in keys}
+
+
 def has_checkpoint(out: Path) -> bool:
     return any((d / "checkpoint.safetensors").is_file() for d in (out / STAGE, out))
 
