@@ -96,6 +96,12 @@ def test_best_checkpoint_and_eval_which_best(synthetic_npz: Path, tmp_path: Path
                    "--set", "eval.checks=false")[0] == 0
     code, _, err = run_cli(capsys, "eval", str(plain), "--which", "best")
     assert code == 2 and "has no best.safetensors" in err
+    # keep_best without a validation split: a word that the training split chose
+    code, _, err = run_cli(capsys, "train", "--dataset", f"npz:{synthetic_npz}", "--epochs", "1",
+                           "--out", str(tmp_path / "ontrain"), "--set", "attack.steps=1",
+                           "--set", "eval.n=40", "--set", "eval.checks=false", "--set", "val.n=40",
+                           "--set", "val.steps=1", "--set", "val.keep_best=ra_pgd")
+    assert code == 0 and "picks best.safetensors on a fixed subset of the training split" in err
 
 
 def test_guard_probes_the_training_split_without_validation(synthetic_npz: Path, tmp_path: Path) -> None:

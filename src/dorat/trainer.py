@@ -196,6 +196,9 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
         split, on_train = (run.val, False) if run.val is not None and len(run.val) else (run.train, True)
         probe = ValidationProbe(split, run.data.num_classes, cfg.attack.eps, cfg.attack.norm, v.n,
                                 v.steps, v.batch_size, cfg.seed, device, trainer.channels_last)
+        if on_train and watch is not None and watch.keep is not None:
+            log(f"warning: val.keep_best={cfg.val.keep_best} without a validation split picks "
+                "best.safetensors on a fixed subset of the training split; set data.val_size")
         if v.n > len(split):
             log(f"warning: val.n={v.n} is more than the {'training' if on_train else 'validation'} "
                 f"split's {len(split)} examples: the probe uses all of them")
