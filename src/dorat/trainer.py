@@ -302,7 +302,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
             tb.close()
 
     if trainer.ema is not None:  # the final model is the average (the guard may restore another)
-        model.load_state_dict(trainer.ema.sync().state_dict())
+        model.load_state_dict(trainer.ema.avg)
         log(f"the final model is the weight average (optim.ema={cfg.optim.ema})")
     final = None if watch is not None and watch.final(model) else method.weighting.final_state()
     if watch is not None and watch.restored_to is not None:

@@ -46,10 +46,8 @@ def pending(grid: Grid, log: Callable[[str], None], only: Sequence[str] | None =
             log(f"{tag}: failed earlier ({_failure(r)}); skipped (--retry-failed to try again)")
         elif _finished(r, grid.evals):
             continue
-        elif r.waiting:
-            log(f"{tag}: waits for its method's tuning")
-        elif r.after is not None and not (r.after / "metrics.json").is_file():
-            log(f"{tag}: waits for {r.after} (its init) to finish")
+        elif r.blocked() is not None:
+            log(f"{tag}: waits for {r.blocked()}")
         else:
             out.append((r, tag))
     return out

@@ -37,6 +37,14 @@ class RunSpec:
     after: Path | None = None  # init_from: the run it starts from, which must finish first
     chosen: dict[str, Any] | None = None  # the tuned values it trains with
 
+    def blocked(self) -> str | None:
+        """What this run waits for before it can start (None: nothing)."""
+        if self.waiting:
+            return "its method's tuning"
+        if self.after is not None and not (self.after / "metrics.json").is_file():
+            return f"{self.after} (its init) to finish"
+        return None
+
 
 @dataclass
 class Grid:
