@@ -184,3 +184,27 @@ def test_two_trials_started_at_once_past_the_limit(tmp_path: Path, capsys: pytes
     study.tell(elsewhere, state=state.FAIL)
     nxt = study.ask()
     assert surplus(nxt, 4) is None
+
+
+def test_a_seeded_study_proposes_the_same_values_whichever_process_asks(tmp_path: Path) -> None:
+    """Two processes on one seeded study (two Study objects on one SQLite storage, asking in
+    turn) propose what one process asking alone proposes, and never the same values twice:
+    one TPESampler(seed) per process replays one random stream in both."""
+    from dorat.tune.sampler import TrialSeededTPE
+
+    def ask(storages: list[str], n: int) -> list[float]:
+        studies = [optuna.create_study(storage=url, study_name="s", sampler=TrialSeededTPE(7),
+                                       load_if_exists=True) for url in storages]
+        values = []
+        for i in range(n):
+            t = studies[i % len(studies)].ask()
+            values.append(t.suggest_float("lr", 0.01, 1.0, log=True))
+            t.study.tell(t, values[-1])
+        return values
+
+    one = ask([f"sqlite:///{tmp_path / 'one.db'}"], 6)
+    two = ask([f"sqlite:///{tmp_path / 'two.db'}"] * 2, 6)
+    assert one == two
+    assert len(set(two)) == 6
+    other = ask([f"sqlite:///{tmp_path / 'other.db'}"], 6)  # same seed, fresh study: same values
+    assert other == one

@@ -191,8 +191,10 @@ def tuning_markdown(spec: TuneSpec, rows: list[tuple[str, str, str, dict[str, An
     """OUT/tuning.md: the budget (one for all) and each method's chosen values."""
     b = spec.budget()
     lines = ["# Tuning", "",
-             f"Every method: {b['trials']} finished trials of Optuna's TPE sampler (seed {b['seed']}), "
-             f"{b['epochs'] or 'full-length'}-epoch trials on the validation split, objective "
+             f"Every method: {b['trials']} finished trials of Optuna's TPE sampler (seed {b['seed']}; "
+             + ("TPE's first 10 proposals are random, so this is a seeded random search), "
+                if b["trials"] <= 10 else "the first 10 proposals are random), ")
+             + f"{b['epochs'] or 'full-length'}-epoch trials on the validation split, objective "
              f"`{b['objective']}`, pruner {b['pruner']}; common space "
              + (", ".join(f"`{k}` {v}" for k, v in b["common_space"].items()) or "none") + ".", "",
              "| data set | setting | method | own space | chosen | objective (val, %) |",

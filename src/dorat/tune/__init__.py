@@ -247,7 +247,9 @@ def create_study(tuner: Tuner, storage_url: str, study: str, pruner: str, prune_
     storage = open_storage(storage_url, heartbeat)
     pr = (optuna.pruners.MedianPruner(n_startup_trials=prune_startup, n_warmup_steps=prune_warmup)
           if pruner == "median" else optuna.pruners.NopPruner())
-    sampler = optuna.samplers.TPESampler(seed=seed)
+    from dorat.tune.sampler import TrialSeededTPE
+
+    sampler = TrialSeededTPE(seed)
     try:
         s = optuna.create_study(storage=storage, study_name=study, direction=tuner.direction,
                                 sampler=sampler, pruner=pr, load_if_exists=True)

@@ -48,7 +48,9 @@ def add_parser(sub: argparse._SubParsersAction,
                    help="median pruner: prune only once N trials have finished (Optuna's default 5)")
     p.add_argument("--prune-warmup", type=int, default=0, metavar="EPOCHS",
                    help="median pruner: never prune before this epoch (Optuna's default 0)")
-    p.add_argument("--sampler-seed", type=int, help="TPE sampler seed (per process)")
+    p.add_argument("--sampler-seed", type=int, metavar="S",
+                   help="TPE sampler seed: trial N draws from a stream seeded by (S, N), the same "
+                        "in every process")
     p.add_argument("--heartbeat", type=int, default=30, metavar="S",
                    help="seconds between a running trial's heartbeats; a trial silent for 4x this "
                         "(its process died) is failed and retried, resuming its run (default 30)")
