@@ -37,3 +37,16 @@ def broken() -> nn.Module:
 
 
 NOT_CALLABLE = 3
+
+
+class NaNLogits(nn.Module):
+    """A model whose logits are NaN (a diverged checkpoint): a card must refuse it, not report
+    its argmax as a 25% clean accuracy."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(x), 4), float("nan"))
+
+
+def make_wide() -> nn.Module:
+    """20 logits for the 4-class task."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 20))

@@ -21,7 +21,7 @@ import torch.nn as nn
 from dorat import config as cfglib
 from dorat.config import Config
 from dorat.data import Dataset
-from dorat.data.loader import check_images
+from dorat.data.loader import as_examples
 from dorat.errors import ConfigError
 
 DATA_FILE = "data.npz"
@@ -38,29 +38,29 @@ class Fitted:
 
 
 def _tensors(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) from a pair of tensors/arrays, a map-style Dataset or an iterable of batches."""
+    """(x, y) from a pair of tensors/arrays, a map-style Dataset or an iterable of batches,
+    checked as `dorat.data.loader.as_examples` checks arrays."""
+    if isinstance(data, (str, bytes, Path)):
+        raise ConfigError(f"{what}: give (x, y) tensors, a Dataset or a DataLoader, not a path (a "
+                          f"file of images: dorat train --dataset npz:PATH)")
     if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], (tuple, list)):
-        x, y = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in data)
+        x, y = data
     elif isinstance(data, torch.utils.data.DataLoader) or (
             isinstance(data, Iterable) and not hasattr(data, "__getitem__")):
-        xs, ys = zip(*((bx, by) for bx, by in data))
-        x, y = torch.cat([torch.as_tensor(v) for v in xs]), torch.cat([torch.as_tensor(v) for v in ys])
+        batches = [(torch.as_tensor(bx), torch.as_tensor(by)) for bx, by in data]
+        if not batches:
+            raise ConfigError(f"{what}: the DataLoader gave no batches")
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        if len(data) == 0:
+            raise ConfigError(f"{what} holds no examples")
         items = [data[i] for i in range(len(data))]
         x = torch.stack([torch.as_tensor(i[0]) for i in items])
         y = torch.as_tensor([int(i[1]) for i in items])
     else:
         raise ConfigError(f"{what}: give (x, y) tensors, a Dataset of (image, label) or a DataLoader; "
                           f"got {type(data).__name__}")
-    if x.dim() == 3:
-        x = x[:, None]
-    if x.dim() != 4 or len(x) != len(y):
-        raise ConfigError(f"{what}: images must be N×C×H×W (or N×H×W) with one label each; got "
-                          f"{tuple(x.shape)} and {tuple(y.shape)} labels")
-    check_images(x, what)
-    if y.dtype.is_floating_point or y.dtype == torch.bool or (len(y) and int(y.min()) < 0):
-        raise ConfigError(f"{what}: labels must be integers 0..C-1")
-    return x.detach().cpu().contiguous(), y.detach().cpu().long()
+    return as_examples(x, y, what)
 
 
 def fit(model: nn.Module | str, train_data: Any, test_data: Any = None, *, method: str = "at",
@@ -73,36 +73,65 @@ def fit(model: nn.Module | str, train_data: Any, test_data: Any = None, *, metho
     ``attack.eps``, ``init="RUN"`` to start from a trained run's or a file's weights,
     ``optim__ema=0.995`` for weight averaging). Returns the trained model, its metrics and the run
     directory."""
-    from dorat.run import train
+    from dorat.data.readers import check_labels
+    from dorat.run import prepare, train
 
+    updates = _updates(method, overrides, set or {})
     x, y = _tensors(train_data, "train_data")
-    num_classes = int(y.max()) + 1 if len(y) else 0
     if test_data is None:
-        x, y, xt, yt = _hold_out(x, y, num_classes, int(overrides.get("seed", 0)))
+        num_classes = check_labels("train_data", y.numpy(), y[:0].numpy())
+        x, y, xt, yt = _hold_out(x, y, num_classes, int(updates.get("seed", 0)))
     else:
         xt, yt = _tensors(test_data, "test_data")
         if xt.shape[1:] != x.shape[1:]:
             raise ConfigError(f"test_data images {tuple(xt.shape[1:])} differ from train_data's "
                               f"{tuple(x.shape[1:])}")
-    num_classes = max(num_classes, int(yt.max()) + 1 if len(yt) else 0)
+        num_classes = check_labels("fit's data", y.numpy(), yt.numpy())
     out = Path(out) if out is not None else Path("runs") / f"fit-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    updates: dict[str, Any] = {"method": method, **{k.replace("__", "."): v for k, v in overrides.items()},
-                               **dict(set or {})}
+    if (out / "config.yaml").exists() and not overwrite:
+        raise ConfigError(f"{out} already holds a run; pass overwrite=True to replace it, or "
+                          "another out")
     # a model object is recorded by its import path (reopened with no constructor arguments)
-    updates["model"] = (f"{type(model).__module__}:{type(model).__qualname__}"
-                        if isinstance(model, nn.Module) else model)
+    updates["model"] = _import_path(model, log) if isinstance(model, nn.Module) else model
     updates["dataset"] = f"npz:{(out / DATA_FILE).resolve()}"
     cfg = cfglib.resolve(config, overrides=updates)  # validated before anything is written
     data = Dataset(cfg.dataset, x, y, xt, yt, [str(c) for c in range(num_classes)])
+    user_model = model if isinstance(model, nn.Module) else None
+    prepare(cfg, data=data, model=user_model)  # the data, the method and one forward pass
     out.mkdir(parents=True, exist_ok=True)
     _save_npz(out / DATA_FILE, data)
-    metrics = train(cfg, out, overwrite=overwrite, log=log, data=data,
-                    model=model if isinstance(model, nn.Module) else None)
+    metrics = train(cfg, out, overwrite=overwrite, log=log, data=data, model=user_model)
     from dorat.run import load_run
 
-    run = load_run(out, cfg.device, model=model if isinstance(model, nn.Module) else None,
+    run = load_run(out, cfg.device, model=user_model,
                    data=data)  # in memory: RUN/data.npz is for later processes
     return Fitted(run.model, metrics or {}, out, cfg)
+
+
+def _updates(method: str, overrides: Mapping[str, Any], sets: Mapping[str, Any]) -> dict[str, Any]:
+    """The config keys of fit's keyword overrides (``a__b`` is ``a.b``) and ``set``; a key given
+    in both with two values is refused, not silently decided."""
+    keys = {k.replace("__", "."): v for k, v in overrides.items()}
+    for k, v in sets.items():
+        if k in keys and keys[k] != v:
+            raise ConfigError(f"{k} is given twice, as a keyword ({keys[k]!r}) and in set ({v!r}); "
+                              "give it once")
+    if "method" in keys or "method" in sets:
+        raise ConfigError("give the method as fit(..., method=NAME), not as a config key")
+    return {"method": method, **keys, **dict(sets)}
+
+
+def _import_path(model: nn.Module, log: Any) -> str:
+    """``module:Class`` of a model object, with a warning when no other process can import it
+    (a class defined in the script being run, or inside a function)."""
+    cls = type(model)
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        (log or print)(f"warning: the model class {path} is defined in the running script (or a "
+                       "function), so `dorat eval RUN` in another process cannot rebuild it; put it "
+                       "in a module (e.g. mynet.py beside the script), or reopen the run with "
+                       "dorat.run.load_run(RUN, model=...)")
+    return path
 
 
 def _hold_out(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int

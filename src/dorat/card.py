@@ -11,10 +11,8 @@ model, eps, clean and AutoAttack accuracy in %) and the versions that produced i
 
 from __future__ import annotations
 
-import importlib
 import math
 import platform
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,52 +22,13 @@ import torch.nn as nn
 
 from dorat.checkpoint import STATE_KEYS, load_external_weights, read_torch_state, sha256  # noqa: F401
 from dorat.errors import ConfigError, DoratError
+from dorat.models import build_external, import_factory  # noqa: F401  (their old home)
 
 CARD_FORMAT = "dorat-card/1"
 # RobustBench's standard threat models (robustbench.model_zoo: Linf 8/255 and L2 0.5 on CIFAR)
 STANDARD_EPS = {("cifar10", "linf"): 8 / 255, ("cifar100", "linf"): 8 / 255,
                 ("cifar10", "l2"): 0.5, ("cifar100", "l2"): 0.5}
 THREAT_MODEL = {"linf": "Linf", "l2": "L2"}
-
-
-def import_factory(spec: str) -> Callable[[], Any]:
-    """``MODULE:ATTR`` (ATTR may be dotted) → the callable; the current directory is importable,
-    as with ``python -m``. Any failure is one DoratError."""
-    mod_name, sep, attr = spec.partition(":")
-    if not sep or not mod_name or not attr:
-        raise ConfigError(f"--model '{spec}' must be MODULE:FACTORY, e.g. my_pkg.nets:make_model "
-                          "(a function or class that returns the nn.Module, called with no arguments)")
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        obj: Any = importlib.import_module(mod_name)
-    except BaseException as e:  # an import runs the module's code: anything may come out
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        raise ConfigError(f"cannot import '{mod_name}' for --model ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); check the name and that it "
-                          "is importable from here (PYTHONPATH)") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"'{mod_name}' has no attribute '{attr}' (--model {spec})")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ConfigError(f"--model {spec} is not callable: name a function or class that returns "
-                          "the nn.Module")
-    return obj
-
-
-def build_external(spec: str) -> nn.Module:
-    """Call the factory ``spec`` names; it must return an nn.Module."""
-    factory = import_factory(spec)
-    try:
-        model = factory()
-    except Exception as e:
-        raise ConfigError(f"calling {spec}() failed ({type(e).__name__}: {e}); the factory must "
-                          "build the model with no arguments") from None
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
-    return model
 
 
 class Normalized(nn.Module):
@@ -131,23 +90,6 @@ def default_eps(dataset: str, norm: str) -> float:
                       "radius on images in [0, 1])")
 
 
-def _check_model_fits(model: nn.Module, x: torch.Tensor, num_classes: int, dataset: str,
-                      device: torch.device) -> None:
-    """One forward pass on two test images: the model takes them and gives C logits each."""
-    from dorat.data.loader import as_unit_images
-
-    try:
-        with torch.no_grad():
-            out = model(as_unit_images(x[:2]).to(device))
-    except Exception as e:
-        raise ConfigError(f"the model does not take {dataset}'s images ({tuple(x.shape[1:])}, in "
-                          f"[0, 1]): {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (min(2, len(x)), num_classes):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(f"the model returns {shape} for {min(2, len(x))} images; it must return "
-                          f"logits of shape (N, {num_classes}) for {dataset}")
-
-
 def benchmark(model: nn.Module, dataset: str, eps: float | None = None, n: int | None = 1000,
               attacks: Sequence[str] = ("pgd", "cw", "aa"), *, norm: str = "linf", steps: int = 20,
               restarts: int = 1, checks: bool = True, check_n: int = 200,
@@ -183,7 +125,6 @@ def benchmark(model: nn.Module, dataset: str, eps: float | None = None, n: int |
             per_channel(normalize, channels)
         model = Normalized(model, *normalize)
     model = model.to(dev).eval()
-    _check_model_fits(model, ds.x_test, ds.num_classes, dataset, dev)
     settings = EvalSettings(eps=eps, norm=norm, steps=steps, restarts=restarts)
     metrics, _ = evaluate(model, ds.x_test, ds.y_test, ds.classes, list(attacks), settings, n, dev,
                           progress, checks=checks, check_n=check_n, journal=journal, log=log)

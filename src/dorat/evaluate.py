@@ -25,8 +25,9 @@ from tqdm import tqdm
 from dorat.attacks import PGDSpec, attack_names_problem, mode, pgd
 from dorat.attacks.autoattack import autoattack_correct
 from dorat.checks import eps_sweep_checks, sweep_grid, table_checks
-from dorat.data.loader import as_unit_images, balanced_counts, check_images, stratified_indices
+from dorat.data.loader import as_examples, as_unit_images, balanced_counts, stratified_indices
 from dorat.errors import ConfigError
+from dorat.models import check_fits
 
 
 @dataclass
@@ -181,7 +182,12 @@ def run_attacks(
                 bar.set_postfix_str(a)
                 if a == "clean":
                     with torch.no_grad():
-                        out = model(xb).argmax(1) == yb
+                        logits = model(xb)
+                    finite = torch.isfinite(logits).all(1)  # a NaN row is no prediction: wrong
+                    out = (logits.argmax(1) == yb) & finite
+                    if log is not None and not bool(finite.all()):
+                        log(f"warning: {int((~finite).sum())} test points got NaN or infinite "
+                            "logits; they count as misclassified")
                 else:
                     out = _attack_batch(model, a, xb, yb, settings, g, notes)
                 table[a][b * bs:b * bs + len(yb)] = out.cpu()
@@ -270,7 +276,11 @@ def evaluate(
     stratified points) and land in ``metrics["checks"]``. ``journal``: see run_attacks."""
     settings = settings or EvalSettings(eps=0.1)
     device = torch.device(device)
-    check_images(x_test, "the evaluation images")
+    x_test, y_test = as_examples(x_test, y_test, "the evaluation images")
+    if int(y_test.max()) >= len(classes):
+        raise ConfigError(f"the evaluation labels go up to {int(y_test.max())} but {len(classes)} "
+                          "classes are named; give one name per class")
+    check_fits(model, as_unit_images(x_test[:2]).to(device), len(classes), "the evaluation images")
     idx = stratified_subset(y_test, n, len(classes), settings.seed)
     x, y = x_test[idx], y_test[idx]
     notes: list[str] = []

@@ -30,17 +30,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from dorat import advice, distributed, rundir, tracking, warmstart
 from dorat import config as cfglib
-from dorat import distributed, rundir, tracking, warmstart
 from dorat.attacks import EVAL_ATTACKS
 from dorat.checkpoint import load_state, load_weights, read_json, write_json_atomic
 from dorat.checks import warning_lines
 from dorat.config import Config
 from dorat.data import Dataset, check_dataset, load_dataset
-from dorat.data.loader import Split, make_splits
+from dorat.data.loader import Split, as_unit_images, make_splits
 from dorat.errors import ConfigError, DataError, DoratError
 from dorat.evaluate import evaluate, settings_from_config, stratified_subset
-from dorat.models import build_model, use_channels_last
+from dorat.models import build_model, check_fits, use_channels_last
 from dorat.objectives import Method, build_method
 from dorat.probe import ValidationProbe
 from dorat.rundir import JOURNAL
@@ -112,7 +112,10 @@ def prepare(cfg: Config, d: distributed.Dist | None = None, data: Dataset | None
             model = build_model(cfg.model, c, h, data.num_classes)
         except ValueError as e:
             raise ConfigError(f"model '{cfg.model}' does not fit dataset '{data.name}': {e}") from None
-    return Run(cfg, data, train, val, model.to(device), method, device)
+    model = model.to(device)
+    check_fits(model, as_unit_images(train.x[:2]).to(device), data.num_classes,
+               f"dataset '{data.name}'")
+    return Run(cfg, data, train, val, model, method, device)
 
 
 def read_config(run_dir: str | Path) -> Config:
@@ -264,26 +267,6 @@ def _check_parallel(cfg: Config, d: distributed.Dist) -> None:
         raise ConfigError("perf.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation)")
 
 
-def _warn_idle_weighting(run: Run, log: Callable[[str], None]) -> None:
-    """One line when a weighting's warm-up covers the whole run (it would never act)."""
-    from dorat import parts
-
-    w, cfg = run.method.weighting, run.cfg
-    if hasattr(w, "warmup") and parts.warmup_epochs(w.warmup, cfg.epochs) >= cfg.epochs:
-        key = f"{parts.field_sections(type(w))['warmup']}.warmup"
-        log(f"warning: {key}={w.warmup} covers all {cfg.epochs} epochs: the weighting "
-            f"'{w.name}' never acts and this is plain {cfg.method.loss} training; lower {key} or "
-            "train for more epochs")
-
-
-def _warn_emulated_bf16(run: Run, log: Callable[[str], None]) -> None:
-    from dorat.runtime import bf16_native
-
-    if run.cfg.perf.amp == "bf16" and bf16_native(run.device.type) is False:
-        log(f"warning: perf.amp=bf16 on a {run.device.type} without native bf16 (no AVX512-BF16/AMX "
-            "or compute capability < 8): it runs emulated, usually slower than fp32 (perf.amp=off)")
-
-
 def train(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False,
           stop_after_epoch: int | None = None, log: Callable[[str], None] | None = None,
           data: Dataset | None = None, model: nn.Module | None = None,
@@ -329,8 +312,7 @@ def _train(cfg: Config, out: Path, d: distributed.Dist, resume: bool, overwrite:
         return load_metrics(out)
     _check_parallel(p.cfg, d)
     run = prepare(p.cfg, d, data, model)
-    _warn_idle_weighting(run, log)
-    _warn_emulated_bf16(run, log)
+    advice.warn_at_start(run, log)
     state = load_state(p.dir / "checkpoint.safetensors")[0] if p.mode == "resume" else None
     init = None
     if state is None and p.cfg.init is not None:  # a first start from trained weights

@@ -24,6 +24,9 @@ def check_images(x: torch.Tensor, what: str = "images") -> None:
         return
     if x.is_floating_point():
         if x.numel():
+            if not bool(torch.isfinite(x).all()):
+                raise ConfigError(f"{what} hold NaN or infinite pixels; give uint8 pixels (0..255) "
+                                  "or finite floats in [0, 1]")
             lo, hi = float(x.min()), float(x.max())
             if lo < 0 or hi > 1:
                 raise ConfigError(
@@ -32,6 +35,30 @@ def check_images(x: torch.Tensor, what: str = "images") -> None:
                     "normalisation and put it inside the model)")
         return
     raise ConfigError(f"{what} have dtype {x.dtype}; give uint8 pixels (0..255) or floats in [0, 1]")
+
+
+def as_examples(x: object, y: object, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images N×C×H×W, labels int64 N) from tensors or arrays given to the Python API, checked
+    as the npz reader checks a file: N×H×W is one channel, N×H×W×C is named (it must be
+    permuted), pixels as check_images, one integer label 0.. per image, at least one image."""
+    import numpy as np
+
+    x, y = (v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)) for v in (x, y))
+    if x.dim() == 3:
+        x = x[:, None]
+    if x.dim() == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        raise ConfigError(f"{what}: images of shape {tuple(x.shape)} look channels-last "
+                          "(N×H×W×C); give N×C×H×W (x.permute(0, 3, 1, 2))")
+    if x.dim() != 4 or y.dim() != 1 or len(x) != len(y):
+        raise ConfigError(f"{what}: images must be N×C×H×W (or N×H×W) with one label each; got "
+                          f"{tuple(x.shape)} and {tuple(y.shape)} labels")
+    if len(x) == 0:
+        raise ConfigError(f"{what} holds no examples")
+    check_images(x, what)
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool or int(y.min()) < 0:
+        raise ConfigError(f"{what}: labels must be integers 0..C-1 (got {y.dtype}, "
+                          f"min {y.min().item()})")
+    return x.detach().cpu().contiguous(), y.detach().cpu().long()
 
 
 def as_unit_images(x: torch.Tensor) -> torch.Tensor:
