@@ -347,3 +347,23 @@ def test_max_weight_caps_only_the_largest_weights() -> None:
     assert torch.equal(capped[small], free[small])  # the rest is untouched
     with pytest.raises(Exception, match="max_weight"):
         C.resolve(None, {"method": "done"}, ["done.max_weight=0.5"])
+
+
+def test_concentrated_weights_are_named_once_with_the_knobs(tmp_path: Path, synthetic_npz: Path) -> None:
+    """At a tiny temperature DONE puts the batch on a few examples: the run says so once (not
+    every epoch), naming done.r and done.target_ess; at the default it says nothing."""
+    from dorat.advice import ESS_WARN, W_MAX_WARN, concentration
+
+    def run(r: float, name: str) -> list[str]:
+        cfg = C.resolve(None, {"dataset": f"npz:{synthetic_npz}", "method": "done", "epochs": 2,
+                               "batch_size": 64}, ["attack.steps=1", "eval.n=20", "eval.checks=false",
+                                                   "eval.steps=1", "done.warmup=0", f"done.r={r}"])
+        lines: list[str] = []
+        train(cfg, tmp_path / name, log=lines.append)
+        return [s for s in lines if "weights concentrate" in s]
+
+    warned = run(0.01, "cold")
+    assert len(warned) == 1 and "done.r" in warned[0] and "done.target_ess" in warned[0], warned
+    assert run(1.0, "warm") == []
+    assert concentration({"epoch": 1, "ess": ESS_WARN, "w_max": W_MAX_WARN}, "kl-dro") is None
+    assert "soften" in concentration({"epoch": 3, "ess": 0.02, "w_max": 5.0}, "gairat")

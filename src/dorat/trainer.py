@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from dorat import distributed, midepoch
+from dorat import advice, distributed, midepoch
 from dorat.averaging import EMA
 from dorat.checkpoint import (
     json_text,
@@ -208,6 +208,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
     held = HeldStops()  # a stop within an epoch checkpoints the batches done (dorat.midepoch)
     try:
         warned = False  # _warn_unstored, at the first checkpoint within an epoch
+        concentrated: str | None = None  # advice.concentration, once a run
         for epoch in range(start_epoch, epochs):
             measured: list[tuple[float, float]] = []  # the probe's (wall, CPU) seconds this epoch
             after: list[ClassStats] = []  # a probe the weighting took after this epoch's training
@@ -261,10 +262,11 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
             summary = stats.summary()
             if not math.isfinite(summary["loss"]):
                 raise DoratError(
-                    f"training diverged at epoch {epoch + 1} (loss is {summary['loss']}); the last good "
-                    f"checkpoint in {out} is kept: continue with a lower rate (--resume --set optim.lr=...) "
-                    "or check the data"
-                )
+                    f"training diverged at epoch {epoch + 1} (loss is {summary['loss']}); " + (
+                        f"the last good checkpoint in {out} (epoch {epoch}) is kept: continue with a "
+                        "lower rate (--resume --set optim.lr=...) or check the data" if epoch else
+                        "no epoch finished, so there is no checkpoint to continue from: train again "
+                        "with a lower rate (--overwrite --set optim.lr=...) or check the data"))
             # training time without the probe's: wall-clock, and this process's CPU time (all its
             # threads), which does not count time other processes hold the cores
             seconds = time.perf_counter() - t0 - sum(w for w, _ in measured)
@@ -276,6 +278,8 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                 **method.weighting.epoch_log(),
                 **val, **({"val_seconds": round(sum(w for w, _ in measured), 3)} if measured else {}),
             }
+            if not concentrated and (concentrated := advice.concentration(record, cfg.method.weighting)):
+                log(concentrated)
             stop = watch is not None and watch.after_epoch(record, judged, d.main)
             state_now = trainer.state(epoch + 1) if d.main else {}
             gathered = stats.gathered(d)
