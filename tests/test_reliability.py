@@ -260,6 +260,47 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(tmp_path: Pa
     assert not (out / "config.yaml").exists()  # not in the journal: the old run's file, gone
 
 
+def test_eval_never_reads_a_run_in_the_middle(tmp_path: Path, synthetic_npz: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """`dorat eval RUN` while another process owns RUN (it trains) is refused, not evaluated at
+    its last checkpoint; after a crash inside a journaled --overwrite swap (the new config.yaml
+    moved in, the old weights still there) it completes the swap and evaluates the new weights
+    under the new config."""
+    import shutil
+
+    from conftest import run_cli
+    from dorat.rundir import COMPLETE, STAGE
+
+    base = {"dataset": f"npz:{synthetic_npz}", "epochs": 1, "batch_size": 64}
+    sets = ["attack.steps=1", "eval.n=20", "eval.checks=false"]
+    out, new = tmp_path / "run", tmp_path / "new"
+    train(C.resolve(None, base, sets), out, log=lambda s: None)
+    train(C.resolve(None, {**base, "seed": 1}, sets), new, log=lambda s: None)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom dorat import locks\n"
+         "with locks.own(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(120)\n",
+         str(out)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        code, _, err = run_cli(capsys, "eval", str(out), "--attacks", "pgd", "--n", "8")
+        assert code == 2 and "is in use by another dorat process" in err and "still training" in err
+        assert not (out / "eval.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    stage = out / STAGE  # the swap's journal is written, one file moved, then the crash
+    shutil.copytree(new, stage)
+    names = sorted(p.name for p in stage.iterdir())
+    (stage / COMPLETE).write_text(json.dumps(names))
+    (stage / "config.yaml").replace(out / "config.yaml")
+    code, _, err = run_cli(capsys, "eval", str(out), "--attacks", "pgd", "--n", "8")
+    assert code == 0, err
+    assert not stage.exists()
+    assert (out / "model.safetensors").read_bytes() == (new / "model.safetensors").read_bytes()
+    assert "seed: 1" in (out / "config.yaml").read_text()
+
+
 def test_sigterm_stops_with_a_distinct_code_and_the_requeued_job_resumes_bitwise(
         reference: tuple[Path, Path], tmp_path: Path) -> None:
     npz, ref = reference
@@ -463,6 +504,13 @@ def test_weighting_state_a_checkpoint_cannot_hold_is_named_at_the_first_mid_epoc
     w = Own()
     start_epoch(w, 1, 2)
     assert w.unstored_attrs() == []  # its own step_state: its business
+
+    from dorat.distributed import Dist
+    from dorat.objectives.done import KLDROWeighting
+
+    done = KLDROWeighting()  # under torchrun: its process group is bound again on resume, not state
+    done.bind({"num_classes": 10, "dist": Dist()})
+    assert done.unstored_attrs() == [] and "dist" not in done.step_state()["attrs"]
 
 
 def test_held_stops_wait_for_the_step_a_second_ctrl_c_does_not(sigterm_raises: None) -> None:

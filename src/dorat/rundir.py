@@ -210,3 +210,31 @@ def finish_replacement(out: Path) -> None:
         if p.is_file() and generated and p.name not in names:
             p.unlink()
     shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def own_finished(run_dir: Path) -> Iterator[None]:
+    """Own a finished run to read its result and write beside it (`dorat eval RUN`): a run that
+    another process is training is refused, not evaluated at its last checkpoint; a journaled
+    ``--overwrite`` swap a crash interrupted is completed first, so the new config never meets
+    the old weights; a run stopped before its end is named as such. A directory this process
+    cannot write (a read-only copy of results) is read without the lock: nobody trains there."""
+    if not run_dir.is_dir():
+        yield  # not a run: the reader says so
+        return
+    owned = contextlib.ExitStack()
+    try:
+        owned.enter_context(locks.own(run_dir))
+    except locks.Busy as e:
+        raise ConfigError(f"{run_dir} is in use by another dorat process"
+                          f"{f' (pid {e.pid})' if e.pid else ''}: it is still training (or being "
+                          "evaluated); evaluate it once that has finished") from None
+    except OSError:
+        pass
+    with owned:
+        if os.access(run_dir, os.W_OK):
+            finish_replacement(run_dir)
+        if not (run_dir / "model.safetensors").exists() and (run_dir / "checkpoint.safetensors").exists():
+            raise ConfigError(f"{run_dir} has not finished training (no model.safetensors yet): "
+                              f"finish it with `dorat train --out {run_dir} --resume`")
+        yield

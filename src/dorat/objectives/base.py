@@ -94,6 +94,9 @@ class Weighting:
 
     name = "uniform"
     final_message: ClassVar[str | None] = None  # one line the trainer logs after final_state(), if set
+    # what bind() sets from the running process (its process group), not state: bind() sets it
+    # again on resume, so step_state neither stores it nor names it as lost
+    bound_attrs: ClassVar[tuple[str, ...]] = ("dist",)
 
     def bind(self, info: dict[str, Any]) -> None:
         """Data facts, once the data is read (num_classes, class_counts, cfg, dist)."""
@@ -170,7 +173,7 @@ class Weighting:
 
     def _step_attrs(self) -> dict[str, Any]:
         own = {f.name for f in fields(self)} if hasattr(self, "__dataclass_fields__") else set()
-        return {k: v for k, v in vars(self).items() if k not in own}
+        return {k: v for k, v in vars(self).items() if k not in own and k not in self.bound_attrs}
 
     def load_step_state(self, state: dict[str, Any], device: torch.device) -> None:
         """Restore what ``step_state`` returned; tensors that were on an accelerator go to
