@@ -260,6 +260,34 @@ MATRIX: dict[str, tuple] = {
                                      _npz(t, x_train=np.zeros((40, 14, 12), np.uint8),
                                           x_test=np.zeros((20, 14, 12), np.uint8))],
                        "has 14×12 images but the models are built for square ones"),
+    # round three: data that reads but is not what it claims to be
+    "npz-binary-uint8": (lambda t, r: ["train", "--dataset", _npz(t, x_train=np.eye(12, dtype=np.uint8)[None]
+                                                               .repeat(40, 0))], "only 0 and 1"),
+    "npz-class-names-longer": (lambda t, r: ["train", "--dataset", _npz(t, classes=np.array(list("abcdef")))],
+                               "'classes' names 6 classes but the labels are 0..3"),
+    "npz-channels-first": (lambda t, r: ["train", "--dataset", _npz(t, x_train=np.zeros((40, 1, 12, 12),
+                                                                                       np.uint8))],
+                           "looks channels-first"),
+    "npz-random-bytes": (lambda t, r: ["train", "--dataset",
+                                       "npz:" + _raw(t, "r.npz", bytes(range(256)) * 8)],
+                         "not an .npz archive"),
+    "npz-uint64-huge-label": (lambda t, r: ["train", "--dataset", _npz(t, y_train=np.full(40, 2**63 + 5,
+                                                                                          np.uint64))],
+                              "labels up to 9223372036854775813"),
+    "data-dir-missing": (lambda t, r: ["train", "--dataset", "fashion-mnist", "--data-dir", str(t / "nope")],
+                         "/nope (no such directory), but this machine has it in"),
+    "attack-eps-inf": (lambda t, r: ["train", "--set", "attack.eps=.inf"], "must be float (finite), got inf"),
+    "tune-space-log-no-bounds": (lambda t, r: _tune(t, "--space", "r=log:abc"), "a range is log:LOW:HIGH"),
+    # the model against the data, for `dorat eval --model` as for dorat.fit (test_hostile_api.py)
+    "eval-model-nan-logits": (lambda t, r: _ext(t, "external_nets:NaNLogits"), "NaN or infinite logits"),
+    "eval-model-more-logits": (lambda t, r: _ext(t, "external_nets:make_wide"),
+                               "must return logits of shape (N, 4)"),
+    "train-model-more-logits": (lambda t, r: ["train", "--dataset", _npz(t, hw=28), "--model",
+                                              "external_nets:make_wide"],
+                                "must return logits of shape (N, 4)"),
+    # a run that has not finished: `dorat eval` says so instead of evaluating old weights
+    "eval-unfinished-run": (lambda t, r: ["eval", str(_drop(r, "model.safetensors"))],
+                            "has not finished training"),
     "data-dir-without-the-data": (lambda t, r: ["train", "--dataset", "mnist", "--data-dir", str(t),
                                                 "--set", "data.download=false"],
                                   "is not on this machine"),
@@ -461,6 +489,11 @@ def _nan_weights(run: Path) -> Path:
     return run
 
 
+def _drop(run: Path, name: str) -> Path:
+    (run / name).unlink()
+    return run
+
+
 def _write(run: Path, name: str, text: str) -> Path:
     (run / name).write_text(text)
     return run
@@ -542,6 +575,6 @@ def test_bad_input_matrix(case: str, tmp_path: Path, finished_run: Path,
 
 
 def test_matrix_is_big_enough() -> None:
-    assert len(MATRIX) >= 100
+    assert len(MATRIX) >= 120
 
 

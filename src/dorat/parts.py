@@ -126,9 +126,9 @@ class Key:
         try:
             out = _COERCE[self.kind](value)
         except (TypeError, ValueError):
-            raise ConfigError(
-                f"config key '{key}' must be {self.type_name}, got {value!r}; fix it with "
-                f"--set {key}=VALUE") from None
+            finite = " (finite)" if self.kind == "float" and _nonfinite(value) else ""
+            raise ConfigError(f"config key '{key}' must be {self.type_name}{finite}, got {value!r}"
+                              ) from None
         if self.choices and out not in self.choices:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(self.choices)}, "
                               f"got {value!r}")
@@ -136,6 +136,13 @@ class Key:
         if problem:
             raise ConfigError(f"config key '{key}' {problem}, got {value!r}")
         return out
+
+
+def _nonfinite(v: Any) -> bool:
+    try:
+        return not math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
 
 
 def _int(v: Any) -> int:

@@ -74,13 +74,13 @@ def compare(path: str | Path, out: str | Path, device: str | None = None, data_d
     out = Path(out)
     if not aggregate_only:
         _validate(grid, only)  # before anything is written
+        if slurm is not None:
+            check_slurm()  # before anything is written or submitted
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DoratError(f"cannot create {out} ({e.strerror}); choose another --out") from None
     if not aggregate_only:  # aggregating only reads finished runs: fine beside a running compare
-        if slurm is not None:
-            check_slurm()  # before anything is submitted
         # passes until nothing more can start: a tuning step chooses values, runs wait for their
         # method's tuning or for the run they start from (init_from; dorat.compare.tuning)
         while True:

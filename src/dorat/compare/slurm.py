@@ -132,6 +132,7 @@ def check_available() -> Any:
     if missing:
         raise ConfigError(f"--launcher slurm needs Slurm's {' and '.join(missing)} on PATH; run on a "
                           "machine of the cluster (or use --launcher local)")
+    live_jobs()  # the controller answers (else one line, before OUT is made)
     return submitit
 
 

@@ -132,10 +132,23 @@ def download(name: str, data_dir: str | None = None, timeout: float = 30.0) -> P
                         + spec.obtain.format(target=target) + " (or pass --data-dir / set DORAT_DATA)")
     if not spec.downloads:
         raise DataError(f"dataset '{name}' has no download source; put its files in {target}")
+    created = next((p for p in (*reversed(target.parents), target) if not p.exists()), None)
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create {target} ({e.strerror}); pass a writable --data-dir") from None
+    try:
+        _fetch_into(spec, target, timeout)
+    except DataError:  # a failed download leaves no directory it made behind
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    if not is_complete(spec, target):
+        raise DataError(f"download of '{name}' finished but {target} is still incomplete")
+    return target
+
+
+def _fetch_into(spec: Spec, target: Path, timeout: float) -> None:
     with tempfile.TemporaryDirectory(dir=target) as tmp:
         for d in spec.downloads:
             fname = d.url.rsplit("/", 1)[-1]
@@ -155,9 +168,6 @@ def download(name: str, data_dir: str | None = None, timeout: float = 30.0) -> P
                 _safe_extract(part, target)
             else:
                 os.replace(part, target / fname)
-    if not is_complete(spec, target):
-        raise DataError(f"download of '{name}' finished but {target} is still incomplete")
-    return target
 
 
 def find_or_fetch(name: str, data_dir: str | None = None, allow_download: bool = True) -> Path:
@@ -169,6 +179,15 @@ def find_or_fetch(name: str, data_dir: str | None = None, allow_download: bool =
         if cand.is_dir() and unpack_archives(spec, cand):
             return cand
     target = candidate_dirs(name, data_dir)[0]
-    if not allow_download and not spec.obtain:
-        raise DataError(_offline_message(spec, target, "downloads are disabled"))
-    return download(name, data_dir)
+    try:
+        if not allow_download and not spec.obtain:
+            raise DataError(_offline_message(spec, target, "downloads are disabled"))
+        return download(name, data_dir)
+    except DataError:
+        elsewhere = locate(name) if data_dir else None  # --data-dir looks only there
+        if elsewhere is None:
+            raise
+        raise DataError(f"dataset '{name}' is not in --data-dir {data_dir}"
+                        f"{'' if Path(data_dir).is_dir() else ' (no such directory)'}, but this "
+                        f"machine has it in {elsewhere}: leave --data-dir out, or point it "
+                        "there") from None

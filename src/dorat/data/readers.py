@@ -241,8 +241,9 @@ def read_npz(path: Path) -> tuple[np.ndarray, ...]:
     except FileNotFoundError:
         raise DataError(f"npz file {path} does not exist") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise DataError(f"{path} is not a readable .npz file ({e or type(e).__name__}); write it "
-                        "again with np.savez") from None
+        why = "not an .npz archive" if "pickled" in str(e) else (str(e) or type(e).__name__)
+        raise DataError(f"{path} is not a readable .npz file ({why}); write it again with "
+                        "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)") from None
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise DataError(
@@ -264,15 +265,23 @@ def read_npz(path: Path) -> tuple[np.ndarray, ...]:
             )
         if x.ndim == 3:
             x = x[:, None]
+        elif x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[3] not in (1, 3):
+            raise DataError(f"{path}: x_{split} of shape {x.shape} looks channels-first (N×C×H×W); "
+                            "npz images are N×H×W or N×H×W×C: save x.transpose(0, 2, 3, 1)")
         elif x.ndim == 4:
             x = x.transpose(0, 3, 1, 2)
         else:
             raise DataError(f"{path}: x_{split} must be N×H×W or N×H×W×C, got shape {x.shape}")
+        if x.dtype == np.uint8 and x.size and x.max() == 1:
+            raise DataError(f"{path}: x_{split} holds uint8 pixels of only 0 and 1; uint8 pixels "
+                            "are 0..255 (store x * 255, or float32 images in [0, 1])")
         if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
             raise DataError(
                 f"{path}: y_{split} must be a 1-D integer array with one label per image "
                 f"(got {y.dtype} of shape {y.shape} for {len(x)} images)"
             )
+        if len(y) and np.issubdtype(y.dtype, np.unsignedinteger) and y.max() > np.iinfo(np.int64).max:
+            raise DataError(f"{path}: y_{split} has labels up to {y.max()}; labels must be 0..C-1")
         if len(y) and y.min() < 0:
             raise DataError(f"{path}: y_{split} has negative labels (min {y.min()}); labels must be "
                             "0..C-1")
@@ -281,8 +290,9 @@ def read_npz(path: Path) -> tuple[np.ndarray, ...]:
         raise DataError(f"{path}: train images {out[0].shape[1:]} and test {out[2].shape[1:]} differ")
     n_classes = check_labels(str(path), out[1], out[3])
     names = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
-    if names is not None and len(names) < n_classes:
-        raise DataError(f"{path}: 'classes' names {len(names)} classes but labels go to {n_classes - 1}")
+    if names is not None and len(names) != n_classes:
+        raise DataError(f"{path}: 'classes' names {len(names)} classes but the labels are "
+                        f"0..{n_classes - 1}; give one name per class")
     out.append(names or [str(i) for i in range(n_classes)])
     return tuple(out)
 

@@ -76,8 +76,11 @@ def parse_space(item: str, base: cfglib.Config) -> Param:
             low, high = (int(m.group(3)), int(m.group(4))) if kind == "int" else \
                 (float(m.group(3)), float(m.group(4)))
         except ValueError:
-            raise ConfigError(f"--space '{item}': bounds must be {'integers' if kind == 'int' else 'numbers'}"
-                              f", got '{m.group(3)}' and '{m.group(4)}'") from None
+            log = m.group(2) or m.group(3) in ("log", "int")
+            form = f"{'int:' if kind == 'int' else ''}{'log:' if log else ''}LOW:HIGH"
+            what = "integer" if kind == "int" else "number"
+            raise ConfigError(f"--space '{item}': a range is {form} with {what} bounds, e.g. "
+                              f"{key.rpartition('.')[2]}=log:0.25:16; got '{spec}'") from None
         if not (math.isfinite(low) and math.isfinite(high)) or not low < high:
             raise ConfigError(f"--space '{item}': need LOW < HIGH, got {low:g} and {high:g}")
         if m.group(2) and low <= 0:
