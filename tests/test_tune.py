@@ -208,3 +208,32 @@ def test_a_seeded_study_proposes_the_same_values_whichever_process_asks(tmp_path
     assert len(set(two)) == 6
     other = ask([f"sqlite:///{tmp_path / 'other.db'}"], 6)  # same seed, fresh study: same values
     assert other == one
+
+
+def test_a_process_with_another_base_config_cannot_join_the_study(tmp_path: Path) -> None:
+    """The study records the whole resolved base config (but where the process runs) and the
+    pruner and sampler settings: a second process with other --epochs, another --set value or
+    another pruner is refused before it trains, instead of being ranked with the first."""
+    from dorat import config as cfglib
+    from dorat.errors import ConfigError
+    from dorat.tune import Tuner, create_study, parse_metric, parse_space
+
+    url = f"sqlite:///{tmp_path / 'tune.db'}"
+
+    def join(sets: dict, pruner: str = "median", seed: int = 0) -> object:
+        base = cfglib.resolve(None, {"dataset": "fashion-mnist", "method": "done"}, None,
+                              {"eval.split": "val", "data.val_size": 100, **sets})
+        tuner = Tuner(base, [parse_space("r=0.1:1", base)], parse_metric("val.ra.pgd", ["pgd"], "o"), [],
+                      tmp_path)
+        return create_study(tuner, url, "s", pruner, 2, 0, seed)
+
+    join({"epochs": 2})
+    join({"epochs": 2, "done.r": 0.5})  # the searched key may differ: trials set it
+    join({"epochs": 2, "device": "cpu", "data.dir": "/elsewhere"})  # where it runs: may differ
+    for sets, other, needle in [({"epochs": 3}, {}, "epochs: 2 there, 3 here"),
+                                ({"epochs": 2, "attack.steps": 3}, {}, "attack.steps: 10 there, 3 here"),
+                                ({"epochs": 2}, {"pruner": "none"}, "pruner"),
+                                ({"epochs": 2}, {"seed": 1}, "sampler_seed: 0 there, 1 here")]:
+        with pytest.raises(ConfigError, match="was started with other settings") as e:
+            join(sets, **other)
+        assert needle in str(e.value), str(e.value)

@@ -53,6 +53,7 @@ from dorat.tune.space import Constraint, Metric, Param, parse_constraint, parse_
 EXTRA = "dorat[tune]"
 STUDY_ATTR = "dorat"  # the study's settings, checked when another process joins it
 MAX_FAILED_IN_A_ROW = 3
+ENVIRONMENT = ("device", "data.dir", "data.download", "log.")  # may differ between processes
 __all__ = ["Constraint", "Metric", "Param", "Tuner", "parse_constraint", "parse_metric", "parse_space",
            "tune"]
 
@@ -116,11 +117,17 @@ class Tuner:
     surplus: set[int] = field(default_factory=set)  # trials failed unrun, past --trials
 
     def settings(self) -> dict[str, Any]:
-        """What must agree between processes that share the study."""
-        return {"objective": str(self.objective), "direction": self.direction,
-                "space": {p.key: p.describe() for p in self.space},
-                "constraints": [c.text for c in self.constraints],
-                "method": self.base.method.name}
+        """What must agree between processes that share the study: the search, and the whole
+        resolved base config but the keys that only say where this process runs (ENVIRONMENT)
+        and those the trials set."""
+        searched = {p.key for p in self.space}
+        base = {k: v for k, v in self.base.flat().items()
+                if k not in searched and not (k in ENVIRONMENT or k.startswith(ENVIRONMENT))}
+        return json.loads(json.dumps(
+            {"objective": str(self.objective), "direction": self.direction,
+             "space": {p.key: p.describe() for p in self.space},
+             "constraints": [c.text for c in self.constraints],
+             "method": self.base.method.name, "base": base}, default=list))
 
     def references(self) -> dict[str, dict[str, Any]]:
         """Train (or read) each reference method's run, OUT/ref-NAME."""
@@ -255,15 +262,20 @@ def create_study(tuner: Tuner, storage_url: str, study: str, pruner: str, prune_
                                 sampler=sampler, pruner=pr, load_if_exists=True)
     except ValueError as e:  # e.g. the study exists with another direction
         raise ConfigError(f"study '{study}' in {storage_url}: {e}") from None
-    mine = tuner.settings()
+    mine = {**tuner.settings(), "sampler_seed": seed,
+            "pruner": {"name": pruner, "startup": prune_startup, "warmup": prune_warmup}}
     theirs = s.user_attrs.get(STUDY_ATTR)
-    if theirs is None:
-        s.set_user_attr(STUDY_ATTR, mine)
-    elif theirs != mine:
-        diff = [k for k in mine if mine[k] != theirs.get(k)]
+    if theirs is None or any(k not in theirs for k in mine):  # new, or made by an older dorat
+        theirs = {**mine, **(theirs or {})}  # that did not record everything: recorded now
+        s.set_user_attr(STUDY_ATTR, theirs)
+    diff = [f"{k}: {theirs[k]} there, {mine[k]} here" for k in mine if mine[k] != theirs[k] and k != "base"]
+    base, other = mine["base"], theirs["base"]
+    diff += [f"{k}: {other.get(k)} there, {base.get(k)} here" for k in sorted({*base, *other})
+             if base.get(k) != other.get(k)]
+    if diff:
         raise ConfigError(f"study '{study}' in {storage_url} was started with other settings "
-                          f"({', '.join(f'{k}: {theirs.get(k)}' for k in diff)}); give the same "
-                          "options, or another --study")
+                          f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}); give the "
+                          "same options, or another --study")
     return s
 
 
