@@ -126,9 +126,8 @@ class Key:
         try:
             out = _COERCE[self.kind](value)
         except (TypeError, ValueError):
-            finite = " (finite)" if self.kind == "float" and _nonfinite(value) else ""
-            raise ConfigError(f"config key '{key}' must be {self.type_name}{finite}, got {value!r}"
-                              ) from None
+            what = "a finite number" if self.kind == "float" and _nonfinite(value) else self.type_name
+            raise ConfigError(f"config key '{key}' must be {what}, got {value!r}") from None
         if self.choices and out not in self.choices:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(self.choices)}, "
                               f"got {value!r}")
