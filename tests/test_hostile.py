@@ -279,7 +279,8 @@ MATRIX: dict[str, tuple] = {
                          "/nope (no such directory), but this machine has it in"),
     "eval-eps-nan": (lambda t, r: ["eval", str(r), "--eps", "nan"],
                      "'eval.eps' must be a finite number, got nan"),
-    "attack-eps-inf": (lambda t, r: ["train", "--set", "attack.eps=.inf"], "must be a finite number, got inf"),
+    "attack-eps-inf": (lambda t, r: ["train", "--set", "attack.eps=.inf"],
+                       "must be a finite number, got inf"),
     "tune-space-log-no-bounds": (lambda t, r: _tune(t, "--space", "r=log:abc"), "a range is log:LOW:HIGH"),
     # the model against the data, for `dorat eval --model` as for dorat.fit (test_hostile_api.py)
     "eval-model-nan-logits": (lambda t, r: _ext(t, "external_nets:NaNLogits"), "NaN or infinite logits"),
