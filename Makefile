@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dorat-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint data install clean results bench
+.PHONY: demo test lint data install clean results bench slurm
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -35,8 +35,15 @@ results: data
 bench: data
 	$(PY) benchmarks/perf.py --json docs/perf.json --doc docs/PERFORMANCE.md
 
+# One pytest-xdist worker a core (one thread each); the 10 slowest tests at the end. The Slurm
+# tests skip with a reason unless a cluster answers (`make slurm`; CI starts one).
 test: data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal --durations=10
+
+# A single-node Slurm cluster on this machine for tests/test_slurm.py: installs Debian's slurm-wlm
+# and munge, writes /etc/slurm/slurm.conf and starts munged, slurmctld and slurmd (needs root).
+slurm:
+	bash scripts/slurm-up.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts examples

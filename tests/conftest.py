@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import os
 import signal
 import struct
 import subprocess
@@ -13,7 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one pytest-xdist worker a core: one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"  # and in the processes the tests start
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 def write_idx(path: Path, arr: np.ndarray, gz: bool = True) -> Path:

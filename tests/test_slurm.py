@@ -21,15 +21,17 @@ pytest.importorskip("submitit")
 
 @pytest.fixture(scope="module")
 def cluster() -> None:
+    """A reachable Slurm cluster, or a skip with its reason: `make test` installs no system
+    packages and starts no services (`make slurm` does: a single-node cluster, as root). CI
+    starts the cluster first and sets DORAT_REQUIRE_SLURM=1, which makes a missing one a failure."""
     up = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True) \
         if _has("sinfo") else None
     if up is not None and up.returncode == 0 and any(s in up.stdout for s in ("idle", "mixed", "alloc")):
         return
-    if os.geteuid() != 0:
-        pytest.skip("Slurm is not up and starting it (scripts/slurm-up.sh) needs root")
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "slurm-up.sh")], capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, f"scripts/slurm-up.sh failed:\n{r.stdout}\n{r.stderr}"
+    why = "no Slurm cluster answers sinfo; `make slurm` starts a single-node one (root)"
+    if os.environ.get("DORAT_REQUIRE_SLURM") == "1":
+        pytest.fail(why)
+    pytest.skip(why)
 
 
 def _has(cmd: str) -> bool:
