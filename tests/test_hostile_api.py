@@ -78,6 +78,7 @@ API: dict[str, tuple[Callable[[Path], Any], str]] = {
     "fit-one-class": (fit(net(), (X, Y * 0)), "at least two classes"),
     "fit-a-class-of-one-example": (fit(net(), (X[:5], Y[:5])), "fewer than 2 examples"),
     "fit-not-data": (fit(net(), "x.npz"), "give (x, y) tensors"),
+    "fit-class-names-short": (fit(net(), (X, Y), classes=["a", "b", "c"]), "classes names 3 classes"),
     # the config
     "fit-key-given-twice": (fit(net(), (X, Y), set={**FAST["set"], "epochs": 2}),
                             "epochs is given twice"),
@@ -133,7 +134,9 @@ def test_a_model_class_from_the_script_is_named_at_fit_time(tmp_path: Path) -> N
             return self.net(x)
 
     lines: list[str] = []
-    dorat.fit(Local(), data(), out=tmp_path / "run", **{**FAST, "log": lines.append})
+    fitted = dorat.fit(Local(), data(), out=tmp_path / "run", classes=list("abcd"),
+                       **{**FAST, "log": lines.append})
+    assert fitted.metrics["classes"] == list("abcd")  # the names reach the metrics
     assert any(s.startswith("warning: the model class") and "load_run(RUN, model=...)" in s
                for s in lines), lines
 

@@ -9,7 +9,7 @@ process (a model class that needs constructor arguments: ``dorat.run.load_run(RU
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,13 +65,15 @@ def _tensors(data: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fit(model: nn.Module | str, train_data: Any, test_data: Any = None, *, method: str = "at",
         out: str | Path | None = None, config: str | None = None, overwrite: bool = False,
-        set: Mapping[str, Any] | None = None, log: Any = None, **overrides: Any) -> Fitted:
+        set: Mapping[str, Any] | None = None, classes: Sequence[str] | None = None, log: Any = None,
+        **overrides: Any) -> Fitted:
     """Train ``model`` (an nn.Module, or a registered model name) with ``method`` on
     ``train_data`` and evaluate it on ``test_data`` (default: a seeded, stratified 10% of the
     training data, held out: the model never trains on it). Config keys come from ``config``
     (a preset or YAML), ``set`` (dotted keys) and keyword overrides (``epochs=5``, ``attack__eps=0.1`` for
     ``attack.eps``, ``init="RUN"`` to start from a trained run's or a file's weights,
-    ``optim__ema=0.995`` for weight averaging). Returns the trained model, its metrics and the run
+    ``optim__ema=0.995`` for weight averaging). ``classes``: one name per class, for the metrics
+    and reports (default "0", "1", ...). Returns the trained model, its metrics and the run
     directory."""
     from dorat.data.readers import check_labels
     from dorat.run import prepare, train
@@ -95,7 +97,11 @@ def fit(model: nn.Module | str, train_data: Any, test_data: Any = None, *, metho
     updates["model"] = _import_path(model, log) if isinstance(model, nn.Module) else model
     updates["dataset"] = f"npz:{(out / DATA_FILE).resolve()}"
     cfg = cfglib.resolve(config, overrides=updates)  # validated before anything is written
-    data = Dataset(cfg.dataset, x, y, xt, yt, [str(c) for c in range(num_classes)])
+    names = [str(c) for c in (range(num_classes) if classes is None else classes)]
+    if len(names) != num_classes:
+        raise ConfigError(f"classes names {len(names)} classes but the labels are 0..{num_classes - 1}; "
+                          "give one name per class")
+    data = Dataset(cfg.dataset, x, y, xt, yt, names)
     user_model = model if isinstance(model, nn.Module) else None
     prepare(cfg, data=data, model=user_model)  # the data, the method and one forward pass
     out.mkdir(parents=True, exist_ok=True)

@@ -186,7 +186,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
     progress = d.main and show_progress(cfg)
     extras = [k for k, v in (("channels-last", trainer.channels_last), ("bf16", trainer.bf16),
                              ("compiled", perf.compile)) if v]
-    log(f"training {cfg.method.name} ({method.describe()}) on {run.data.name} "
+    log(f"training {cfg.method.name} ({' × '.join(method.describe().values())}) on {run.data.name} "
         f"[{len(run.train)} train examples] with {cfg.model} on {device}"
         + (f" x {d.world} processes" if d.active else "") + (f" ({', '.join(extras)})" if extras else ""))
     watch = Watch.build(cfg, out, isinstance(method.attack, SingleStep), log, _meta(cfg), start_epoch)
