@@ -162,3 +162,27 @@ def test_interrupted_evaluation_resumes_bitwise(trained_fmnist, tmp_path: Path, 
     for k in full:
         assert torch.equal(resumed[k], full[k]), k
     assert not journal.exists()
+
+
+def test_an_evaluation_without_a_progress_bar_logs_its_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where stderr is no terminal (a log file, a Slurm job) the evaluation says where it is, at
+    most once a minute (here: every step), with its rate and the time left; with a bar, nothing."""
+    import functools
+
+    import torch.nn as nn
+
+    from dorat import evaluate as ev
+
+    monkeypatch.setattr(ev, "_Heartbeat", functools.partial(ev._Heartbeat, every=0.0))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
+    x, y = torch.rand(40, 1, 8, 8), torch.arange(40) % 4
+    lines: list[str] = []
+    ev.run_attacks(model, x, y, ["pgd"], EvalSettings(eps=0.1, steps=2, batch_size=20),
+                   torch.device("cpu"), progress=False, log=lines.append)
+    assert len(lines) == 4 and lines[-1].startswith("eval: 4/4 (batch, attack) steps (pgd on batch 2/2 done)")
+    assert all("a minute, about" in s for s in lines)
+    lines.clear()
+    ev.run_attacks(model, x, y, ["pgd"], EvalSettings(eps=0.1, steps=2, batch_size=20),
+                   torch.device("cpu"), progress=True, log=lines.append)
+    assert lines == []

@@ -110,6 +110,28 @@ def _read_journal(path: Path, key: str) -> dict[str, Any] | None:
     return state if state.get("key") == key else None
 
 
+class _Heartbeat:
+    """Where no progress bar shows (a log file, a Slurm job): one line at most every ``every``
+    seconds with the steps done, their rate and the time left."""
+
+    def __init__(self, total: int, done: int, log: Callable[[str], None] | None,
+                 every: float = 60.0) -> None:
+        import time
+
+        self.clock, self.total, self.first, self.log, self.every = time.perf_counter, total, done, log, every
+        self.start = self.last = self.clock()
+
+    def step(self, done: int, what: str) -> None:
+        now = self.clock()
+        if self.log is None or (now - self.last < self.every and done < self.total):
+            return
+        self.last = now
+        rate = (done - self.first) / max(now - self.start, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        self.log(f"eval: {done}/{self.total} (batch, attack) steps ({what} done), "
+                 f"{60 * rate:.1f} a minute, about {left / 60:.0f} min left")
+
+
 def run_attacks(
     model: nn.Module,
     x: torch.Tensor,
@@ -167,6 +189,7 @@ def run_attacks(
 
     bar = tqdm(total=total, initial=done, desc="eval", disable=not progress, leave=False,
                unit="batch")
+    quiet = _Heartbeat(total, done, log if not progress else None)  # no bar: a line a minute
     with mode(model, False):
         for b in range(n_batches):
             if (b + 1) * len(steps) <= done:
@@ -193,6 +216,7 @@ def run_attacks(
                 table[a][b * bs:b * bs + len(yb)] = out.cpu()
                 save(step + 1)
                 bar.update()
+                quiet.step(step + 1, f"{a} on batch {b + 1}/{n_batches}")
     bar.close()
     if journal is not None:
         journal.unlink(missing_ok=True)
