@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dorat.attacks import EVAL_ATTACKS
 from dorat.checkpoint import read_json
 from dorat.compare.grid import FAILED, Grid, _finished
 
@@ -182,6 +183,28 @@ def markdown_tables(agg: dict[str, Any], columns: Sequence[str] | None = None) -
     return lines
 
 
+def _under(attacks: Sequence[str]) -> str:
+    """What a per-class chart shows: the worst case of several attacks, or the one."""
+    names = [EVAL_ATTACKS[a][1] for a in attacks]
+    return f"worst case of {' and '.join(names)}" if len(names) > 1 else f"under {names[0]}"
+
+
+def _settings_lines(grid: Grid) -> list[str]:
+    """The budget every run shares, as `dorat report` prints it: ε, attacks, points, steps,
+    epochs (from the first run's config; the comparability warnings name any difference)."""
+    if not grid.runs:
+        return []
+    c = grid.runs[0].cfg
+    e = c.eval
+    eps = c.attack.eps if e.eps is None else e.eps
+    attacks = ", ".join(EVAL_ATTACKS[a][0] for a in e.attacks)
+    extra = "".join(f"; [{x['name']}]: {', '.join(EVAL_ATTACKS[a][0] for a in x['attacks'])} on "
+                    f"{x.get('n') or 'all'} points" for x in grid.evals)
+    return [f"Evaluation: ε = {eps:g} ({c.attack.norm}), {attacks} ({e.steps} steps, {e.restarts} "
+            f"restart(s)) on {e.n or 'all'} {e.split} points{extra}. Training: {c.epochs} epochs, "
+            f"{c.model}, batch {c.batch_size}, {c.attack.steps}-step training attack.", ""]
+
+
 def write_outputs(grid: Grid, out: str | Path) -> Path:
     """results.json, results.md and report.md (tables + per-class plot of the means + the
     training and weight plots of each method's first seed). Returns report.md's path."""
@@ -193,10 +216,11 @@ def write_outputs(grid: Grid, out: str | Path) -> Path:
     agg = aggregate(grid)
     write_json_atomic(out / "results.json", agg)
     tables = markdown_tables(agg)
-    head = [f"# {grid.title}", "",
+    head = [f"# {grid.title}", "", *_settings_lines(grid),
             f"{agg['finished_runs']} of {agg['total_runs']} runs finished. Mean ± sample std over "
-            "seeds, in % (no ± with one seed); the best mean per column is in bold. Columns "
-            "with [name] come from the extra evaluation of that name.", ""]
+            "seeds, in % (no ± with one seed); the best mean per column is in bold."
+            + (" Columns with [name] come from the extra evaluation of that name." if grid.evals
+               else ""), ""]
     write_text_atomic(out / "results.md", "\n".join(head + tables))
     lines = head + tables
     for ds, st in grid.groups:
@@ -206,7 +230,9 @@ def write_outputs(grid: Grid, out: str | Path) -> Path:
         tag = f"{ds}-{st}".replace("/", "_")
         for key in dict.fromkeys(k for r in rows for k in r["per_class"]):
             png = f"per_class_{tag}_{key}.png"
-            what = "main evaluation" if key == "main" else f"evaluation '{key}'"
+            what = (f"main evaluation, {_under(grid.runs[0].cfg.eval.attacks)}" if key == "main" else
+                    f"evaluation '{key}', " + _under(next(e["attacks"] for e in grid.evals
+                                                          if e["name"] == key)))
             plot_per_class([(f"{r['method']} (n={len(r['seeds'])})", r["per_class"][key],
                              r["per_class_std"][key] if len(r["seeds"]) > 1 else None)
                             for r in rows if key in r["per_class"]], rows[0]["classes"], out / png,
@@ -222,10 +248,14 @@ def write_outputs(grid: Grid, out: str | Path) -> Path:
         if firsts:
             lines += [f"Training curves and weights (first seed of each method, {ds}/{st}):", ""]
             lines += figure_lines(firsts, out, prefix=f"{tag}_", per_class=False)
-    failed_checks = check_lines([load_result(r.path, "metrics.json", name=f"{r.name} s{r.seed}")
-                                 for r in grid.runs if _finished(r, grid.evals)])
+    finished = [load_result(r.path, "metrics.json", name=f"{r.name} s{r.seed}")
+                for r in grid.runs if _finished(r, grid.evals)]
+    failed_checks = check_lines(finished)
+    checked = sum(1 for r in finished if r.metrics.get("checks"))
     lines += (["## Sanity checks that failed", ""] + failed_checks + [""]) if failed_checks else [
-        "All sanity checks of the finished runs passed (or none ran).", ""]
+        f"All sanity checks passed ({checked} of {len(finished)} finished runs ran them)." if checked
+        else "No finished run ran the sanity checks (eval.checks)." if finished
+        else "No run has finished yet.", ""]
     path = out / "report.md"
     write_text_atomic(path, "\n".join(lines))
     return path

@@ -133,7 +133,7 @@ def plot_training(results: Sequence[RunResult], path: Path) -> Path:
         label = "catastrophic overfitting" if i == 0 and co else None
         axes[3].scatter([x["epoch"] for x in co], [100 * x["val_ra_pgd"] for x in co], marker="x",
                         s=90, color="red", zorder=3, label=label)
-    titles = ["training loss (reweighted objective)", "train accuracy, clean",
+    titles = ["training loss (unweighted mean of each example's loss)", "train accuracy, clean",
               "train accuracy, adversarial (training attack)", "probe: PGD accuracy (-- worst class)"]
     for ax, t, yl in zip(axes, titles, ["loss", "accuracy (%)", "accuracy (%)", "accuracy (%)"]):
         ax.set_title(t)
