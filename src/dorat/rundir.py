@@ -63,18 +63,25 @@ def own(out: Path) -> Iterator[None]:
     `dorat compare` on the same directory is refused instead of mixing two runs in it."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory; choose another path")
+    with _locked(out, "; wait for it to finish or choose another --out", read_only_ok=False):
+        yield
+
+
+def _locked(path: Path, busy: str, read_only_ok: bool) -> contextlib.ExitStack:
+    """locks.own(path) as an ExitStack to enter; another owner is a ConfigError ending in
+    ``busy``; a directory that cannot be locked (not writable) is an error, or with
+    ``read_only_ok`` an empty stack (nobody can be training in it)."""
     owned = contextlib.ExitStack()
     try:
-        owned.enter_context(locks.own(out))
+        owned.enter_context(locks.own(path))
     except locks.Busy as e:
-        raise ConfigError(f"{out} is in use by another dorat process"
-                          f"{f' (pid {e.pid})' if e.pid else ''}; wait for it to finish or "
-                          "choose another --out") from None
+        raise ConfigError(f"{path} is in use by another dorat process"
+                          f"{f' (pid {e.pid})' if e.pid else ''}{busy}") from None
     except OSError as e:
-        raise ConfigError(f"cannot create output directory {out} ({e.strerror}); choose another "
-                          "--out") from None
-    with owned:
-        yield
+        if not read_only_ok:
+            raise ConfigError(f"cannot create output directory {path} ({e.strerror}); choose another "
+                              "--out") from None
+    return owned
 
 
 def flag_changes(flags: Mapping[str, Any], cfg: Config) -> dict[str, Any]:
@@ -222,16 +229,8 @@ def own_finished(run_dir: Path) -> Iterator[None]:
     if not run_dir.is_dir():
         yield  # not a run: the reader says so
         return
-    owned = contextlib.ExitStack()
-    try:
-        owned.enter_context(locks.own(run_dir))
-    except locks.Busy as e:
-        raise ConfigError(f"{run_dir} is in use by another dorat process"
-                          f"{f' (pid {e.pid})' if e.pid else ''}: it is still training (or being "
-                          "evaluated); evaluate it once that has finished") from None
-    except OSError:
-        pass
-    with owned:
+    with _locked(run_dir, ": it is still training (or being evaluated); evaluate it once that "
+                 "has finished", read_only_ok=True):
         if os.access(run_dir, os.W_OK):
             finish_replacement(run_dir)
         if not (run_dir / "model.safetensors").exists() and (run_dir / "checkpoint.safetensors").exists():
