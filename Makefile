@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dorat-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint data install clean results bench slurm
+.PHONY: demo test lint data install clean results bench slurm docs
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -39,6 +39,16 @@ bench: data
 # tests skip with a reason unless a cluster answers (`make slurm`; CI starts one).
 test: data
 	$(PY) -m pytest -q -n auto --dist worksteal --durations=10
+
+# The documentation site (MkDocs, Material theme, mkdocstrings API reference) into site/; strict:
+# a broken link, a link to a repository file that does not exist or a missing reference fails.
+DOCSTAMP := $(VENV)/.dorat-docs-installed
+$(DOCSTAMP): $(STAMP)
+	$(PY) -m pip install -e '.[docs]'
+	touch $(DOCSTAMP)
+
+docs: $(DOCSTAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # A single-node Slurm cluster on this machine for tests/test_slurm.py: installs Debian's slurm-wlm
 # and munge, writes /etc/slurm/slurm.conf and starts munged, slurmctld and slurmd (needs root).

@@ -1,7 +1,7 @@
 """dorat: DOubly Robust Adversarial Training.
 
 Instance-reweighted adversarial training (DONE and baselines) and an evaluator that reports
-average *and* worst-class robustness. See README.md and docs/ARCHITECTURE.md.
+average *and* worst-class robustness. See README.md and the documentation site (docs/, `make docs`).
 
     import dorat
     fitted = dorat.fit(my_model, (x_train, y_train), (x_test, y_test), method="done", epochs=5)
