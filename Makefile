@@ -35,10 +35,11 @@ results: data
 bench: data
 	$(PY) benchmarks/perf.py --json docs/perf.json --doc docs/PERFORMANCE.md
 
-# One pytest-xdist worker a core (one thread each); the 10 slowest tests at the end. The Slurm
+# One pytest-xdist worker a core (one thread each), a test file to one worker (its module-scoped
+# training runs once); the 10 slowest tests at the end. The Slurm
 # tests skip with a reason unless a cluster answers (`make slurm`; CI starts one).
 test: data
-	$(PY) -m pytest -q -n auto --dist worksteal --durations=10
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=10
 
 # The documentation site (MkDocs, Material theme, mkdocstrings API reference) into site/; strict:
 # a broken link, a link to a repository file that does not exist or a missing reference fails.

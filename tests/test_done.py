@@ -297,10 +297,11 @@ def test_cifar_shaped_smoke(tmp_path: Path) -> None:
     npz = make_synthetic_npz(tmp_path / "c.npz", n_train=64, n_test=20, size=32, channels=3,
                              num_classes=10)
     for method in ("done", "done-cid"):
+        # the paper's PreAct-ResNet-18 at a quarter of its width (the same blocks, 1/16 the FLOPs)
         m = train(C.resolve(None, {"dataset": f"npz:{npz}", "epochs": 1, "batch_size": 32,
-                                   "model": "preact-resnet18", "method": method},
+                                   "model": "preact-resnet18-w16", "method": method},
                             ["attack.eps=0.0313", "attack.alpha=0.0078", "attack.steps=2",
-                             "eval.n=20", "eval.steps=2", "done.cg_iters=2"]),
+                             "eval.n=20", "eval.steps=2", "eval.checks=false", "done.cg_iters=2"]),
                   tmp_path / method, log=lambda s: None)
         assert len(m["per_class"]["pgd"]) == 10
 
