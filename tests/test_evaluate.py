@@ -14,7 +14,6 @@ from dorat.evaluate import EvalSettings, evaluate, metrics_from_table, stratifie
 from dorat.run import prepare, train
 
 
-
 def test_metrics_from_table_by_hand() -> None:
     y = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3])
     clean = torch.tensor([1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool)
