@@ -18,11 +18,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-PRESETS = ["standard", "at", "trades", "mart", "fat", "gairat", "mail-at", "mail-trades", "wmmr", "done",
-           "done-cid", "done-class", "done-trades"]
+# every method preset (a fixed list: the old and the new code run the same), in an order where
+# FAAL's init (the PGD-AT run) comes first
+PRESETS = ["standard", "at", "trades", "mart", "fat", "fast-at", "n-fgsm", "gairat", "mail-at",
+           "mail-trades", "wmmr", "done", "done-fast-at", "done-n-fgsm", "done-cid", "done-class",
+           "done-trades", "frl-rw", "frl-rm", "frl-rwrm", "wat", "wat-at", "done-val", "at-cfa",
+           "trades-cfa", "dafa", "dafa-at", "faal", "faal-scratch"]
+# a validation split for the presets that read one (FRL, WAT, CFA, done-val), the same for all
 ARGS = ["--config", "fmnist-demo", "--epochs", "2", "--seed", "0", "--set", "data.train_subset=2000",
-        "--set", "eval.n=500", "--set", "eval.steps=10", "--set", "eval.check_n=100",
+        "--set", "data.val_size=500", "--set", "val.n=200", "--set", "eval.n=500",
+        "--set", "eval.steps=10", "--set", "eval.check_n=100",
         "--set", "perf.amp=off"]  # fp32, as the directories it is compared with
+EXTRA = {"faal": lambda out: ["--init", str(out / "at")]}  # FAAL fine-tunes the PGD-AT run
 KEYS = ("sa", "ra", "per_class", "worst_class", "tail30", "eps_sweep")
 
 
@@ -32,7 +39,7 @@ def run(out: Path) -> None:
         if (out / m / "metrics.json").is_file():
             continue
         cmd = [sys.executable, "-m", "dorat", "train", "--method", m, "--out", str(out / m), "--overwrite",
-               *ARGS]
+               *ARGS, *(EXTRA[m](out) if m in EXTRA else [])]
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
