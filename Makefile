@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dorat-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint data install clean results bench slurm docs
+.PHONY: demo test lint data install clean results bench slurm docs wheel-check
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -50,6 +50,11 @@ $(DOCSTAMP): $(STAMP)
 
 docs: $(DOCSTAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# The wheel installs and runs alone: build, a fresh venv (CPU torch first), dorat from outside the
+# checkout (scripts/wheel-check.sh; CI runs it).
+wheel-check: $(STAMP)
+	PY=$(PY) TORCH=$(TORCH) bash scripts/wheel-check.sh
 
 # A single-node Slurm cluster on this machine for tests/test_slurm.py: installs Debian's slurm-wlm
 # and munge, writes /etc/slurm/slurm.conf and starts munged, slurmctld and slurmd (needs root).

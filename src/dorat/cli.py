@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dorat", description=(
         "dorat: doubly robust instance-reweighted adversarial training (DONE), baselines, and "
         "a worst-class-aware robustness evaluator."))
+    from dorat import __version__
+
+    p.add_argument("--version", action="version", version=f"dorat {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_eval(sub)
