@@ -338,6 +338,13 @@ def settings_from_config(cfg: Any) -> EvalSettings:
         aa_version=e.aa_version)
 
 
+def eps_text(eps: float) -> str:
+    """A radius as the reports print it: 0.03137 (8/255) when it is a whole number of 255ths,
+    else the number (0.1)."""
+    k = round(eps * 255)
+    return f"{eps:.4g} ({k}/255)" if k and abs(eps * 255 - k) < 1e-6 else f"{eps:g}"
+
+
 def summary_lines(m: dict[str, Any]) -> list[str]:
     """Human-readable summary: SA, RA per attack, worst class (with its name) and RA-Tail-30."""
     lines = [f"clean accuracy (SA)   {100 * m['sa']:6.2f}%   on {m['n']} test examples"]

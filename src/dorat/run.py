@@ -39,7 +39,7 @@ from dorat.config import Config
 from dorat.data import Dataset, check_dataset, load_dataset
 from dorat.data.loader import Split, as_unit_images, make_splits
 from dorat.errors import ConfigError, DataError, DoratError
-from dorat.evaluate import evaluate, settings_from_config, stratified_subset
+from dorat.evaluate import eps_text, evaluate, settings_from_config, stratified_subset
 from dorat.models import build_model, check_fits, use_channels_last
 from dorat.objectives import Method, build_method
 from dorat.probe import ValidationProbe
@@ -222,7 +222,7 @@ def evaluate_run(run: Run, progress: bool = False, log: Callable[[str], None] | 
     settings = settings_from_config(cfg)
     if log is not None:
         log(f"evaluating on {e.n or 'all'} {e.split} examples: "
-            f"{', '.join(EVAL_ATTACKS[a][0] for a in e.attacks)} at eps={_eps_text(settings.eps)} "
+            f"{', '.join(EVAL_ATTACKS[a][0] for a in e.attacks)} at eps={eps_text(settings.eps)} "
             f"(PGD/CW {settings.steps} steps, {settings.restarts} restart(s)"
             + (f"; AutoAttack {settings.aa_version}" if "aa" in e.attacks else "") + ")"
             + ("; sanity checks on" if e.checks else ""))
@@ -241,12 +241,6 @@ def evaluate_run(run: Run, progress: bool = False, log: Callable[[str], None] | 
         for line in warning_lines(metrics.get("checks", [])):
             log(line)
     return metrics
-
-
-def _eps_text(eps: float) -> str:
-    """0.0314 (8/255) for a radius in 255ths, else the number."""
-    k = round(eps * 255)
-    return f"{eps:.4g} ({k}/255)" if k and abs(eps * 255 - k) < 1e-6 else f"{eps:g}"
 
 
 def final_evaluation(run: Run, out: Path, progress: bool, log: Callable[[str], None]

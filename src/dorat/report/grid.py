@@ -12,6 +12,7 @@ from typing import Any
 from dorat.attacks import EVAL_ATTACKS
 from dorat.checkpoint import read_json
 from dorat.compare.grid import FAILED, Grid, _finished
+from dorat.evaluate import eps_text
 
 
 def flat_metrics(m: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -200,7 +201,7 @@ def _settings_lines(grid: Grid) -> list[str]:
     attacks = ", ".join(EVAL_ATTACKS[a][0] for a in e.attacks)
     extra = "".join(f"; [{x['name']}]: {', '.join(EVAL_ATTACKS[a][0] for a in x['attacks'])} on "
                     f"{x.get('n') or 'all'} points" for x in grid.evals)
-    return [f"Evaluation: ε = {eps:g} ({c.attack.norm}), {attacks} ({e.steps} steps, {e.restarts} "
+    return [f"Evaluation: ε = {eps_text(eps)} ({c.attack.norm}), {attacks} ({e.steps} steps, {e.restarts} "
             f"restart(s)) on {e.n or 'all'} {e.split} points{extra}. Training: {c.epochs} epochs, "
             f"{c.model}, batch {c.batch_size}, {c.attack.steps}-step training attack.", ""]
 
@@ -209,7 +210,7 @@ def write_outputs(grid: Grid, out: str | Path) -> Path:
     """results.json, results.md and report.md (tables + per-class plot of the means + the
     training and weight plots of each method's first seed). Returns report.md's path."""
     from dorat.checkpoint import write_json_atomic, write_text_atomic
-    from dorat.report.runs import check_lines, figure_lines, plot_per_class
+    from dorat.report.runs import checks_section, figure_lines, plot_per_class
     from dorat.run import load_result
 
     out = Path(out)
@@ -248,14 +249,8 @@ def write_outputs(grid: Grid, out: str | Path) -> Path:
         if firsts:
             lines += [f"Training curves and weights (first seed of each method, {ds}/{st}):", ""]
             lines += figure_lines(firsts, out, prefix=f"{tag}_", per_class=False)
-    finished = [load_result(r.path, "metrics.json", name=f"{r.name} s{r.seed}")
-                for r in grid.runs if _finished(r, grid.evals)]
-    failed_checks = check_lines(finished)
-    checked = sum(1 for r in finished if r.metrics.get("checks"))
-    lines += (["## Sanity checks that failed", ""] + failed_checks + [""]) if failed_checks else [
-        f"All sanity checks passed ({checked} of {len(finished)} finished runs ran them)." if checked
-        else "No finished run ran the sanity checks (eval.checks)." if finished
-        else "No run has finished yet.", ""]
+    lines += checks_section([load_result(r.path, "metrics.json", name=f"{r.name} s{r.seed}")
+                             for r in grid.runs if _finished(r, grid.evals)])
     path = out / "report.md"
     write_text_atomic(path, "\n".join(lines))
     return path

@@ -21,6 +21,7 @@ from typing import Any
 from dorat.attacks import EVAL_ATTACKS
 from dorat.card import is_card, read_card
 from dorat.errors import DoratError
+from dorat.evaluate import eps_text
 from dorat.run import RunResult, load_result
 
 ATTACK_LABEL = {**{k: short for k, (_, short) in EVAL_ATTACKS.items()}, "worst": "worst"}
@@ -273,6 +274,16 @@ def plot_top_weighted(r: RunResult, path: Path, k: int = 24) -> Path | None:
 
 # ----------------------------------------------------------------------------- report
 
+def checks_section(results: Sequence[RunResult]) -> list[str]:
+    """The report's sanity-check lines: the failed checks, or how many runs ran them."""
+    failed = check_lines(results)
+    if failed:
+        return ["## Sanity checks that failed", "", *failed, ""]
+    ran = sum(1 for r in results if r.metrics.get("checks"))
+    return [f"All sanity checks passed ({ran} of {len(results)} runs ran them)." if ran
+            else "No sanity checks were run." if results else "No run has finished yet.", ""]
+
+
 def check_lines(results: Sequence[RunResult]) -> list[str]:
     out = []
     for r in results:
@@ -294,7 +305,7 @@ def figure_lines(results: Sequence[RunResult], out: Path, prefix: str = "",
         plot_per_class([(r.name, r.metrics["per_class"].get(key, r.metrics["per_class"]["clean"]), None)
                         for r in results], classes, out / f"{prefix}per_class.png",
                        f"Per-class robust accuracy ({ATTACK_LABEL.get(key, key)}, "
-                       f"ε={results[0].metrics['settings']['eps']:g})", "robust accuracy (%)")
+                       f"ε={eps_text(results[0].metrics['settings']['eps'])})", "robust accuracy (%)")
         lines += [f"![per-class robust accuracy]({prefix}per_class.png)", ""]
     if any(r.log for r in results):
         plot_training(results, out / f"{prefix}training.png")
@@ -347,17 +358,14 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, metrics_file: 
                          ) from None
     s = results[0].metrics["settings"]
     lines = [f"# {title}", ""]
-    lines += [f"Evaluation: ε = {s['eps']:g} ({s['norm']}), PGD-{s['steps']} / CW with "
+    lines += [f"Evaluation: ε = {eps_text(s['eps'])} ({s['norm']}), PGD-{s['steps']} / CW with "
               f"{s['restarts']} restart(s), AutoAttack {s.get('aa_version', 'standard')} where listed; "
               "RA-worst counts an example as robust only if it survives every attack run. "
               "Worst class and RA-Tail-30 (mean of the ⌈0.3·C⌉ weakest classes) are under "
               "RA-worst when several attacks ran.", ""]
     lines += results_table(results) + [""]
     lines += ["Runs: " + "; ".join(_described(r) for r in results), ""]
-    checks = check_lines(results)
-    lines += (["## Sanity checks that failed", ""] + checks + [""]) if checks else [
-        "All sanity checks that ran passed." if any(r.metrics.get("checks") for r in results)
-        else "No sanity checks were run.", ""]
+    lines += checks_section(results)
     lines += ["## Plots", ""] + figure_lines(results, out)
     path = out / "report.md"
     write_text_atomic(path, "\n".join(lines))
