@@ -1,4 +1,4 @@
-"""glibc's default allocator against dorat's setting (dorat.runtime.tune_allocator), interleaved.
+"""glibc's default allocator against dorat's setting (dorat.system.runtime.tune_allocator), interleaved.
 
 The allocator is process-wide, so each contender is a fresh process running the same work: a
 short `dorat train` (small-cnn, batch 128, PGD-5), `dorat eval` with PGD-20 and CW on 1,000
@@ -39,15 +39,15 @@ PARTS = ("train", "eval PGD-20 + CW", "AutoAttack (reduced budget)")
 
 def child(a: argparse.Namespace) -> None:
     """One contender: the three parts in this process; prints one JSON line."""
-    from dorat.runtime import tune_allocator
+    from dorat.system.runtime import tune_allocator
 
     state = tune_allocator()  # DORAT_MALLOC=system leaves glibc alone
     import torch
 
     from dorat.attacks.autoattack import autoattack_correct
     from dorat.cli import main as cli
-    from dorat.evaluate import stratified_subset
-    from dorat.run import load_run
+    from dorat.evaluation.evaluate import stratified_subset
+    from dorat.runs.run import load_run
 
     work = Path(a.child)
     sets = (["--config", str(ROOT / "benchmarks/results/base.yaml"), "--set", "eval.checks=false",

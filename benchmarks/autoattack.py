@@ -47,14 +47,14 @@ def plain_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, e
 
 def load_points(a: argparse.Namespace, tmp: Path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor,
                                                           float, str]:
-    from dorat.evaluate import stratified_subset
-    from dorat.run import load_run
+    from dorat.evaluation.evaluate import stratified_subset
+    from dorat.runs.run import load_run
 
     if a.smoke:  # a quickly trained model on the tests' synthetic data, in tmp
         sys.path.insert(0, str(ROOT / "tests"))
         from conftest import make_synthetic_npz
         from dorat import config as C
-        from dorat.run import train
+        from dorat.runs.run import train
 
         npz = make_synthetic_npz(tmp / "toy.npz", n_train=256, n_test=64)
         cfg = C.resolve(None, {"dataset": f"npz:{npz}", "epochs": 1, "batch_size": 64},

@@ -29,7 +29,9 @@ ARGS = ["--config", "fmnist-demo", "--epochs", "2", "--seed", "0", "--set", "dat
         "--set", "data.val_size=500", "--set", "val.n=200", "--set", "eval.n=500",
         "--set", "eval.steps=10", "--set", "eval.check_n=100",
         "--set", "perf.amp=off"]  # fp32, as the directories it is compared with
-EXTRA = {"faal": lambda out: ["--init", str(out / "at")]}  # FAAL fine-tunes the PGD-AT run
+SINGLE = ["--set", "attack.steps=1"]  # fmnist-demo's 5 steps are refused by the single-step attacks
+EXTRA = {"faal": lambda out: ["--init", str(out / "at")],  # FAAL fine-tunes the PGD-AT run
+         **{m: lambda out: SINGLE for m in ("fast-at", "n-fgsm", "done-fast-at", "done-n-fgsm")}}
 KEYS = ("sa", "ra", "per_class", "worst_class", "tail30", "eps_sweep")
 
 

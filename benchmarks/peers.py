@@ -3,7 +3,7 @@
 Training throughput at the same model (small-cnn), data (Fashion-MNIST), batch (128), ε (0.1)
 and attack (PGD-10, step ε/4, uniform random start), one process, interleaved rounds:
 
-* ``dorat``: PGD-AT through dorat's training loop (`dorat.trainer.Trainer`, as in perf.py),
+* ``dorat``: PGD-AT through dorat's training loop (`dorat.training.trainer.Trainer`, as in perf.py),
   in fp32, and ``dorat-bf16`` with ``perf.amp=bf16`` (``--bf16``; a different precision, so a
   row of its own: whether bf16 keeps the robustness is issue 32's bf16 validation);
 * ``torchattacks``: the loop most research code (and MAIR) writes: ``torchattacks.PGD`` makes
@@ -13,7 +13,7 @@ and attack (PGD-10, step ε/4, uniform random start), one process, interleaved r
   PGD and batching over NumPy arrays), one epoch per round over the same images.
 
 Each contender trains ``--n`` images per round; examples/s is the median over rounds. Also the
-evaluation: dorat's PGD-20 (``dorat.evaluate.run_attacks``) against ``torchattacks.PGD``
+evaluation: dorat's PGD-20 (``dorat.evaluation.evaluate.run_attacks``) against ``torchattacks.PGD``
 (20 steps, step ε/4) on the same test points, examples/s. Peers that are not installed are
 skipped with a message (``pip install torchattacks adversarial-robustness-toolbox``; torchattacks
 with ``--no-deps``: it asks for torchvision, which it does not import).
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from dorat import config as C
-from dorat.evaluate import EvalSettings, run_attacks
+from dorat.evaluation.evaluate import EvalSettings, run_attacks
 from dorat.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ PGD-10 at eps 0.1, step 0.025, all CPU threads by default):
   step also computes weight gradients), then a separate training step;
 * dorat ``at`` (and ``at-nchw``: the same without the channels-last default), ``done``,
   ``done`` with ``hypergrad=diag``, ``done-cid`` (barrier lower level + CG-5), ``trades``
-  (``--all-methods``: every preset): each through ``dorat.trainer.Trainer`` (the loop `dorat train` runs,
-  including its per-epoch statistics) fed by ``dorat.data.loader.Batches``.
+  (``--all-methods``: every preset): each through ``dorat.training.trainer.Trainer`` (the loop
+  `dorat train` runs, including its per-epoch statistics) fed by ``dorat.data.loader.Batches``.
 
 Timing is interleaved: every round runs ``--steps`` training steps of each contender, in a
 rotating order, so drift in machine speed hits all alike; examples/s is the median over rounds.
@@ -44,12 +44,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from dorat import config as C
 from dorat.config import Config
 from dorat.data.loader import Batches
-from dorat.evaluate import EvalSettings, run_attacks
+from dorat.evaluation.evaluate import EvalSettings, run_attacks
 from dorat.models import build_model
 from dorat.objectives import StepContext
-from dorat.run import prepare
-from dorat.stats import EpochStats
-from dorat.trainer import Trainer
+from dorat.runs.run import prepare
+from dorat.training.stats import EpochStats
+from dorat.training.trainer import Trainer
 
 CONTENDERS = {  # name -> (method, extra config)
     "at": ("at", []),

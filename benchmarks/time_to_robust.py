@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dorat import config as C
-from dorat.run import read_log, train
+from dorat.runs.run import read_log, train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import dorat
-from dorat.parts import positive, unit
+from dorat.config.parts import positive, unit
 
 
 @dorat.register("weighting", "inv-class-acc")

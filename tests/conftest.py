@@ -89,7 +89,7 @@ needs_fmnist = pytest.mark.skipif(
 
 @contextlib.contextmanager
 def holder(path: Path) -> Iterator[subprocess.Popen[str]]:
-    """Another process that owns the run directory ``path`` (dorat.locks) until the block ends,
+    """Another process that owns the run directory ``path`` (dorat.files.locks) until the block ends,
     when it is killed with SIGKILL (it never releases the lock itself)."""
     code = ("import sys, time; from dorat import locks\n"
             "with locks.own(sys.argv[1]):\n    print('owned', flush=True); time.sleep(120)")

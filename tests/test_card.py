@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 import dorat
 import external_nets
 from conftest import make_synthetic_npz, run_cli
-from dorat.card import Normalized, parse_normalize, read_torch_state
 from dorat.errors import ConfigError
+from dorat.evaluation.card import Normalized, parse_normalize, read_torch_state
 
 EVAL = ["--attacks", "pgd,cw", "--eps", "0.1", "--steps", "5", "--n", "40", "--no-checks"]
 
@@ -75,7 +75,9 @@ def test_card_from_safetensors_and_from_a_state_dict_agree(toy: Path, tmp_path: 
     # the same numbers as the evaluator called on the model directly
     d = np.load(toy)
     x, y = torch.tensor(d["x_test"])[:, None], torch.tensor(d["y_test"])
-    from dorat.evaluate import EvalSettings  # binds dorat.evaluate to the module: still callable
+    from dorat.evaluation.evaluate import (
+        EvalSettings,  # binds dorat.evaluation.evaluate to the module: still callable
+    )
 
     m, _ = dorat.evaluate(model, x, y, [str(i) for i in range(4)], ["pgd", "cw"],
                           EvalSettings(eps=0.1, steps=5), n=40)

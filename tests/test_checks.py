@@ -12,8 +12,8 @@ import torch.nn as nn
 
 import dorat.attacks.autoattack as aa_mod
 from dorat.attacks.autoattack import autoattack_correct
-from dorat.checks import failed
-from dorat.evaluate import EvalSettings, evaluate
+from dorat.evaluation.checks import failed
+from dorat.evaluation.evaluate import EvalSettings, evaluate
 
 C = 10
 CLASSES = [f"c{i}" for i in range(C)]
@@ -134,7 +134,7 @@ def test_aa_vs_pgd_fires_on_a_misconfigured_autoattack(monkeypatch: pytest.Monke
     def wrong_scale(model, x, y, eps, *a, **k):  # a classic bug: eps given in 0-255 units /255 twice
         return real(model, x, y, eps / 255, *a, **k)
 
-    monkeypatch.setattr("dorat.evaluate.autoattack_correct", wrong_scale)
+    monkeypatch.setattr("dorat.evaluation.evaluate.autoattack_correct", wrong_scale)
     r = run(MeanReader(), ["pgd", "aa"], eps=0.08)
     assert r["m"]["ra"]["aa"] > r["m"]["ra"]["pgd"]
     assert "aa_vs_pgd" in r["names"]

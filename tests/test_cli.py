@@ -36,7 +36,7 @@ def test_train_eval_roundtrip_through_cli(tmp_path: Path, capsys: pytest.Capture
     m = json.loads((tmp_path / "e.json").read_text())
     assert set(m["ra"]) == {"pgd", "cw", "worst"} and m["n"] == 20
     # stopped in the middle (here after PGD's batch): the same command goes on from its journal
-    import dorat.evaluate as E
+    import dorat.evaluation.evaluate as E
 
     real, calls = E._attack_batch, []
 

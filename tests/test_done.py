@@ -20,7 +20,7 @@ from dorat.objectives import StepContext, build_method
 from dorat.objectives.base import LossOutput
 from dorat.objectives.done import KLDROWeighting
 from dorat.objectives.hypergrad import implicit_term
-from dorat.run import train
+from dorat.runs.run import train
 
 
 def _kl(r: float, beta: float = 0.2, num_classes: int = 10, class_prior: list[float] | None = None,
@@ -77,7 +77,7 @@ def test_running_normaliser_converges_to_population_mean() -> None:
 
 
 def test_large_r_reproduces_pgd_at_gradient(synthetic_npz: Path) -> None:
-    from dorat.run import prepare
+    from dorat.runs.run import prepare
 
     grads = {}
     for method in ("at", "done"):
@@ -353,7 +353,7 @@ def test_max_weight_caps_only_the_largest_weights() -> None:
 def test_concentrated_weights_are_named_once_with_the_knobs(tmp_path: Path, synthetic_npz: Path) -> None:
     """At a tiny temperature DONE puts the batch on a few examples: the run says so once (not
     every epoch), naming done.r and done.target_ess; at the default it says nothing."""
-    from dorat.advice import ESS_WARN, W_MAX_WARN, concentration
+    from dorat.training.advice import ESS_WARN, W_MAX_WARN, concentration
 
     def run(r: float, name: str) -> list[str]:
         cfg = C.resolve(None, {"dataset": f"npz:{synthetic_npz}", "method": "done", "epochs": 2,

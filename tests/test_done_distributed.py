@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dorat.distributed import Dist
 from dorat.objectives.base import LossOutput, StepContext
 from dorat.objectives.done import KLDROWeighting
 from dorat.objectives.fairness import FRLWeighting
+from dorat.system.distributed import Dist
 
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -106,7 +106,7 @@ def test_two_ranks_match_one_process_with_global_batch() -> None:
 
 def _train_worker(rank: int, world: int, ports: list[int], npz: str, out: str, q) -> None:  # noqa: ANN001
     import dorat.objectives.done as done_mod
-    from dorat.run import train
+    from dorat.runs.run import train
 
     torch.set_num_threads(1)  # the same kernels as the single-process run of the test
     seen: list[float] = []
@@ -151,7 +151,7 @@ def test_torchrun_style_training_equals_one_process_with_the_global_batch(tmp_pa
     from safetensors.torch import load_file
 
     from conftest import make_synthetic_npz
-    from dorat.run import train
+    from dorat.runs.run import train
 
     # 2 epochs of 2 steps: PGD's sign steps turn float-rounding differences into discrete ones
     # over many steps (measured: 1e-7 after 8 steps, 1e-3 after 12), so "a few steps" it is
@@ -196,7 +196,7 @@ def test_torchrun_style_training_equals_one_process_with_the_global_batch(tmp_pa
 
 
 def _refused_worker(rank: int, port: int, npz: str, out: str, q) -> None:  # noqa: ANN001
-    from dorat.run import train
+    from dorat.runs.run import train
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -211,7 +211,7 @@ def test_an_error_on_rank_0_stops_every_rank(tmp_path) -> None:  # noqa: ANN001
     """Rank 0 checks the run directory; when it refuses (a finished run, no --overwrite), the
     other rank raises the same error instead of waiting forever."""
     from conftest import make_synthetic_npz
-    from dorat.run import train
+    from dorat.runs.run import train
 
     npz = str(make_synthetic_npz(tmp_path / "toy.npz", n_train=128, n_test=40))
     train(_ddp_cfg(npz), tmp_path / "done", log=lambda s: None)
@@ -235,10 +235,10 @@ def _stopped_worker(rank: int, ports: list[int], npz: str, out: str, q, crash: b
     in batch 3 of epoch 2 with no handler; the next launch resumes from the timed checkpoint."""
     import signal
 
-    from dorat import midepoch, trainer
-    from dorat.checkpoint import load_state
     from dorat.errors import Terminated, raise_terminated
-    from dorat.run import train
+    from dorat.files.checkpoint import load_state
+    from dorat.runs.run import train
+    from dorat.training import midepoch, trainer
 
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, raise_terminated)  # as the CLI does
@@ -278,7 +278,7 @@ def test_a_stop_on_one_rank_or_a_crash_of_all_resumes_within_the_epoch_bitwise(t
     from safetensors.torch import load_file
 
     from conftest import make_synthetic_npz
-    from dorat.checkpoint import load_state
+    from dorat.files.checkpoint import load_state
 
     npz = str(make_synthetic_npz(tmp_path / "toy.npz", n_train=256, n_test=40))
     ctx = mp.get_context("spawn")

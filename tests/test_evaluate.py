@@ -10,8 +10,8 @@ import torch
 
 from conftest import needs_fmnist
 from dorat import config as C
-from dorat.evaluate import EvalSettings, evaluate, metrics_from_table, stratified_subset, tail_mean
-from dorat.run import prepare, train
+from dorat.evaluation.evaluate import EvalSettings, evaluate, metrics_from_table, stratified_subset, tail_mean
+from dorat.runs.run import prepare, train
 
 
 def test_metrics_from_table_by_hand() -> None:
@@ -57,7 +57,7 @@ def trained_fmnist(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
                      untrained.data.classes, ["pgd"], settings, n=500)
     metrics = train(cfg, out, log=lambda s: None)
     run = prepare(C.from_dict(C.load_yaml(str(out / "config.yaml"))[0], "saved"))
-    from dorat.checkpoint import load_weights
+    from dorat.files.checkpoint import load_weights
 
     load_weights(out / "model.safetensors", run.model)
     return run, metrics, m0, out
@@ -119,7 +119,7 @@ def test_interrupted_evaluation_resumes_bitwise(trained_fmnist, tmp_path: Path, 
     import dataclasses
     import shutil
 
-    import dorat.evaluate as E
+    import dorat.evaluation.evaluate as E
 
     run, *_ = trained_fmnist
     idx = stratified_subset(run.data.y_test, 200, 10, seed=0)
@@ -172,7 +172,7 @@ def test_an_evaluation_without_a_progress_bar_logs_its_progress(monkeypatch: pyt
 
     import torch.nn as nn
 
-    from dorat import evaluate as ev
+    from dorat.evaluation import evaluate as ev
 
     monkeypatch.setattr(ev, "_Heartbeat", functools.partial(ev._Heartbeat, every=0.0))
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ import torch
 from dorat import config as C
 from dorat.errors import ConfigError
 from dorat.objectives.faal import class_margins, kl_ball_weights, probability_margin
-from dorat.run import train
+from dorat.runs.run import train
 
 
 def test_two_classes_by_hand() -> None:

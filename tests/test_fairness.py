@@ -16,11 +16,11 @@ from dorat import config as C
 from dorat.attacks import PGDSpec, pgd
 from dorat.compare import comparability_warnings, load_grid
 from dorat.errors import ConfigError
+from dorat.evaluation.probe import ClassStats
 from dorat.objectives import LossOutput, StepContext, build_method
 from dorat.objectives.done import KLDROWeighting
 from dorat.objectives.fairness import CFAWeighting, DAFAWeighting, FRLWeighting, WATWeighting
-from dorat.probe import ClassStats
-from dorat.run import train
+from dorat.runs.run import train
 
 
 def _stats(clean: list[float], robust: list[float], loss: list[float] | None = None,
@@ -302,7 +302,7 @@ def test_warmup_covering_the_run_warns(tmp_path: Path, synthetic_npz: Path) -> N
 
 
 def test_validation_methods_need_a_validation_split_with_every_class(synthetic_npz: Path) -> None:
-    from dorat.run import prepare
+    from dorat.runs.run import prepare
 
     with pytest.raises(ConfigError, match="reads the validation split every epoch: set data.val_size"):
         prepare(C.resolve(None, {"dataset": f"npz:{synthetic_npz}", "method": "wat"}))

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 from dorat import config as C
-from dorat.guard import Watch
-from dorat.run import train
+from dorat.runs.run import train
+from dorat.training.guard import Watch
 
 
 def _watch(tmp: Path, restore: bool, lines: list[str], margin: float = 0.2) -> Watch:
@@ -158,7 +158,7 @@ def test_guard_fires_on_catastrophic_overfitting_and_not_on_a_normal_run(
 def test_warnings_name_the_fallback(synthetic_npz: Path, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 on a device without native bf16 and a probe larger than its split: one line each."""
-    from dorat import runtime
+    from dorat.system import runtime
 
     assert runtime.bf16_native("cpu", "flags : fpu avx2 avx512f") is False
     assert runtime.bf16_native("cpu", "flags : fpu avx512_bf16 amx_bf16") is True

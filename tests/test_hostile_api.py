@@ -1,5 +1,5 @@
 """The Python API under hostile input, as tests/test_hostile.py does the CLI: each bad input to
-`dorat.fit`, `dorat.evaluate` or `dorat.benchmark` is one DoratError naming the problem (no
+`dorat.fit`, `dorat.evaluation.evaluate` or `dorat.benchmark` is one DoratError naming the problem (no
 torch or numpy traceback), and nothing is written before the inputs and one forward pass of the
 model are checked."""
 
@@ -86,7 +86,7 @@ API: dict[str, tuple[Callable[[Path], Any], str]] = {
     "fit-unknown-key": (fit(net(), (X, Y), attack__epss=0.1), "unknown config key"),
     "fit-unknown-method": (fit(net(), (X, Y), method="dnoe"), "dnoe"),
     "fit-eval-n-too-small": (fit(net(), (X, Y), set={"eval.n": 2}), "eval.n"),
-    # dorat.evaluate takes what fit takes, and refuses what fit refuses
+    # dorat.evaluation.evaluate takes what fit takes, and refuses what fit refuses
     "evaluate-more-logits": (evaluate(net(k=20), X, Y), "must return logits of shape (N, 4)"),
     "evaluate-nan-logits": (evaluate(NaNNet(), X, Y), "NaN or infinite logits"),
     "evaluate-channels-last": (evaluate(net(), X.permute(0, 2, 3, 1), Y), "look channels-last"),

@@ -1,4 +1,4 @@
-"""A run directory is owned by one process at a time (dorat.locks): a second owner is refused at
+"""A run directory is owned by one process at a time (dorat.files.locks): a second owner is refused at
 once, a killed owner releases it, contending processes never overlap, and `dorat train` refuses a
 directory another process trains in without touching it."""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import holder
-from dorat import locks
 from dorat.cli import main
+from dorat.files import locks
 
 
 def test_a_second_owner_is_refused_until_the_first_is_killed(tmp_path: Path) -> None:
@@ -39,7 +39,7 @@ def test_contending_processes_never_own_a_directory_together(tmp_path: Path) -> 
     journal = tmp_path / "journal"
     code = """
 import os, sys, time
-from dorat import locks
+from dorat.files import locks
 run, journal, n = sys.argv[1], sys.argv[2], 0
 fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 while n < 40:

@@ -1,6 +1,6 @@
 """The benchmarks in smoke mode: every row and target is produced and the doc block is replaced
 in place (speed is not asserted here; docs/PERFORMANCE.md holds the real runs); and the
-process-wide allocator setting (dorat.runtime) they measure."""
+process-wide allocator setting (dorat.system.runtime) they measure."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def test_allocator_benchmark_smoke(tmp_path: Path) -> None:
 
 _FAULTS = """
 import resource, sys, torch
-from dorat.runtime import tune_allocator
+from dorat.system.runtime import tune_allocator
 state = tune_allocator()
 def churn():
     for _ in range(20):  # a 48 MiB activation, made and freed as every forward pass does
@@ -132,18 +132,18 @@ def test_tune_allocator_stops_the_page_fault_churn() -> None:
     ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, "from the environment"),
 ])
 def test_tune_allocator_respects_the_users_choice(environ: dict[str, str], expected: str) -> None:
-    from dorat.runtime import _reason_to_skip
+    from dorat.system.runtime import _reason_to_skip
 
     reason = _reason_to_skip(environ)
     assert reason is not None and reason.startswith("left alone") and expected in reason
 
 
 def test_the_cli_tunes_the_allocator(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    import dorat.runtime
+    import dorat.system.runtime
     from dorat.cli import main
 
     calls: list[int] = []
-    monkeypatch.setattr(dorat.runtime, "tune_allocator", lambda: calls.append(1) or "tuned")
+    monkeypatch.setattr(dorat.system.runtime, "tune_allocator", lambda: calls.append(1) or "tuned")
     assert main(["data", "list"]) == 0 and calls == [1]
 
 

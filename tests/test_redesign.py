@@ -1,11 +1,9 @@
 """The shape of the code and its seams: typed parts, presets as data, plug-ins from outside the
 package (CLI, eval in a new process, compare workers, entry points), the Python API from the
-user's own objects, and the module rules (no import circle, only cli and run import the
-trainer, no module over 400 lines)."""
+user's own objects. The module rules are tests/test_layers.py."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import subprocess
@@ -20,7 +18,7 @@ import torch.nn as nn
 from dorat import config as C
 from dorat.compare import load_grid
 from dorat.errors import ConfigError
-from dorat.evaluate import EvalSettings, evaluate
+from dorat.evaluation.evaluate import EvalSettings, evaluate
 from dorat.objectives import build_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,65 +26,6 @@ SRC = ROOT / "src" / "dorat"
 EXAMPLES = ROOT / "examples"
 TINY = ["--epochs", "1", "--set", "batch_size=64", "--set", "attack.steps=2", "--set", "eval.n=40",
         "--set", "eval.steps=3", "--set", "eval.check_n=20"]
-
-
-# -- module rules ----------------------------------------------------------------------------
-
-def _module_name(path: Path) -> str:
-    rel = path.relative_to(SRC.parent).with_suffix("")
-    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
-    return ".".join(parts)
-
-
-def _runtime_nodes(tree: ast.AST):  # noqa: ANN202
-    """Every node but those under ``if TYPE_CHECKING:`` (never imported at run time)."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
-            continue
-        yield node
-        yield from _runtime_nodes(node)
-
-
-def _imports() -> dict[str, set[str]]:
-    """Every dorat module -> the dorat modules it imports (at any depth of its code)."""
-    modules = {_module_name(p): p for p in SRC.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        deps: set[str] = set()
-        for node in _runtime_nodes(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names if a.name in modules}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dorat"):
-                for a in node.names:  # `from dorat import config` names a module
-                    full = f"{node.module}.{a.name}"
-                    deps.add(full if full in modules else node.module)
-        graph[name] = deps - {name}
-    return graph
-
-
-def test_no_import_circle_and_only_cli_and_run_import_the_trainer() -> None:
-    graph = _imports()
-    state: dict[str, int] = {}
-
-    def visit(m: str, stack: list[str]) -> None:
-        state[m] = 1
-        for d in graph.get(m, ()):
-            if state.get(d) == 1:
-                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(d):] + [d]))
-            if d not in state:
-                visit(d, stack + [d])
-        state[m] = 2
-
-    for m in graph:
-        if m not in state:
-            visit(m, [m])
-    importers = sorted(m for m, deps in graph.items() if "dorat.trainer" in deps)
-    assert importers == ["dorat.cli", "dorat.run"] or importers == ["dorat.run"], importers
-
-
-def test_no_module_over_400_lines() -> None:
-    sizes = {str(p.relative_to(SRC)): len(p.read_text().splitlines()) for p in SRC.rglob("*.py")}
-    assert max(sizes.values()) <= 400, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
 
 
 def test_example_plugin_is_one_short_file() -> None:
@@ -225,11 +164,12 @@ def test_fit_takes_tensors_datasets_and_loaders_and_the_run_reopens(
     kw = {"method": "done", "epochs": 2, "batch_size": 64, "attack__steps": 2, "eval__n": 40,
           "eval__checks": False, "log": lambda s: None}
     torch.manual_seed(0)
-    import dorat.run
+    import dorat.runs.run
 
     reads: list[str] = []
-    real_load = dorat.run.load_dataset
-    monkeypatch.setattr(dorat.run, "load_dataset", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+    real_load = dorat.runs.run.load_dataset
+    monkeypatch.setattr(dorat.runs.run, "load_dataset",
+                        lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
     a = dorat.fit(mynets.TinyNet(), (x, y), (xt, yt), out=tmp_path / "a", **kw)
     assert not reads  # fit writes RUN/data.npz for later processes and never reads it back
     assert a.config.model == "mynets:TinyNet" and a.metrics["sa"] > 0.5

@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file
 
 from dorat import config as C
-from dorat.checkpoint import load_state
 from dorat.cli import main
 from dorat.errors import CheckpointError, DoratError
-from dorat.evaluate import EvalSettings, evaluate
-from dorat.run import load_run, train
+from dorat.evaluation.evaluate import EvalSettings, evaluate
+from dorat.files.checkpoint import load_state
+from dorat.runs.run import load_run, train
 
 ARGS = ["--method", "done", "--epochs", "6", "--set", "batch_size=32", "--set", "attack.steps=2",
         "--set", "attack.alpha=0.05", "--set", "done.warmup=0", "--set", "eval.n=40",
@@ -101,7 +101,7 @@ def test_kill_minus_9_at_random_moments_then_resume(reference: tuple[Path, Path]
 
 CRASH_IN_WRITE = """
 import os, sys
-import dorat.checkpoint as ck
+import dorat.files.checkpoint as ck
 real, n = ck.save_file, [0]
 def torn(tensors, path, metadata=None):
     real(tensors, path, metadata=metadata)
@@ -229,7 +229,7 @@ def test_resume_may_change_the_optimizer_but_not_the_model(tmp_path: Path, synth
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(tmp_path: Path,
                                                                    synthetic_npz: Path) -> None:
-    from dorat.rundir import COMPLETE, STAGE, finish_replacement
+    from dorat.runs.rundir import COMPLETE, STAGE, finish_replacement
 
     out = tmp_path / "run"
     base = {"dataset": f"npz:{synthetic_npz}", "epochs": 2, "batch_size": 64}
@@ -269,7 +269,7 @@ def test_eval_never_reads_a_run_in_the_middle(tmp_path: Path, synthetic_npz: Pat
     import shutil
 
     from conftest import run_cli
-    from dorat.rundir import COMPLETE, STAGE
+    from dorat.runs.rundir import COMPLETE, STAGE
 
     base = {"dataset": f"npz:{synthetic_npz}", "epochs": 1, "batch_size": 64}
     sets = ["attack.steps=1", "eval.n=20", "eval.checks=false"]
@@ -322,7 +322,7 @@ def test_sigterm_stops_with_a_distinct_code_and_the_requeued_job_resumes_bitwise
 
 
 def test_same_tensors_give_the_same_bytes_in_two_processes(tmp_path: Path) -> None:
-    code = ("import sys, torch; from dorat.checkpoint import save_state\n"
+    code = ("import sys, torch; from dorat.files.checkpoint import save_state\n"
             "save_state(sys.argv[1], {'a': torch.arange(6.0), 'b': {'c': 1, 'd': 'x', 'e': 2.5}},"
             " meta={'method': 'done', 'model': 'small-cnn', 'dataset': 'npz'})")
     files = [tmp_path / f"{i}.safetensors" for i in range(4)]
@@ -394,8 +394,8 @@ def test_sigterm_mid_epoch_checkpoints_the_batches_done_and_resumes_bitwise(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sigterm_raises: None, method: str,
         sets: list[str]) -> None:
     from conftest import make_synthetic_npz
-    from dorat import trainer
     from dorat.errors import Terminated
+    from dorat.training import trainer
 
     npz = make_synthetic_npz(tmp_path / "toy.npz", n_train=272, n_test=40)
     cfg = C.resolve(None, {"dataset": f"npz:{npz}", "method": method, "epochs": 2, "batch_size": 64},
@@ -429,7 +429,7 @@ def test_a_crash_mid_epoch_resumes_from_the_timed_checkpoint(
     """log.checkpoint_minutes: the clock's checkpoints inside an epoch survive a crash that no
     handler sees (here: an error in the 5th step; in life: SIGKILL, a node lost)."""
     from conftest import make_synthetic_npz
-    from dorat import midepoch, trainer
+    from dorat.training import midepoch, trainer
 
     npz = make_synthetic_npz(tmp_path / "toy.npz", n_train=192, n_test=40)
     sets = ["attack.steps=2", "eval.n=20", "eval.checks=false", "eval.steps=1", "done.warmup=0"]
@@ -450,7 +450,7 @@ def test_a_crash_mid_epoch_resumes_from_the_timed_checkpoint(
     state = load_state(tmp_path / "b" / "checkpoint.safetensors")[0]
     assert (state["epoch"], state["mid_epoch"]["step"]) == (1, 2)
     monkeypatch.setattr(trainer.Trainer, "step", real)
-    from dorat.checkpoint import save_state
+    from dorat.files.checkpoint import save_state
 
     ck = tmp_path / "b" / "checkpoint.safetensors"
     good = ck.read_bytes()
@@ -505,8 +505,8 @@ def test_weighting_state_a_checkpoint_cannot_hold_is_named_at_the_first_mid_epoc
     start_epoch(w, 1, 2)
     assert w.unstored_attrs() == []  # its own step_state: its business
 
-    from dorat.distributed import Dist
     from dorat.objectives.done import KLDROWeighting
+    from dorat.system.distributed import Dist
 
     done = KLDROWeighting()  # under torchrun: its process group is bound again on resume, not state
     done.bind({"num_classes": 10, "dist": Dist()})
@@ -515,7 +515,7 @@ def test_weighting_state_a_checkpoint_cannot_hold_is_named_at_the_first_mid_epoc
 
 def test_held_stops_wait_for_the_step_a_second_ctrl_c_does_not(sigterm_raises: None) -> None:
     from dorat.errors import Terminated
-    from dorat.interrupts import HeldStops
+    from dorat.training.interrupts import HeldStops
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with HeldStops() as held:
@@ -544,7 +544,7 @@ def test_a_requeue_signal_waits_for_the_batch_like_submitits(
     """submitit requeues a Slurm job on SIGUSR2 and ends it with sys.exit: held like SIGTERM
     (compare's slurm jobs call also_hold), so the requeued job resumes within the epoch."""
     from conftest import make_synthetic_npz
-    from dorat import interrupts, trainer
+    from dorat.training import interrupts, trainer
 
     npz = make_synthetic_npz(tmp_path / "toy.npz", n_train=192, n_test=40)
     cfg = C.resolve(None, {"dataset": f"npz:{npz}", "method": "wat", "epochs": 2, "batch_size": 32},
@@ -590,8 +590,8 @@ def test_a_requeue_signal_waits_for_the_batch_like_submitits(
 def test_a_damaged_mid_epoch_checkpoint_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture, damage) -> None:  # noqa: ANN001
     from conftest import make_synthetic_npz
-    from dorat import trainer
-    from dorat.checkpoint import save_state
+    from dorat.files.checkpoint import save_state
+    from dorat.training import trainer
 
     npz = make_synthetic_npz(tmp_path / "toy.npz", n_train=192, n_test=40)
     cfg = C.resolve(None, {"dataset": f"npz:{npz}", "method": "done", "epochs": 1, "batch_size": 64},

@@ -16,7 +16,7 @@ from dorat.cli import main
 from dorat.compare import aggregate, compare, load_grid, markdown_tables, signed_points
 from dorat.errors import ConfigError
 from dorat.report import write_report
-from dorat.run import train
+from dorat.runs.run import train
 
 TINY = ["attack.steps=2", "attack.alpha=0.05", "eval.n=40", "eval.steps=3", "eval.check_n=20",
         "optim.lr=0.02", "eval.attacks=pgd,cw"]
@@ -211,8 +211,8 @@ def test_aggregate_with_missing_seed_uses_finished_ones(tmp_path: Path, syntheti
     assert agg["rows"][0]["pending_seeds"] == [] and "cw40:ra.cw" in agg["rows"][0]["metrics"]
     assert agg["rows"][0]["metrics"]["sa"]["std"] == 0.0 and agg["finished_runs"] == 1
     # the machine that trained and evaluated it, in one line (older runs: 'unrecorded')
-    from dorat.report.grid import machine_label
-    from dorat.runtime import machine
+    from dorat.compare.report import machine_label
+    from dorat.system.runtime import machine
 
     assert agg["rows"][0]["machines"] == [machine_label(machine())]
     assert machine_label(None) == "unrecorded"

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_cli
 from dorat import config as C
-from dorat.run import train
+from dorat.runs.run import train
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

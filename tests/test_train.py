@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from dorat import config as C
-from dorat.checkpoint import load_state, pack, save_state, unpack
 from dorat.errors import CheckpointError, ConfigError
-from dorat.run import train
-from dorat.trainer import lr_lambda
+from dorat.files.checkpoint import load_state, pack, save_state, unpack
+from dorat.runs.run import train
+from dorat.training.trainer import lr_lambda
 
 
 def _cfg(npz: Path, *sets: str) -> dict:
@@ -114,7 +114,7 @@ def test_outputs_get_normal_file_permissions(tmp_path: Path) -> None:
     import os
     import stat
 
-    from dorat.checkpoint import save_state, save_weights, write_text_atomic
+    from dorat.files.checkpoint import save_state, save_weights, write_text_atomic
 
     write_text_atomic(tmp_path / "a.txt", "x")
     save_state(tmp_path / "s.safetensors", {"t": torch.zeros(2), "epoch": 1})
@@ -139,7 +139,7 @@ def test_gpu_options_train_correctly_on_cpu(tmp_path: Path, synthetic_npz: Path,
     log = [json.loads(line) for line in (tmp_path / "opt" / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in log)
     assert m["sa"] > 0.5 and abs(m["sa"] - plain["sa"]) < 0.15
-    from dorat.run import load_run
+    from dorat.runs.run import load_run
 
     run = load_run(tmp_path / "opt", "cpu")  # plain module: no "_orig_mod." keys, NCHW input ok
     assert not any("_orig_mod" in k for k in run.model.state_dict())
@@ -147,8 +147,8 @@ def test_gpu_options_train_correctly_on_cpu(tmp_path: Path, synthetic_npz: Path,
 
 
 def test_parallel_settings_are_checked() -> None:
-    from dorat.distributed import Dist
-    from dorat.run import _check_parallel
+    from dorat.runs.run import _check_parallel
+    from dorat.system.distributed import Dist
 
     two = Dist(rank=0, world=2)
     with pytest.raises(ConfigError, match="divisible"):
@@ -164,10 +164,10 @@ def test_amp_auto_follows_the_device_and_bf16_keeps_the_ball_and_the_normaliser_
     """perf.amp=auto is bf16 only where the device computes it natively; under bf16 autocast the
     attack's iterate and projection stay fp32 (the ε-ball is exact) and DONE's normaliser is
     computed in float64."""
-    from dorat import runtime
     from dorat.attacks import PGDSpec, pgd
     from dorat.models import build_model
     from dorat.objectives.done import global_logmeanexp
+    from dorat.system import runtime
 
     for native in (True, False):
         monkeypatch.setattr(runtime, "bf16_native", lambda device_type, cpuinfo=None, n=native: n)

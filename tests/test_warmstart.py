@@ -15,10 +15,10 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from dorat import config as C
-from dorat.averaging import EMA, fold
-from dorat.checkpoint import load_state
 from dorat.errors import ConfigError
-from dorat.run import train
+from dorat.files.checkpoint import load_state
+from dorat.models.averaging import EMA, fold
+from dorat.runs.run import train
 
 SETS = ["attack.steps=1", "eval.n=20", "eval.checks=false", "eval.steps=2"]
 
@@ -40,8 +40,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_init_from_a_run_a_safetensors_file_or_a_state_dict(trained: tuple[Path, Path],
                                                             tmp_path: Path) -> None:
-    from dorat.card import sha256
-    from dorat.run import load_run
+    from dorat.evaluation.card import sha256
+    from dorat.runs.run import load_run
 
     npz, base = trained
     weights = load_file(base / "model.safetensors")
@@ -80,8 +80,8 @@ def test_init_errors_are_one_line(trained: tuple[Path, Path], tmp_path: Path) ->
 def _stopped(cfg: C.Config, out: Path, step: object, monkeypatch: pytest.MonkeyPatch) -> None:
     """Train ``cfg`` into ``out`` with Trainer.step replaced by ``step``, which stops the run (a
     SIGTERM handled as the CLI handles it, or Terminated itself)."""
-    from dorat import trainer
     from dorat.errors import Terminated, raise_terminated
+    from dorat.training import trainer
 
     real = trainer.Trainer.step
     monkeypatch.setattr(trainer.Trainer, "step", step)
@@ -184,7 +184,7 @@ def test_faal_from_init_resumes_bitwise_after_a_stop_mid_epoch(
         trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from dorat import trainer
+    from dorat.training import trainer
     from test_reliability import _same_run
 
     npz, base = trained

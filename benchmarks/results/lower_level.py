@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from dorat.attacks.barrier import Barrier, barrier_attack
 from dorat.attacks.pgd import pgd
 from dorat.objectives.attacks import BARRIER_GD_LR
-from dorat.run import load_run
+from dorat.runs.run import load_run
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 It runs the same loop, checkpoints and run directory as `dorat train`: data given as tensors,
 a Dataset or a DataLoader is written to RUN/data.npz and named in the config by its absolute
 path, and a model object by its import path, so `dorat eval RUN` can reopen the run in a new
-process (a model class that needs constructor arguments: ``dorat.run.load_run(RUN, model=m)``).
+process (a model class that needs constructor arguments: ``dorat.runs.load_run(RUN, model=m)``).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def fit(model: nn.Module | str, train_data: Any, test_data: Any = None, *, metho
     and reports (default "0", "1", ...). Returns the trained model, its metrics and the run
     directory."""
     from dorat.data.readers import check_labels
-    from dorat.run import prepare, train
+    from dorat.runs.run import prepare, train
 
     updates = _updates(method, overrides, set or {})
     x, y = _tensors(train_data, "train_data")
@@ -107,7 +107,7 @@ def fit(model: nn.Module | str, train_data: Any, test_data: Any = None, *, metho
     out.mkdir(parents=True, exist_ok=True)
     _save_npz(out / DATA_FILE, data)
     metrics = train(cfg, out, overwrite=overwrite, log=log, data=data, model=user_model)
-    from dorat.run import load_run
+    from dorat.runs.run import load_run
 
     run = load_run(out, cfg.device, model=user_model,
                    data=data)  # in memory: RUN/data.npz is for later processes
@@ -136,7 +136,7 @@ def _import_path(model: nn.Module, log: Any) -> str:
         (log or print)(f"warning: the model class {path} is defined in the running script (or a "
                        "function), so `dorat eval RUN` in another process cannot rebuild it; put it "
                        "in a module (e.g. mynet.py beside the script), or reopen the run with "
-                       "dorat.run.load_run(RUN, model=...)")
+                       "dorat.runs.load_run(RUN, model=...)")
     return path
 
 
@@ -157,7 +157,7 @@ def _hold_out(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int
 
 def _save_npz(path: Path, data: Dataset) -> None:
     """The run's data in the npz format dorat reads (N×H×W×C; uint8 or float in [0, 1])."""
-    from dorat.checkpoint import atomic_path
+    from dorat.files.checkpoint import atomic_path
 
     def arr(t: torch.Tensor) -> np.ndarray:
         return t.permute(0, 2, 3, 1).numpy()

@@ -1,4 +1,8 @@
-"""Attacks: one iteration core (PGD, FGSM-RS, the barrier lower level) and AutoAttack."""
+"""Attacks: one iteration core (PGD, FGSM-RS, the barrier lower level) and AutoAttack.
+
+Imports: errors only. The attacks see a model as a callable and know nothing of configs,
+methods or runs (tests/test_layers.py).
+"""
 
 from dorat.attacks.core import AttackResult, attack_loss, frozen, iterate, kl_per_example, mode
 from dorat.attacks.pgd import PGDSpec, fgsm, pgd, project

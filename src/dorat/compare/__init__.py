@@ -30,11 +30,14 @@ is trained again.
 machine between them: on CPU each gets cores/N threads (small models use 2 single-threaded
 processes better than one with 2 threads), with CUDA each gets one GPU in turn. Several compare
 commands may also share one OUT: each run is owned by one process while it trains
-(dorat.locks), so they split the grid between them.
+(dorat.files.locks), so they split the grid between them.
 
 Aggregation: for every (dataset, setting, method) and every metric, the mean and sample std
 (ddof = 1) over the seeds that finished; OUT/results.json, OUT/results.md (best mean per column
 in bold) and OUT/report.md with the per-class plot of the means.
+
+The grid's report is compare.report. Imports: tune, report, runs and every layer below; only
+the CLI imports it (tests/test_layers.py).
 """
 
 from __future__ import annotations
@@ -45,12 +48,19 @@ from pathlib import Path
 
 from dorat.compare.execute import available_cores, pending, run_grid, worker_env
 from dorat.compare.grid import Grid, RunSpec, _validate, comparability_warnings, find_compare_file, load_grid
+from dorat.compare.report import (
+    aggregate,
+    flat_metrics,
+    markdown_tables,
+    mean_std,
+    signed_points,
+    write_outputs,
+)
 from dorat.compare.slurm import SlurmOptions
 from dorat.compare.slurm import check_available as check_slurm
 from dorat.compare.slurm import launch as launch_slurm
 from dorat.compare.tuning import CHOSEN, run_study, study_dir, tuning_markdown
 from dorat.errors import DoratError
-from dorat.report.grid import aggregate, flat_metrics, markdown_tables, mean_std, signed_points, write_outputs
 
 
 def _stderr(line: str) -> None:
@@ -110,8 +120,8 @@ def _progress(grid: Grid) -> tuple[int, int]:
 
 def write_tuning(grid: Grid, out: Path) -> None:
     """OUT/tuning.md and OUT/tuning.json: the one budget and each method's chosen values."""
-    from dorat.checkpoint import read_json, write_json_atomic, write_text_atomic
     from dorat.compare.grid import _dirname
+    from dorat.files.checkpoint import read_json, write_json_atomic, write_text_atomic
 
     assert grid.tune is not None
     rows, records = [], []

@@ -3,7 +3,7 @@
 ``pending`` lists the runs still to do and ``run_one`` does one; the launchers run it: in this
 process, in a local multiprocessing pool (``run_grid`` with workers > 1), or as Slurm jobs
 through submitit (dorat.compare.slurm). Each run is owned by one process while it trains
-(dorat.locks: a kernel lock, released however the process ends)."""
+(dorat.files.locks: a kernel lock, released however the process ends)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dorat import locks, rundir
 from dorat.compare.grid import (
     FAILED,
     Grid,
@@ -27,6 +26,8 @@ from dorat.compare.grid import (
     selected,
 )
 from dorat.errors import DoratError, raise_terminated
+from dorat.files import locks
+from dorat.runs import rundir
 
 
 def pending(grid: Grid, log: Callable[[str], None], only: Sequence[str] | None = None,
@@ -56,9 +57,9 @@ def pending(grid: Grid, log: Callable[[str], None], only: Sequence[str] | None =
 def run_one(r: RunSpec, evals: Sequence[dict[str, Any]], tag: str, retry_failed: bool,
             log: Callable[[str], None], progress: bool = False) -> None:
     """One run of a grid, as every launcher runs it (in this process, a local worker process or
-    a Slurm job): owned by this process while it trains (dorat.locks), then evaluated. A run
+    a Slurm job): owned by this process while it trains (dorat.files.locks), then evaluated. A run
     that another live process owns is left to it."""
-    from dorat.parts import load_plugins
+    from dorat.config.parts import load_plugins
 
     load_plugins(r.cfg.plugins)  # in a fresh process (worker, Slurm job): the run's own parts
     try:
@@ -167,11 +168,11 @@ _STOPPING: Any = None
 
 def _worker_init(slots: Any, lines: Any, plugins: list[str], stopping: Any) -> None:
     global _SLOTS, _LINES, _STOPPING
-    from dorat.parts import load_plugins
+    from dorat.config.parts import load_plugins
 
     _SLOTS, _LINES, _STOPPING = slots, lines, stopping
     # SIGTERM (the parent's stop, or the process group's) ends the batch in progress and
-    # checkpoints the epoch so far (dorat.interrupts), instead of killing the worker outright
+    # checkpoints the epoch so far (dorat.training.interrupts), instead of killing the worker outright
     signal.signal(signal.SIGTERM, raise_terminated)
     load_plugins(plugins)
 
@@ -196,8 +197,8 @@ def _worker_job(r: RunSpec, evals: list[dict[str, Any]], tag: str, retry_failed:
 def _do_run(r: RunSpec, evals: Sequence[dict[str, Any]], st: str, tag: str,
             log: Callable[[str], None], progress: bool) -> None:
     """Train (or resume) one run, then its missing extra evaluations. Holds the run's lock."""
-    from dorat.checkpoint import write_json_atomic
-    from dorat.run import train
+    from dorat.files.checkpoint import write_json_atomic
+    from dorat.runs.run import train
 
     if st == "failed":  # only reached with retry_failed
         (r.path / FAILED).unlink()
@@ -234,9 +235,9 @@ def _failure(r: RunSpec) -> str:
 
 def _extra_eval(r: RunSpec, e: dict[str, Any], log: Callable[[str], None], tag: str,
                 progress: bool) -> None:
-    from dorat.checkpoint import write_json_atomic
-    from dorat.run import evaluate_run, load_run
-    from dorat.rundir import JOURNAL
+    from dorat.files.checkpoint import write_json_atomic
+    from dorat.runs.run import evaluate_run, load_run
+    from dorat.runs.rundir import JOURNAL
 
     target = r.path / f"eval-{e['name']}.json"
     if target.is_file():

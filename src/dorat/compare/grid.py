@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from dorat import config as cfglib
-from dorat import parts, rundir
 from dorat.compare.tuning import Study, TuneSpec, method_space, parse_tune, read_chosen, study_dir
-from dorat.config import Config
+from dorat.config import Config, parts
 from dorat.errors import ConfigError
+from dorat.runs import rundir
 
 TOP_KEYS = {"title", "base", "set", "datasets", "model", "settings", "methods", "seeds", "evals",
             "tune"}

@@ -30,7 +30,7 @@ from typing import Any
 from dorat.compare.execute import run_one
 from dorat.compare.grid import FAILED, RunSpec, _finished
 from dorat.errors import ConfigError, DoratError, raise_terminated
-from dorat.interrupts import also_hold
+from dorat.training.interrupts import also_hold
 
 JOBS = "slurm-jobs.json"
 EXTRA = "dorat[slurm]"
@@ -168,7 +168,7 @@ def launch(todo: Sequence[tuple[RunSpec, str]], evals: Sequence[dict[str, Any]],
            opts: SlurmOptions, retry_failed: bool, log: Callable[[str], None], wait: bool = True) -> None:
     """Submit a job for every run of ``todo`` that no live job has, then (``wait``) follow the
     jobs until none is left in the queue."""
-    from dorat.checkpoint import write_json_atomic
+    from dorat.files.checkpoint import write_json_atomic
 
     submitit = check_available()
     jobs = _read_jobs(out)

@@ -21,7 +21,7 @@ SQLite storage tune.db, trials/NNNN, tune.md, tune.png) and, once it holds ``tri
 trials, chosen.json: the best trial's values, its objective value and the budget. The grid's runs
 of that method then use the chosen values (recorded in results.json and tuning.md); a method
 whose tuning is not done waits. Several `dorat compare` processes on one OUT share each study
-(Optuna's storage) and split the runs (dorat.locks). A method with ``init_from: NAME`` starts
+(Optuna's storage) and split the runs (dorat.files.locks). A method with ``init_from: NAME`` starts
 from the grid's own NAME run of the same data set, setting and seed (FAAL fine-tuning PGD-AT):
 its trials and runs wait for that run.
 """
@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from dorat import config as cfglib
-from dorat.checkpoint import read_json, write_json_atomic
 from dorat.errors import ConfigError, DoratError
+from dorat.files.checkpoint import read_json, write_json_atomic
 
 TUNE_KEYS = {"trials", "epochs", "seed", "objective", "space", "set", "pruner", "prune_startup",
              "prune_warmup"}

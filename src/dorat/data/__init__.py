@@ -4,6 +4,8 @@
 ``~/.cache/dorat``, Debian's ``/usr/share/datasets``), else downloads them with a checksum.
 ``load_dataset("npz:PATH")`` reads a user's own arrays, ``load_dataset("imagefolder:DIR")`` a
 folder of images per class (dorat.data.imagefolder).
+
+Imports: files, errors; nothing of models, configs or runs (tests/test_layers.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from dorat.data.registry import SPECS, Spec, is_complete
 from dorat.errors import DataError
+from dorat.files.checkpoint import file_digest
 
 DEBIAN_ROOT = Path("/usr/share/datasets")
 
@@ -47,15 +47,6 @@ def locate(name: str, data_dir: str | None = None) -> Path | None:
         if root.is_dir() and is_complete(spec, root):
             return root
     return None
-
-
-def file_digest(path: Path, algorithm: str = "md5") -> str:
-    """The hex digest of a file, read in 1 MiB blocks (hashlib.file_digest is Python ≥ 3.11)."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _safe_extract(archive: Path, dest: Path) -> None:

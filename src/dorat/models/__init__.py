@@ -2,7 +2,11 @@
 
 A model is a registered factory ``(in_channels, image_size, num_classes) -> nn.Module``
 (``dorat.register("model", "my-net", factory)``, from a plug-in too), or an import path
-``module:factory`` whose factory is called with no arguments."""
+``module:factory`` whose factory is called with no arguments.
+
+``averaging``: the weight average (EMA) and BatchNorm-aware folds of weights. Imports: config
+(the registry), files, errors (tests/test_layers.py).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dorat import parts
+from dorat.config import parts
 from dorat.errors import ConfigError
 from dorat.models.nets import VGG8, PreActResNet18, ResNet18, ResNet20, SmallCNN, WideResNet
 

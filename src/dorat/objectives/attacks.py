@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from dorat.attacks import AttackResult, PGDSpec, mode, pgd
 from dorat.attacks.barrier import Barrier, barrier_attack
+from dorat.config.parts import nonneg, opt, positive, register, section
 from dorat.errors import ConfigError
 from dorat.objectives.base import StepContext
-from dorat.parts import nonneg, opt, positive, register, section
 
 TRADES_INIT_STD = 0.001  # TRADES / FAT start the attack at x + 0.001·N(0, 1)
 BARRIER_GD_LR = 100.0

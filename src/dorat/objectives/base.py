@@ -7,7 +7,7 @@ A training step is
     w      = weighting.weights(out, y, info, ctx)  # detached weights ŵ_i (uniform: 1/|B|)
     L      = Σ_i ŵ_i ℓ_i                           # one backward pass
 
-Every part is a dataclass registered by name (dorat.parts.register); its fields are its config
+Every part is a dataclass registered by name (dorat.config.parts.register); its fields are its config
 section. A part may define ``check(cfg)`` (a classmethod: cross-key validation, before anything
 runs) and ``bind(info)`` (data facts after the data is read: num_classes, class_counts, the
 training config, the process group).
@@ -18,7 +18,7 @@ the whole data set); that is why the weighting owns the reduction.
 
 Warm-up, one convention for every weighting: a weighting with a ``warmup`` field is uniform
 (plain AT, or plain TRADES) for its first ``warmup`` epochs, given as a number of epochs (int)
-or a share of the run ("50%": round(0.5 · epochs)); see dorat.parts.warmup_epochs.
+or a share of the run ("50%": round(0.5 · epochs)); see dorat.config.parts.warmup_epochs.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import torch
 import torch.nn as nn
 
 from dorat.attacks import AttackResult
-from dorat.checkpoint import storable, tensors_to
-from dorat.parts import register, warmup_epochs
+from dorat.config.parts import register, warmup_epochs
+from dorat.files.checkpoint import storable, tensors_to
 
 if TYPE_CHECKING:
-    from dorat.probe import ClassStats
+    from dorat.evaluation.probe import ClassStats
 
 Measure = Callable[[], "ClassStats"]
 
@@ -107,7 +107,7 @@ class Weighting:
 
     def start_epoch(self, epoch: int, epochs: int, measure: Measure | None = None) -> None:
         """Called before each epoch (adaptive temperatures, class parameters). ``measure()``
-        probes the current model on the validation split (dorat.probe), for weightings whose
+        probes the current model on the validation split (dorat.evaluation.probe), for weightings whose
         ``needs_validation()`` is true."""
 
     def end_epoch(self, epoch: int, epochs: int, measure: Measure | None, model: nn.Module) -> None:

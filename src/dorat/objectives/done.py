@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
-from dorat import distributed
 from dorat.attacks import AttackResult
-from dorat.distributed import Dist
+from dorat.config.parts import opt, positive, register
 from dorat.errors import ConfigError
 from dorat.objectives.base import LossOutput, Measure, StepContext, Weighting, ess_fraction
-from dorat.parts import opt, positive, register
+from dorat.system import distributed
+from dorat.system.distributed import Dist
 
 VAL_LEVELS = ("class-val", "mixed-val")  # class losses measured on the validation split
 

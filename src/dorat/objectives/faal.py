@@ -28,11 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dorat import distributed
 from dorat.attacks import AttackResult
+from dorat.config.parts import nonneg, opt, register
 from dorat.errors import ConfigError
 from dorat.objectives.base import LossOutput, StepContext, Weighting
-from dorat.parts import nonneg, opt, register
+from dorat.system import distributed
 
 BISECTION_STEPS = 80  # on log(ν − max m) in [−30, 12]: an interval of 42 halved 80 times
 

@@ -1,4 +1,4 @@
-"""Robust-fairness weightings driven by the validation split (dorat.probe): FRL and WAT.
+"""Robust-fairness weightings driven by the validation split (dorat.evaluation.probe): FRL and WAT.
 
 Both set class-level parameters once per epoch from how each class does on held-out data, and
 turn them into per-example weights (and, for FRL's remargin, per-class attack radii):
@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from dorat import distributed
 from dorat.attacks import AttackResult
-from dorat.averaging import fold
-from dorat.distributed import Dist
+from dorat.config.parts import nonneg, opt, positive, register
 from dorat.errors import ConfigError, DoratError
+from dorat.models.averaging import fold
 from dorat.objectives.base import LossOutput, Measure, StepContext, Weighting
-from dorat.parts import nonneg, opt, positive, register
+from dorat.system import distributed
+from dorat.system.distributed import Dist
 
 
 def _class_mean(w_class: torch.Tensor, y: torch.Tensor, dist: Dist | None = None) -> torch.Tensor:
@@ -227,7 +227,7 @@ class CFAWeighting(Weighting):
         self.dist = info.get("dist")
         self.robust: torch.Tensor | None = None  # r_c of the previous epoch
         self.acc: torch.Tensor | None = None  # this epoch's per-class [correct, count]
-        self.avg: dict[str, torch.Tensor] | None = None  # FAWA's average (dorat.averaging.fold)
+        self.avg: dict[str, torch.Tensor] | None = None  # FAWA's average (dorat.models.averaging.fold)
         self.active = False
 
     @staticmethod

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from dorat.attacks.barrier import Barrier
 from dorat.attacks.pgd import mode
+from dorat.config.parts import nonneg, opt, positive, register
 from dorat.models import has_batchnorm
-from dorat.parts import nonneg, opt, positive, register
 
 
 def _bdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dorat.attacks import kl_per_example
+from dorat.config.parts import nonneg, opt, register
 from dorat.models import has_batchnorm
 from dorat.objectives.base import LossOutput, StepContext
-from dorat.parts import nonneg, opt, register
 
 
 @register("loss", "ce")

@@ -1,7 +1,7 @@
 """A method: attack × per-example loss × weighting (+ hypergradient), built from the config.
 
 ``method.attack``, ``method.loss``, ``method.weighting`` and ``method.hypergrad`` name
-registered parts (dorat.parts); each part's fields come from its config section. The presets
+registered parts (dorat.config.parts); each part's fields come from its config section. The presets
 (configs/methods.yaml) are names for such compositions.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dorat import parts
+from dorat.config import parts
 from dorat.objectives.base import Attack, Loss, StepContext, Weighting
 from dorat.objectives.hypergrad import NoHypergrad
 

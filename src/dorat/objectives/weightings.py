@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from dorat.attacks import AttackResult
+from dorat.config.parts import nonneg, opt, positive, register
 from dorat.objectives.base import LossOutput, StepContext, Weighting
-from dorat.parts import nonneg, opt, positive, register
 
 
 def probabilistic_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from dorat.attacks import EVAL_ATTACKS
-from dorat.card import is_card, read_card
 from dorat.errors import DoratError
-from dorat.evaluate import eps_text
-from dorat.run import RunResult, load_result
+from dorat.evaluation.card import is_card, read_card
+from dorat.evaluation.evaluate import eps_text
+from dorat.runs.run import RunResult, load_result
 
 ATTACK_LABEL = {**{k: short for k, (_, short) in EVAL_ATTACKS.items()}, "worst": "worst"}
 
@@ -245,7 +245,7 @@ def plot_top_weighted(r: RunResult, path: Path, k: int = 24) -> Path | None:
     if r.weights is None or "idx" not in r.weights or bool((r.weights["idx"] < 0).any()):
         return None
     from dorat.data import load_dataset
-    from dorat.run import run_splits
+    from dorat.runs.run import run_splits
 
     try:  # the run's training split, rebuilt from its config (skipped if the data is not here)
         cfg = r.config
@@ -343,7 +343,7 @@ def _described(r: RunResult) -> str:
 def write_report(run_dirs: Sequence[str | Path], out: str | Path, metrics_file: str = "auto",
                  title: str = "dorat report") -> Path:
     """Write ``out/report.md`` (and its PNGs) for the given runs; returns the report's path."""
-    from dorat.checkpoint import write_text_atomic
+    from dorat.files.checkpoint import write_text_atomic
 
     if not run_dirs:
         raise DoratError("name at least one RUN_DIR to report on")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from dorat.config.parts import load_plugins
 from dorat.errors import DoratError
-from dorat.parts import load_plugins
 from dorat.tune import tune
 
 

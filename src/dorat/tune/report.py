@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from dorat import config as cfglib
-
-SURPLUS = "surplus"  # a trial's user attribute: created past --trials, failed before it ran
-
-if TYPE_CHECKING:
-    from dorat.tune import Tuner
+from dorat.tune.tuner import SURPLUS, Tuner
 
 
 def best_trial(study: Any) -> Any | None:
@@ -26,7 +22,7 @@ def best_trial(study: Any) -> Any | None:
 
 def write_outputs(tuner: Tuner, study: Any, user_split: str, user_every: int) -> Path:
     """OUT/best.yaml, OUT/tune.md and OUT/tune.png from the study as it stands."""
-    from dorat.checkpoint import write_text_atomic
+    from dorat.files.checkpoint import write_text_atomic
 
     tuner.out.mkdir(parents=True, exist_ok=True)
     best = best_trial(study)
@@ -117,7 +113,7 @@ def _plot(tuner: Tuner, study: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
     from optuna.trial import TrialState
 
-    from dorat.checkpoint import atomic_path
+    from dorat.files.checkpoint import atomic_path
 
     trials = study.get_trials(deepcopy=False)
     n = len(tuner.space)

@@ -146,7 +146,7 @@ def parse_metric(text: str, attacks: Sequence[str], what: str, ref_ok: bool = Fa
         raise ConfigError(f"{what} '{text}' is not a validation metric of this config; one of "
                           f"{examples} (eval.attacks: {','.join(attacks)})")
     if ref is not None:
-        from dorat.presets import presets
+        from dorat.config.presets import presets
 
         if ref not in presets():
             raise ConfigError(f"{what} '{text}': '{ref}' is not a method preset (the reference "

@@ -1,4 +1,4 @@
-"""Checkpoints within an epoch: on a stop (SIGTERM, Ctrl-C, a Slurm requeue; dorat.interrupts)
+"""Checkpoints within an epoch: on a stop (SIGTERM, Ctrl-C, a Slurm requeue; dorat.training.interrupts)
 after the batch in progress, and every ``log.checkpoint_minutes``. Such a checkpoint is the
 epoch-end one (model, optimizer, schedule; ``epoch`` = the epochs finished) plus ``mid_epoch``:
 the batches done and, for each rank, what the epoch so far left behind (the attack generator,
@@ -13,19 +13,18 @@ one file. A resume needs the same number of processes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from dorat import distributed
-from dorat.checkpoint import save_state, tensors_to
-from dorat.stats import EpochStats
-
-if TYPE_CHECKING:
-    from dorat.interrupts import HeldStops
-    from dorat.trainer import Trainer
+from dorat.files.checkpoint import save_state, tensors_to
+from dorat.objectives import Weighting
+from dorat.system import distributed
+from dorat.training.interrupts import HeldStops
+from dorat.training.stats import EpochStats
 
 AGREE_EVERY = 10  # batches between the ranks' agreements under torchrun
 
@@ -51,21 +50,21 @@ def stop_at_epoch_end(d: distributed.Dist, held: HeldStops, device: torch.device
     return bool(distributed.all_max(d, flag).item())
 
 
-def rank_state(gen: torch.Generator, stats: EpochStats, trainer: Trainer,
+def rank_state(gen: torch.Generator, stats: EpochStats, weighting: Weighting,
                measured: list[tuple[float, float]], seconds: float, cpu_seconds: float
                ) -> dict[str, Any]:
-    return {"gen": gen.get_state(), "stats": stats.state(),
-            "weighting": trainer.method.weighting.step_state(),
+    return {"gen": gen.get_state(), "stats": stats.state(), "weighting": weighting.step_state(),
             "measured": [list(m) for m in measured], "seconds": seconds, "cpu_seconds": cpu_seconds}
 
 
-def save(out: Path, meta: dict[str, str], trainer: Trainer, d: distributed.Dist, epoch: int,
-         step: int, mine: dict[str, Any]) -> None:
-    """The checkpoint after ``step`` batches of epoch ``epoch`` (0-based), written by rank 0."""
+def save(out: Path, meta: dict[str, str], epoch_state: Callable[[], dict[str, Any]],
+         d: distributed.Dist, step: int, mine: dict[str, Any]) -> None:
+    """The checkpoint after ``step`` batches of an epoch, written by rank 0: the trainer's
+    ``epoch_state()`` (as at the epoch's start) and every rank's ``mine``."""
     ranks = distributed.gather_objects(d, tensors_to(mine, "cpu"))
 
     def write() -> None:
-        state = {**trainer.state(epoch), "mid_epoch": {"step": step, "ranks": ranks}}
+        state = {**epoch_state(), "mid_epoch": {"step": step, "ranks": ranks}}
         save_state(out / "checkpoint.safetensors", state, meta=meta)
 
     distributed.on_main(d, write)
@@ -83,7 +82,7 @@ class Resumed:
     measured: list[tuple[float, float]]
 
 
-def restore(mid: dict[str, Any], d: distributed.Dist, steps_per_epoch: int, trainer: Trainer,
+def restore(mid: dict[str, Any], d: distributed.Dist, steps_per_epoch: int, weighting: Weighting,
             num_classes: int, device: torch.device) -> Resumed:
     """This rank's part of ``mid``, with the weighting's state loaded from it; a ValueError (or
     TypeError, KeyError) when the checkpoint does not fit the run."""
@@ -97,7 +96,7 @@ def restore(mid: dict[str, Any], d: distributed.Dist, steps_per_epoch: int, trai
     if not (isinstance(mine["gen"], torch.Tensor) and mine["gen"].dtype == torch.uint8):
         raise ValueError("its attack generator state is not a byte tensor")
     torch.Generator(device=device).set_state(mine["gen"])  # the size fits this device's kind
-    trainer.method.weighting.load_step_state(mine["weighting"], device)
+    weighting.load_step_state(mine["weighting"], device)
     return Resumed(step, EpochStats.from_state(mine["stats"], num_classes, device), mine["gen"],
                    float(mine["seconds"]), float(mine["cpu_seconds"]),
                    [(float(w), float(c)) for w, c in mine["measured"]])

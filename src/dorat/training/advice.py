@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-Run = Any  # dorat.run.Run (not imported: run imports this module)
+from dorat.training.prepared import Run
 
 MIN_PER_CLASS = 10  # fewer training examples in a class: its accuracies are noise
 
@@ -18,7 +18,7 @@ def warn_at_start(run: Run, log: Callable[[str], None]) -> None:
 
 def idle_weighting(run: Run, log: Callable[[str], None]) -> None:
     """One line when a weighting's warm-up covers the whole run (it would never act)."""
-    from dorat import parts
+    from dorat.config import parts
 
     w, cfg = run.method.weighting, run.cfg
     if hasattr(w, "warmup") and parts.warmup_epochs(w.warmup, cfg.epochs) >= cfg.epochs:
@@ -29,7 +29,7 @@ def idle_weighting(run: Run, log: Callable[[str], None]) -> None:
 
 
 def emulated_bf16(run: Run, log: Callable[[str], None]) -> None:
-    from dorat.runtime import bf16_native
+    from dorat.system.runtime import bf16_native
 
     if run.cfg.perf.amp == "bf16" and bf16_native(run.device.type) is False:
         log(f"warning: perf.amp=bf16 on a {run.device.type} without native bf16 (no AVX512-BF16/AMX "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -300,9 +301,16 @@ def load_state_dict_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor],
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "ema")  # common checkpoint nests
 
 
-def sha256(path: Path) -> str:
-    from dorat.data.fetch import file_digest
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    """The hex digest of a file, read in 1 MiB blocks (hashlib.file_digest is Python ≥ 3.11)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
+
+def sha256(path: Path) -> str:
     return file_digest(path, "sha256")
 
 

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from dorat.errors import ConfigError
-from dorat.rundir import TB_DIR
 
 EXTRA = "dorat[tensorboard]"
+TB_DIR = "tb"  # in the run directory: TensorBoard's event files
 
 
 def _writer_class() -> Any:

@@ -4,13 +4,20 @@ A run is fully described by its resolved config (saved as RUN_DIR/config.yaml). 
 wins: the section defaults < the method preset (``method: done`` names a row of
 configs/methods.yaml: its parts and overrides) < the YAML file (``--config``) < CLI flags <
 ``--set key=value`` < ``overrides``. The keys are the fields of the sections in this module
-and of the registered parts (dorat.parts), so a typo is an error, never a silently ignored
+and of the registered parts (dorat.config.parts), so a typo is an error, never a silently ignored
 setting; renamed keys of older versions are read as their new names (``ALIASES``).
+
+Submodules: ``parts`` (the registry of parts and sections), ``presets`` (configs/methods.yaml),
+``sections`` (the run's own sections), ``yamlfile`` (strict YAML reading). Imports: attacks
+(the names of the evaluation attacks), errors. The built-in parts register themselves when
+imported; this layer names them in ``BUILTIN_PARTS`` without importing them
+(tests/test_layers.py).
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Iterable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
@@ -18,9 +25,8 @@ from typing import Any
 
 import yaml
 
-from dorat import parts
-from dorat.errors import ConfigError
-from dorat.presets import (  # noqa: F401  (re-exported: the config's API)
+from dorat.config import parts
+from dorat.config.presets import (  # noqa: F401  (re-exported: the config's API)
     PART_KEYS,
     PRESETS,
     SHARED_SECTIONS,
@@ -31,14 +37,21 @@ from dorat.presets import (  # noqa: F401  (re-exported: the config's API)
     presets,
     register_preset,
 )
-from dorat.yamlfile import DuplicateKey, read_text_file, safe_load  # noqa: F401
+from dorat.config.yamlfile import DuplicateKey, read_text_file, safe_load  # noqa: F401
+from dorat.errors import ConfigError
+
+# The modules whose import registers the built-in parts and sections. The config layer sits
+# below them (tests/test_layers.py) and knows them by name only, as it knows plug-ins: each
+# registers itself into dorat.config.parts when imported.
+BUILTIN_PARTS = ("dorat.config.sections",  # the run's own sections (data, optim, eval, ...)
+                 "dorat.models",           # the model names
+                 "dorat.objectives",       # attacks, losses, weightings
+                 "dorat.evaluation.probe")  # the val section
 
 
 def _ensure_parts() -> None:
-    import dorat.models  # noqa: F401
-    import dorat.objectives  # noqa: F401  registers the built-in parts
-    import dorat.probe  # noqa: F401  the val section
-    import dorat.sections  # noqa: F401  the run's own sections (data, optim, eval, ...)
+    for name in BUILTIN_PARTS:
+        importlib.import_module(name)
 
 
 # -- renamed keys ----------------------------------------------------------------------------

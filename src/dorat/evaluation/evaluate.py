@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from dorat.attacks import PGDSpec, attack_names_problem, mode, pgd
 from dorat.attacks.autoattack import autoattack_correct
-from dorat.checks import eps_sweep_checks, sweep_grid, table_checks
 from dorat.data.loader import as_examples, as_unit_images, balanced_counts, stratified_indices
 from dorat.errors import ConfigError
+from dorat.evaluation.checks import eps_sweep_checks, sweep_grid, table_checks
 from dorat.models import check_fits
 
 
@@ -98,8 +98,8 @@ def _journal_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Se
 
 
 def _read_journal(path: Path, key: str) -> dict[str, Any] | None:
-    from dorat.checkpoint import load_state
     from dorat.errors import CheckpointError
+    from dorat.files.checkpoint import load_state
 
     if not path.is_file():
         return None
@@ -182,7 +182,7 @@ def run_attacks(
 
     def save(step: int) -> None:
         if journal is not None:
-            from dorat.checkpoint import save_state
+            from dorat.files.checkpoint import save_state
 
             save_state(journal, {"key": key, "done": step, "table": table,
                                  "generator": g.get_state(), "notes": list(notes)})
@@ -296,7 +296,7 @@ def evaluate(
     ``x_test``: N×C×H×W uint8 pixels or floats in [0, 1] (what torchattacks and RobustBench
     take); anything else is refused with a clear error.
 
-    With ``checks`` the sanity checks of dorat.checks run too (the ε sweep on ``check_n``
+    With ``checks`` the sanity checks of dorat.evaluation.checks run too (the ε sweep on ``check_n``
     stratified points) and land in ``metrics["checks"]``. ``journal``: see run_attacks."""
     settings = settings or EvalSettings(eps=0.1)
     device = torch.device(device)
@@ -371,9 +371,10 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
 
 
 class _CallableModule(types.ModuleType):
-    """``dorat.evaluate`` names both this module and its main function. Once the module is
-    imported (as dorat.run does), Python binds the package attribute to the module, so the
-    module itself calls the function: ``dorat.evaluate(model, x, y, ...)`` works in any order."""
+    """``dorat.evaluate`` is the main function, and the old path of this module (dorat.MOVED).
+    Once the module is imported by its old path, Python binds the package attribute to the
+    module, so the module itself calls the function: ``dorat.evaluate(model, x, y, ...)`` works
+    in any order."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return evaluate(*args, **kwargs)

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dorat import locks
-from dorat.checkpoint import write_text_atomic
 from dorat.config import Config
 from dorat.errors import ConfigError
+from dorat.files import locks
+from dorat.files.checkpoint import write_text_atomic
+from dorat.training.tracking import TB_DIR  # TensorBoard event files (log.tensorboard)
 
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.safetensors", "model.safetensors",
              "weights.safetensors", "metrics.json", "init.json")
@@ -37,7 +38,6 @@ RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.safetensors", "model.safete
 # RUN/.eval-NAME.partial.safetensors): resumed after an interruption, deleted when it is done.
 JOURNAL = ".{name}.partial.safetensors"
 HISTORY = "history.jsonl"  # one line per resume that changed the config
-TB_DIR = "tb"              # TensorBoard event files (log.tensorboard; dorat.tracking)
 STAGE = ".next"            # a replacement run (--overwrite) while it trains
 COMPLETE = ".complete"     # in STAGE: the replacement finished; lists the files to move
 # what may change when a run is resumed: nothing that the checkpoint's tensors depend on
@@ -59,7 +59,7 @@ class Plan:
 
 @contextlib.contextmanager
 def own(out: Path) -> Iterator[None]:
-    """This process owns ``out`` while it trains (dorat.locks): a second `dorat train` or
+    """This process owns ``out`` while it trains (dorat.files.locks): a second `dorat train` or
     `dorat compare` on the same directory is refused instead of mixing two runs in it."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory; choose another path")

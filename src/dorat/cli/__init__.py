@@ -2,6 +2,9 @@
 
 User errors (bad config value, missing data, wrong checkpoint) print one line
 ``dorat: error: ...`` and exit with code 2, leaving nothing half-written.
+
+``eval_command``: ``dorat eval``. Imports: any layer; only ``python -m dorat`` imports it
+(tests/test_layers.py).
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from dorat import config as cfglib
+from dorat.config.parts import load_plugins
 from dorat.errors import DoratError, Terminated, raise_terminated
-from dorat.parts import load_plugins
 
 EXIT_USER_ERROR = 2
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM killed
@@ -201,9 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from dorat.evaluate import summary_lines
-    from dorat.run import train
-    from dorat.rundir import flag_changes, has_checkpoint
+    from dorat.evaluation.evaluate import summary_lines
+    from dorat.runs.run import train
+    from dorat.runs.rundir import flag_changes, has_checkpoint
 
     if a.list_keys:
         load_plugins(a.plugin)
@@ -237,7 +240,7 @@ def _cmd_tune(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from dorat.evalcmd import cmd_eval
+    from dorat.cli.eval_command import cmd_eval
 
     return cmd_eval(a)
 
@@ -299,7 +302,7 @@ def cmd_data(a: argparse.Namespace) -> int:
 
 
 def _how_to_continue(cmd: str) -> str:
-    if cmd == "eval":  # its journal beside OUT (dorat.run.eval_journal)
+    if cmd == "eval":  # its journal beside OUT (dorat.runs.run.eval_journal)
         return "run the same command again to continue where the attacks stopped"
     if cmd in ("compare", "tune"):
         return "run the same command again to continue (finished runs are kept, stopped ones resume)"
@@ -309,9 +312,9 @@ def _how_to_continue(cmd: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    from dorat.runtime import tune_allocator
+    from dorat.system.runtime import tune_allocator
 
-    tune_allocator()  # glibc keeps freed memory: far fewer page faults (dorat.runtime)
+    tune_allocator()  # glibc keeps freed memory: far fewer page faults (dorat.system.runtime)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:

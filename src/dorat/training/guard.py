@@ -1,7 +1,7 @@
 """Per-epoch validation robustness: the best checkpoint (``val.keep_best``) and the
 catastrophic-overfitting guard (``val.co_guard``).
 
-Both read the validation probe (dorat.probe: PGD-``val.steps`` on a fixed stratified subset of
+Both read the validation probe (dorat.evaluation.probe: PGD-``val.steps`` on a fixed stratified subset of
 ``val.n`` points) after every epoch. Without a validation split the probe takes a fixed
 stratified subset of the training split instead (``probe_split: train`` in log.jsonl).
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from dorat.checkpoint import load_weights, save_weights
+from dorat.files.checkpoint import load_weights, save_weights
 
 BEST = "best.safetensors"
 KEEP_CHOICES = ("none", "ra_pgd", "worst_class_pgd", "tail30_pgd", "sa")

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dorat.checkpoint import STATE_KEYS, load_external_weights, read_torch_state, sha256  # noqa: F401
 from dorat.errors import ConfigError, DoratError
+from dorat.files.checkpoint import STATE_KEYS, load_external_weights, read_torch_state, sha256  # noqa: F401
 from dorat.models import build_external, import_factory  # noqa: F401  (their old home)
 
 CARD_FORMAT = "dorat-card/1"
@@ -103,10 +103,10 @@ def benchmark(model: nn.Module, dataset: str, eps: float | None = None, n: int |
     its text "MEAN,STD" / C means then C stds, wraps a model that expects normalised inputs.
     ``eps`` defaults to RobustBench's standard radius where there is one (CIFAR-10/100: 8/255
     Linf, 0.5 L2). ``journal``: a file the evaluation saves its progress in and resumes from
-    (dorat.evaluate)."""
+    (dorat.evaluation.evaluate)."""
     from dorat.data import check_dataset, load_dataset
-    from dorat.evaluate import EvalSettings, check_attacks, evaluate
-    from dorat.run import resolve_device
+    from dorat.evaluation.evaluate import EvalSettings, check_attacks, evaluate
+    from dorat.system.runtime import resolve_device
 
     if norm not in THREAT_MODEL:
         raise ConfigError(f"norm '{norm}' is not one of {', '.join(THREAT_MODEL)}")
@@ -157,7 +157,7 @@ def is_card(path: Path) -> bool:
 
 
 def read_card(path: Path) -> dict[str, Any]:
-    from dorat.checkpoint import read_json
+    from dorat.files.checkpoint import read_json
 
     try:
         card = read_json(path)

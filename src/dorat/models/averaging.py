@@ -25,7 +25,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from dorat.parts import warmup_epochs
+from dorat.config.parts import warmup_epochs
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dorat.attacks import attack_names_problem
-from dorat.parts import nonneg, opt, positive, section, seed_value, unit
+from dorat.config.parts import nonneg, opt, positive, section, seed_value, unit
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -19,7 +19,7 @@ class RunConfig:
     model: str = opt("small-cnn", "a registered model, or module:factory returning an nn.Module")
     init: str | None = opt(None, "start from trained weights: a run directory (its model.safetensors) "
                                  "or a weights file (.safetensors, or a state dict read with "
-                                 "weights_only); recorded in RUN/init.json (dorat.warmstart)")
+                                 "weights_only); recorded in RUN/init.json (dorat.runs.warmstart)")
     seed: int = opt(0, "fixes data order, initialisation and attack noise", seed_value)
     device: str = opt("auto", "auto = CUDA when present, else CPU", choices=DEVICES)
     epochs: int = opt(10, "training epochs", positive)
@@ -70,7 +70,7 @@ class OptimConfig:
     ema: float = opt(0.0, "weight averaging: the decay per step of an exponential moving average "
                           "of the weights (0: off; 0.995 in the reference code of Rebuffi et al.); "
                           "the probe, val.keep_best, model.safetensors and the evaluation use the "
-                          "average (dorat.averaging)",
+                          "average (dorat.models.averaging)",
                      lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
     ema_start: int | str = opt(0, "when the average starts: before it, it is the current weights "
                                   "(epochs, or a share of the run like '50%')", kind="warmup")

@@ -1,6 +1,6 @@
 """The training loop: the schedule, the step (attack + loss + weighting + backward + update),
 per-epoch statistics, logs and checkpoints. Run directories, preparation and evaluation are
-dorat.run's; ``dorat.run.train`` calls :func:`fit`.
+dorat.runs.run's; ``dorat.runs.run.train`` calls :func:`fit`.
 """
 
 from __future__ import annotations
@@ -13,15 +13,17 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from dorat import advice, distributed, midepoch
-from dorat.averaging import EMA
-from dorat.checkpoint import (
+from dorat.config import Config
+from dorat.data.loader import Batches, resolve_augment
+from dorat.errors import CheckpointError, ConfigError, DoratError, Terminated
+from dorat.evaluation.probe import ClassStats, ValidationProbe
+from dorat.files.checkpoint import (
     json_text,
     load_state_dict_checked,
     raise_if_full,
@@ -29,21 +31,18 @@ from dorat.checkpoint import (
     save_weights,
     write_text_atomic,
 )
-from dorat.config import Config
-from dorat.data.loader import Batches, resolve_augment
-from dorat.errors import CheckpointError, ConfigError, DoratError, Terminated
-from dorat.guard import Watch
-from dorat.interrupts import HeldStops
 from dorat.models import use_channels_last
+from dorat.models.averaging import EMA
 from dorat.objectives import StepContext
 from dorat.objectives.attacks import SingleStep
-from dorat.probe import ClassStats, ValidationProbe
-from dorat.runtime import machine, use_bf16
-from dorat.stats import EpochStats
-from dorat.tracking import TensorBoard
-
-if TYPE_CHECKING:
-    from dorat.run import Run
+from dorat.system import distributed
+from dorat.system.runtime import machine, use_bf16
+from dorat.training import advice, midepoch
+from dorat.training.guard import Watch
+from dorat.training.interrupts import HeldStops
+from dorat.training.prepared import Run
+from dorat.training.stats import EpochStats
+from dorat.training.tracking import TensorBoard
 
 
 def show_progress(cfg: Config) -> bool:
@@ -106,7 +105,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(
             o.schedule, cfg.epochs * steps_per_epoch, list(o.milestones), o.gamma))
         self.ema = (EMA(self.model, o.ema, o.ema_start, cfg.epochs, steps_per_epoch)
-                    if o.ema else None)  # weight averaging (dorat.averaging)
+                    if o.ema else None)  # weight averaging (dorat.models.averaging)
 
     def eval_model(self) -> nn.Module:
         """The model the probe, best.safetensors and the end use: the average under optim.ema."""
@@ -176,7 +175,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
             if state.get("mid_epoch") is None:
                 method.weighting.load_state_dict(state["method"])
             else:
-                mid = midepoch.restore(state["mid_epoch"], d, steps_per_epoch, trainer,
+                mid = midepoch.restore(state["mid_epoch"], d, steps_per_epoch, method.weighting,
                                        run.data.num_classes, device)
         except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint in {out} does not fit this run ({e})") from None
@@ -205,7 +204,7 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
     tb = TensorBoard(out, run.data.classes, start_epoch) if cfg.log.tensorboard and d.main else None
     host = machine(device.type)  # per epoch: a resumed run may go on on another machine
     every_s = 60 * cfg.log.checkpoint_minutes
-    held = HeldStops()  # a stop within an epoch checkpoints the batches done (dorat.midepoch)
+    held = HeldStops()  # a stop within an epoch checkpoints the batches done (dorat.training.midepoch)
     try:
         warned = False  # _warn_unstored, at the first checkpoint within an epoch
         concentrated: str | None = None  # advice.concentration, once a run
@@ -241,8 +240,9 @@ def fit(run: Run, out: Path, state: dict[str, Any] | None, stop_after_epoch: int
                     if not warned:
                         _warn_unstored(method.weighting, cfg.method.weighting, log)
                         warned = True
-                    midepoch.save(out, _meta(cfg), trainer, d, epoch, i + 1, midepoch.rank_state(
-                        gen, stats, trainer, measured, time.perf_counter() - t0, time.process_time() - c0))
+                    mine = midepoch.rank_state(gen, stats, method.weighting, measured,
+                                               time.perf_counter() - t0, time.process_time() - c0)
+                    midepoch.save(out, _meta(cfg), partial(trainer.state, epoch), d, i + 1, mine)
                     saved = time.perf_counter()
                 if halt:
                     bar.close()

@@ -8,15 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dorat.config.parts import load_plugins
 from dorat.errors import DoratError
-from dorat.parts import load_plugins
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from dorat.checkpoint import check_output_file, write_json_atomic
-    from dorat.evaluate import summary_lines
-    from dorat.run import eval_journal, evaluate_run, load_run
-    from dorat.rundir import own_finished
+    from dorat.evaluation.evaluate import summary_lines
+    from dorat.files.checkpoint import check_output_file, write_json_atomic
+    from dorat.runs.run import eval_journal, evaluate_run, load_run
+    from dorat.runs.rundir import own_finished
 
     load_plugins(a.plugin)
     external = [o for o, v in (("--model", a.model), ("--weights", a.weights), ("--dataset", a.dataset),
@@ -50,11 +50,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 def _eval_model(a: argparse.Namespace) -> int:
     """`dorat eval --model`: a user's model on a dataset's test set → a card."""
-    from dorat import card as cards
-    from dorat.checkpoint import check_output_file, write_json_atomic
     from dorat.data import get_spec
-    from dorat.evaluate import check_attacks, summary_lines
-    from dorat.run import eval_journal
+    from dorat.evaluation import card as cards
+    from dorat.evaluation.evaluate import check_attacks, summary_lines
+    from dorat.files.checkpoint import check_output_file, write_json_atomic
+    from dorat.runs.run import eval_journal
 
     if a.dataset is None:
         raise DoratError("--model needs --dataset NAME (the test set to evaluate on, e.g. cifar10)")

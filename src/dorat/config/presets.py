@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from dorat import parts
+from dorat.config import parts
 from dorat.errors import ConfigError
 
 

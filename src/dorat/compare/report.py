@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from dorat.attacks import EVAL_ATTACKS
-from dorat.checkpoint import read_json
 from dorat.compare.grid import FAILED, Grid, _finished
-from dorat.evaluate import eps_text
+from dorat.evaluation.evaluate import eps_text
+from dorat.files.checkpoint import read_json
 
 
 def flat_metrics(m: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -53,7 +53,7 @@ def _weights_summary(last_epochs: Sequence[dict[str, Any]]) -> dict[str, Any] | 
 
 
 def machine_label(m: dict[str, Any] | None) -> str:
-    """One line for a run's ``machine`` record (dorat.runtime.machine); runs from before it was
+    """One line for a run's ``machine`` record (dorat.system.runtime.machine); runs from before it was
     recorded are 'unrecorded'."""
     if not m:
         return "unrecorded"
@@ -65,7 +65,7 @@ def aggregate(grid: Grid) -> dict[str, Any]:
     instance weights were in the last training epoch (``weights``: effective sample size, the
     largest weight, each class's mean weight; 1 everywhere for unweighted methods)."""
     from dorat.report.runs import main_key
-    from dorat.run import read_log
+    from dorat.runs.run import read_log
 
     rows = []
     for ds, st in grid.groups:
@@ -209,9 +209,9 @@ def _settings_lines(grid: Grid) -> list[str]:
 def write_outputs(grid: Grid, out: str | Path) -> Path:
     """results.json, results.md and report.md (tables + per-class plot of the means + the
     training and weight plots of each method's first seed). Returns report.md's path."""
-    from dorat.checkpoint import write_json_atomic, write_text_atomic
+    from dorat.files.checkpoint import write_json_atomic, write_text_atomic
     from dorat.report.runs import checks_section, figure_lines, plot_per_class
-    from dorat.run import load_result
+    from dorat.runs.run import load_result
 
     out = Path(out)
     agg = aggregate(grid)

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from dorat import distributed
 from dorat.objectives.base import ess_from_moments
+from dorat.system import distributed
 
 
 class EpochStats:

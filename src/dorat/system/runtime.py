@@ -29,6 +29,10 @@ import os
 import platform
 import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ENV = "DORAT_MALLOC"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
@@ -127,3 +131,18 @@ def _cpuinfo() -> str | None:
             return f.read()
     except OSError:
         return None
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a config's ``device`` names ("auto": CUDA where present), refused when absent."""
+    import torch
+
+    from dorat.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu")
+    return torch.device(name)

@@ -4,7 +4,7 @@ are used in their papers, or a second method on top of a trained PGD-AT model.
 
 ``init`` names a run directory (its model.safetensors: the final weights `dorat eval RUN`
 evaluates; name RUN/best.safetensors for the best probed epoch's) or a weights file: safetensors,
-or a PyTorch state dict read with ``weights_only=True`` (dorat.card: nothing is unpickled). The
+or a PyTorch state dict read with ``weights_only=True`` (dorat.evaluation.card: nothing is unpickled). The
 run records in RUN/init.json what it started from: the file and its sha256. Only a run's first
 start loads it; a resume continues from the checkpoint, and a run restarted before its first
 checkpoint refuses an init file whose sha256 changed since.
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from dorat.checkpoint import load_external_weights, read_json, sha256
 from dorat.errors import CheckpointError, ConfigError
+from dorat.files.checkpoint import load_external_weights, read_json, sha256
 
 INIT_FILE = "init.json"
 

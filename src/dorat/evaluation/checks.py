@@ -76,7 +76,7 @@ def sweep_grid(eps: float, norm: str, shape: Sequence[int]) -> list[float]:
 
 
 def eps_sweep_checks(sweep: dict[str, Any], changed: int, num_classes: int) -> list[dict[str, Any]]:
-    """Checks eps_zero, eps_monotone and large_eps on an ε sweep (dorat.evaluate.eps_sweep):
+    """Checks eps_zero, eps_monotone and large_eps on an ε sweep (dorat.evaluation.evaluate.eps_sweep):
     ``sweep`` = {"eps", "ra_pgd", "sa", "n"}; ``changed``: examples whose prediction at ε = 0
     differs from the clean pass."""
     grid, ras, sa, n = sweep["eps"], sweep["ra_pgd"], sweep["sa"], sweep["n"]

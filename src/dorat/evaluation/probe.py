@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dorat.attacks import PGDSpec, kl_per_example, mode, pgd
+from dorat.config.parts import nonneg, opt, positive, section, unit
 from dorat.data.loader import Split, as_unit_images, balanced_counts, stratified_indices
 from dorat.errors import ConfigError
-from dorat.parts import nonneg, opt, positive, section, unit
 
 
 @section("val")
@@ -59,7 +59,7 @@ class ClassStats:
     def summary(self) -> dict[str, float]:
         """The probe as accuracies (fractions): clean, PGD, worst class and RA-Tail-30 under PGD,
         the log's val_* keys."""
-        from dorat.evaluate import tail_mean
+        from dorat.evaluation.evaluate import tail_mean
 
         robust = (1 - self.robust_err).tolist()
         return {"val_sa": round(1 - self.total_clean_err, 6),

@@ -11,7 +11,7 @@ RUN_DIR layout:
     metrics.json            final evaluation (SA, RA, per-class, worst class, RA-Tail-30)
 
 This module is the only way in: the CLI, compare and report read run directories through it;
-the training loop itself is dorat.trainer. Determinism: data order, augmentation and attack
+the training loop itself is dorat.training.trainer. Determinism: data order, augmentation and attack
 noise of epoch e are pure functions of (seed, e), and the checkpoint holds all other state, so
 a run resumed after epoch e ends with the same weights as an uninterrupted one (bitwise on CPU).
 """
@@ -30,44 +30,24 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dorat import advice, distributed, rundir, tracking, warmstart
 from dorat import config as cfglib
 from dorat.attacks import EVAL_ATTACKS
-from dorat.checkpoint import load_state, load_weights, read_json, write_json_atomic
-from dorat.checks import warning_lines
 from dorat.config import Config
 from dorat.data import Dataset, check_dataset, load_dataset
 from dorat.data.loader import Split, as_unit_images, make_splits
 from dorat.errors import ConfigError, DataError, DoratError
-from dorat.evaluate import eps_text, evaluate, settings_from_config, stratified_subset
+from dorat.evaluation.checks import warning_lines
+from dorat.evaluation.evaluate import eps_text, evaluate, settings_from_config, stratified_subset
+from dorat.evaluation.probe import ValidationProbe
+from dorat.files.checkpoint import load_state, load_weights, read_json, write_json_atomic
 from dorat.models import build_model, check_fits, use_channels_last
-from dorat.objectives import Method, build_method
-from dorat.probe import ValidationProbe
-from dorat.rundir import JOURNAL
-from dorat.runtime import machine
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu")
-    return torch.device(name)
-
-
-@dataclass
-class Run:
-    """Everything a training run needs, built and validated before anything is written."""
-
-    cfg: Config
-    data: Dataset
-    train: Split
-    val: Split | None
-    model: nn.Module
-    method: Method
-    device: torch.device
+from dorat.objectives import build_method
+from dorat.runs import rundir, warmstart
+from dorat.runs.rundir import JOURNAL
+from dorat.system import distributed
+from dorat.system.runtime import machine, resolve_device  # noqa: F401  (resolve_device: its old home)
+from dorat.training import advice, tracking
+from dorat.training.prepared import Run
 
 
 def run_splits(cfg: Config, data: Dataset) -> tuple[Split, Split | None]:
@@ -217,7 +197,7 @@ def evaluate_run(run: Run, progress: bool = False, log: Callable[[str], None] | 
     """Evaluate the run's model as its ``eval`` config says (attacks, split, subset).
 
     ``journal``: a file the evaluation saves its progress in and resumes from (see
-    dorat.evaluate.run_attacks); deleted when the attacks are done."""
+    dorat.evaluation.evaluate.run_attacks); deleted when the attacks are done."""
     cfg, e = run.cfg, run.cfg.eval
     settings = settings_from_config(cfg)
     if log is not None:
@@ -277,10 +257,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = 
     to stop the run there: a tuner's pruner).
     ``data`` and ``model``: in-memory objects instead of what the config names (dorat.fit).
     What happens with what ``out`` already holds (resume, restart, replace beside, report a
-    finished run) is `dorat.rundir.plan`; ``changes``: dotted keys to change on resume.
+    finished run) is `dorat.runs.rundir.plan`; ``changes``: dotted keys to change on resume.
 
     Launched by torchrun (WORLD_SIZE > 1), every process calls this: data-parallel training,
-    rank 0 writes (see dorat.distributed)."""
+    rank 0 writes (see dorat.system.distributed)."""
     out = Path(out)
     d = distributed.from_env(cfg.device)
     try:
@@ -297,7 +277,7 @@ def _train(cfg: Config, out: Path, d: distributed.Dist, resume: bool, overwrite:
            stop_after_epoch: int | None, log: Callable[[str], None] | None, data: Dataset | None,
            model: nn.Module | None, changes: Mapping[str, Any],
            on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
-    from dorat import trainer
+    from dorat.training import trainer
 
     if not d.main:
         log = lambda s: None  # noqa: E731
