@@ -24,8 +24,9 @@ LAYERS: list[set[str]] = [
     {"dorat", "dorat.cli"},                # the public names (loaded on first use); the CLI
     {"dorat.api"},                         # dorat.fit
     {"dorat.compare"},                     # grids of runs, on Slurm or local workers, and their report
-    {"dorat.tune", "dorat.report"},        # Optuna studies of runs; reports of runs
+    {"dorat.tune"},                        # Optuna studies whose trials are runs
     {"dorat.runs"},                        # run directories: prepare, train, reopen, evaluate
+    {"dorat.report"},                      # reports of results on disk (evaluation.results)
     {"dorat.training"},                    # the loop, its statistics, stops, checkpoints, guard
     {"dorat.objectives"},                  # attack × per-example loss × weighting
     {"dorat.evaluation"},                  # attacks on a model, sanity checks, cards, the probe

@@ -64,8 +64,8 @@ def aggregate(grid: Grid) -> dict[str, Any]:
     """Mean ± std over seeds of every metric, per (dataset, setting, method), and what the
     instance weights were in the last training epoch (``weights``: effective sample size, the
     largest weight, each class's mean weight; 1 everywhere for unweighted methods)."""
+    from dorat.evaluation.results import read_log
     from dorat.report.runs import main_key
-    from dorat.runs.run import read_log
 
     rows = []
     for ds, st in grid.groups:
@@ -209,9 +209,9 @@ def _settings_lines(grid: Grid) -> list[str]:
 def write_outputs(grid: Grid, out: str | Path) -> Path:
     """results.json, results.md and report.md (tables + per-class plot of the means + the
     training and weight plots of each method's first seed). Returns report.md's path."""
+    from dorat.evaluation.results import load_result
     from dorat.files.checkpoint import write_json_atomic, write_text_atomic
     from dorat.report.runs import checks_section, figure_lines, plot_per_class
-    from dorat.runs.run import load_result
 
     out = Path(out)
     agg = aggregate(grid)

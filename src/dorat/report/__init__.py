@@ -1,9 +1,12 @@
 """Reports: Markdown with tables and PNG plots of runs and model cards (``runs``).
 
-A grid's report (dorat.compare.report) builds on these. Imports: runs, evaluation, data,
-attacks, files, errors (tests/test_layers.py).
+Reports read results on disk (dorat.evaluation.results), so they sit below the runs that write
+them: a run's end can render its own report (MLflow artifacts). A grid's report
+(dorat.compare.report) builds on these. Imports: evaluation, data, attacks, files, errors;
+never runs or training (tests/test_layers.py).
 """
 
+from dorat.evaluation.results import RunResult, load_result, read_log
 from dorat.report.runs import (
     ATTACK_LABEL,
     check_lines,
@@ -14,7 +17,6 @@ from dorat.report.runs import (
     results_table,
     write_report,
 )
-from dorat.runs.run import RunResult, load_result, read_log
 
 __all__ = ["ATTACK_LABEL", "RunResult", "check_lines", "figure_lines", "load_result", "main_key", "pct",
            "plot_per_class", "read_log", "results_table", "write_report"]

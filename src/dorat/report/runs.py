@@ -22,7 +22,7 @@ from dorat.attacks import EVAL_ATTACKS
 from dorat.errors import DoratError
 from dorat.evaluation.card import is_card, read_card
 from dorat.evaluation.evaluate import eps_text
-from dorat.runs.run import RunResult, load_result
+from dorat.evaluation.results import RunResult, load_result
 
 ATTACK_LABEL = {**{k: short for k, (_, short) in EVAL_ATTACKS.items()}, "worst": "worst"}
 
@@ -245,7 +245,7 @@ def plot_top_weighted(r: RunResult, path: Path, k: int = 24) -> Path | None:
     if r.weights is None or "idx" not in r.weights or bool((r.weights["idx"] < 0).any()):
         return None
     from dorat.data import load_dataset
-    from dorat.runs.run import run_splits
+    from dorat.evaluation.results import run_splits
 
     try:  # the run's training split, rebuilt from its config (skipped if the data is not here)
         cfg = r.config

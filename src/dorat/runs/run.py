@@ -19,11 +19,9 @@ a run resumed after epoch e ends with the same weights as an uninterrupted one (
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +32,20 @@ from dorat import config as cfglib
 from dorat.attacks import EVAL_ATTACKS
 from dorat.config import Config
 from dorat.data import Dataset, check_dataset, load_dataset
-from dorat.data.loader import Split, as_unit_images, make_splits
-from dorat.errors import ConfigError, DataError, DoratError
+from dorat.data.loader import as_unit_images
+from dorat.errors import ConfigError, DataError
 from dorat.evaluation.checks import warning_lines
 from dorat.evaluation.evaluate import eps_text, evaluate, settings_from_config, stratified_subset
 from dorat.evaluation.probe import ValidationProbe
-from dorat.files.checkpoint import load_state, load_weights, read_json, write_json_atomic
+from dorat.evaluation.results import (  # noqa: F401  (re-exported: their old home)
+    RunResult,
+    load_metrics,
+    load_result,
+    read_config,
+    read_log,
+    run_splits,
+)
+from dorat.files.checkpoint import load_state, load_weights, write_json_atomic
 from dorat.models import build_model, check_fits, use_channels_last
 from dorat.objectives import build_method
 from dorat.runs import rundir, warmstart
@@ -48,14 +54,6 @@ from dorat.system import distributed
 from dorat.system.runtime import machine, resolve_device  # noqa: F401  (resolve_device: its old home)
 from dorat.training import advice, tracking
 from dorat.training.prepared import Run
-
-
-def run_splits(cfg: Config, data: Dataset) -> tuple[Split, Split | None]:
-    """The run's training split and held-out validation split, as its config defines them."""
-    d = cfg.data
-    return make_splits(data.x_train, data.y_train, data.num_classes, cfg.seed,
-                       val_size=d.val_size, train_subset=d.train_subset,
-                       imbalance_ratio=d.imbalance_ratio)
 
 
 def prepare(cfg: Config, d: distributed.Dist | None = None, data: Dataset | None = None,
@@ -98,14 +96,6 @@ def prepare(cfg: Config, d: distributed.Dist | None = None, data: Dataset | None
     return Run(cfg, data, train, val, model, method, device)
 
 
-def read_config(run_dir: str | Path) -> Config:
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise DoratError(f"{run_dir} is not a dorat run (no config.yaml); pass a train --out dir")
-    data, source = cfglib.load_yaml(str(run_dir / "config.yaml"))
-    return cfglib.from_dict(data, source)
-
-
 def load_run(run_dir: str | Path, device: str | None = "auto",
              overrides: Mapping[str, Any] | None = None, model: nn.Module | None = None,
              weights: str = "last", data: Dataset | None = None) -> Run:
@@ -125,58 +115,6 @@ def load_run(run_dir: str | Path, device: str | None = "auto",
     load_weights(run_dir / ("best.safetensors" if weights == "best" else "model.safetensors"), run.model)
     run.model.eval()
     return run
-
-
-def load_metrics(run_dir: str | Path, name: str = "metrics.json") -> dict[str, Any]:
-    return read_json(Path(run_dir) / name)
-
-
-@dataclass
-class RunResult:
-    name: str
-    path: Path
-    config: Config | None  # None for a card (dorat eval --model)
-    metrics: dict[str, Any]
-    metrics_file: str
-    log: list[dict[str, Any]] = field(default_factory=list)
-    weights: Any = None  # the last epoch's per-example tensors {"w", "y", "loss"?, "idx"?} or None
-
-    @property
-    def reweights(self) -> bool:
-        return any(r.get("ess", 1.0) < 0.999 for r in self.log)
-
-
-def load_result(run_dir: str | Path, metrics_file: str = "auto", name: str | None = None) -> RunResult:
-    """A finished run's results; ``metrics_file`` 'auto' prefers eval.json (from `dorat eval`)."""
-    d = Path(run_dir)
-    config = read_config(d)
-    if metrics_file == "auto":
-        metrics_file = "eval.json" if (d / "eval.json").is_file() else "metrics.json"
-    mpath = d / metrics_file
-    if not mpath.is_file():
-        raise DoratError(f"{d} has no {metrics_file}: the run has not finished (resume it with "
-                         f"`dorat train --out {d} --resume`) or name another file with --metrics")
-    try:
-        metrics = read_json(mpath)
-    except ValueError as e:
-        raise DoratError(f"cannot read the results in {d}: {e}") from None
-    log = read_log(d)
-    weights = None
-    if (d / "weights.safetensors").is_file():
-        weights, _ = load_state(d / "weights.safetensors")
-    return RunResult(name or d.name, d, config, metrics, metrics_file, log, weights)
-
-
-def read_log(d: Path) -> list[dict[str, Any]]:
-    """The epochs of RUN_DIR/log.jsonl (none if it is missing), up to a torn last line."""
-    log: list[dict[str, Any]] = []
-    if (d / "log.jsonl").is_file():
-        for line in (d / "log.jsonl").read_text().splitlines():
-            try:
-                log.append(json.loads(line))
-            except ValueError:
-                break
-    return log
 
 
 def eval_split(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
