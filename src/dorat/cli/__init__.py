@@ -20,6 +20,7 @@ from typing import Any
 from dorat import config as cfglib
 from dorat.config.parts import load_plugins
 from dorat.errors import DoratError, Terminated, raise_terminated
+from dorat.training.tracking import add_log_option, log_flags
 
 EXIT_USER_ERROR = 2
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM killed
@@ -71,8 +72,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--co-restore", action="store_true", default=None,
                    help="when the catastrophic-overfitting guard fires, stop and keep the best "
                         "epoch's weights (val.co_restore)")
-    p.add_argument("--log", action="append", choices=["tensorboard"], default=[],
-                   help="also track the run: tensorboard = event files in RUN/tb (log.tensorboard)")
+    add_log_option(p)
     p.add_argument("--list-keys", action="store_true",
                    help="print every config key with its type, default and help, and exit")
     _add_plugin(p)
@@ -170,6 +170,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                    help="slurm: any other sbatch option, e.g. account=proj or qos=high (repeatable)")
     p.add_argument("--no-wait", action="store_true",
                    help="slurm: submit and return (aggregating what has finished so far)")
+    add_log_option(p)
     _add_plugin(p)
 
 
@@ -218,8 +219,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                              "init": a.init, "epochs": a.epochs, "seed": a.seed, "device": a.device,
                              "data.dir": a.data_dir, "perf.channels_last": a.channels_last,
                              "perf.amp": a.amp, "perf.compile": a.compile, "perf.sync_bn": a.sync_bn,
-                             "log.tensorboard": True if "tensorboard" in a.log else None,
-                             "val.co_restore": a.co_restore, "plugins": a.plugin or None}
+                             **log_flags(a.log), "val.co_restore": a.co_restore, "plugins": a.plugin or None}
     cfg = cfglib.resolve(a.config, flags, a.set)
     changes = dict(cfglib.parse_set(item) for item in a.set)
     changes.update(flag_changes(flags, cfg))  # on --resume a flag is a change like --set
@@ -265,7 +265,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
     path = compare(a.file, a.out, a.device, a.data_dir, progress=sys.stderr.isatty() and a.workers == 1,
                    aggregate_only=a.aggregate_only, retry_failed=a.retry_failed,
                    only=[m for m in a.methods.split(",") if m] if a.methods else None,
-                   workers=a.workers, plugins=a.plugin, slurm=slurm, wait=not a.no_wait)
+                   workers=a.workers, plugins=a.plugin, slurm=slurm, wait=not a.no_wait,
+                   tracking=log_flags(a.log))
     print((Path(a.out) / "results.md").read_text())
     print(f"report: {path}")
     return 0

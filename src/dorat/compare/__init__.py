@@ -43,8 +43,9 @@ the CLI imports it (tests/test_layers.py).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from dorat.compare.execute import available_cores, pending, run_grid, worker_env
 from dorat.compare.grid import Grid, RunSpec, _validate, comparability_warnings, find_compare_file, load_grid
@@ -71,14 +72,16 @@ def compare(path: str | Path, out: str | Path, device: str | None = None, data_d
             log: Callable[[str], None] | None = None, progress: bool = False,
             aggregate_only: bool = False, only: Sequence[str] | None = None,
             retry_failed: bool = False, workers: int = 1, plugins: Sequence[str] = (),
-            slurm: SlurmOptions | None = None, wait: bool = True) -> Path:
+            slurm: SlurmOptions | None = None, wait: bool = True,
+            tracking: Mapping[str, Any] | None = None) -> Path:
     """Run (or continue) the grid, then aggregate; returns the report's path. ``workers`` > 1
     runs the grid in that many processes (see the module docstring). ``plugins``: modules the
     workers import first (the runs' configs name their own plug-ins too). ``slurm``: each run a
     Slurm job through submitit (dorat.compare.slurm), followed until the jobs end unless
-    ``wait`` is False."""
+    ``wait`` is False. ``tracking``: log.* flags for every run (``--log mlflow``: each run an
+    MLflow run tagged with the grid, its dataset, setting and method)."""
     log = log or _stderr
-    grid = load_grid(path, out, device, data_dir)
+    grid = load_grid(path, out, device, data_dir, tracking)
     for line in comparability_warnings(grid):
         log(line)
     out = Path(out)
@@ -98,13 +101,13 @@ def compare(path: str | Path, out: str | Path, device: str | None = None, data_d
             for st in grid.studies:
                 if not only or st.name.rpartition("/")[2] in only:
                     run_study(st, grid.tune, log)  # type: ignore[arg-type]
-            grid = load_grid(path, out, device, data_dir)
+            grid = load_grid(path, out, device, data_dir, tracking)
             if slurm is not None:
                 launch_slurm(pending(grid, log, only, retry_failed), grid.evals, out, slurm,
                              retry_failed, log, wait)
                 break
             run_grid(grid, log, progress and workers == 1, only, retry_failed, workers, device, plugins)
-            grid = load_grid(path, out, device, data_dir)
+            grid = load_grid(path, out, device, data_dir, tracking)
             if not any(r.blocked() for r in grid.runs) or _progress(grid) == before:
                 break
     if grid.tune is not None:

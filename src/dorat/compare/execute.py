@@ -28,6 +28,7 @@ from dorat.compare.grid import (
 from dorat.errors import DoratError, raise_terminated
 from dorat.files import locks
 from dorat.runs import rundir
+from dorat.training.tracking import with_tags
 
 
 def pending(grid: Grid, log: Callable[[str], None], only: Sequence[str] | None = None,
@@ -211,7 +212,9 @@ def _do_run(r: RunSpec, evals: Sequence[dict[str, Any]], st: str, tag: str,
     if st != "done":
         log(f"{tag}: {'resuming' if st == 'resume' else 'training'}")
         t0 = time.perf_counter()
-        r.cfg = r.cfg.replace({"log.progress": "on" if progress else "off"})
+        r.cfg = r.cfg.replace({"log.progress": "on" if progress else "off", "log.mlflow_tags": with_tags(
+            r.cfg.log.mlflow_tags, dorat_grid=r.path.parents[4].resolve(), dorat_grid_dataset=r.dataset,
+            dorat_grid_setting=r.setting, dorat_grid_method=r.name)})
         for stale in r.path.glob("eval-*.json"):  # belong to an earlier, unfinished model
             stale.unlink()
         try:

@@ -4,7 +4,7 @@ and say where each run stands (the file format is in dorat.compare's docstring).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,10 @@ METHOD_KEYS = {"name", "method", "set", "settings", "seeds", "space", "init_from
 EVAL_KEYS = {"name", "attacks", "n", "eps", "steps", "restarts"}
 FAILED = "failed.json"  # a run that stopped with an error: skipped until --retry-failed
 # may differ between machines and do not change the method (perf.* are execution options)
-IGNORED_KEYS = ("device", "data.dir", "log.progress", "log.checkpoint_minutes", "perf.channels_last",
-                "perf.compile", "perf.compile_backend", "perf.sync_bn", "perf.deterministic")
+IGNORED_KEYS = ("device", "data.dir", "log.progress", "log.checkpoint_minutes", "log.tensorboard",
+                "log.mlflow", "log.mlflow_uri", "log.mlflow_experiment", "log.mlflow_tags",
+                "perf.channels_last", "perf.compile", "perf.compile_backend", "perf.sync_bn",
+                "perf.deterministic")
 
 
 @dataclass
@@ -99,7 +101,7 @@ def find_compare_file(name_or_path: str | Path) -> Path:
 
 
 def load_grid(path: str | Path, out: str | Path, device: str | None = None,
-              data_dir: str | None = None) -> Grid:
+              data_dir: str | None = None, tracking: Mapping[str, Any] | None = None) -> Grid:
     """Parse and validate a compare file into the list of runs (nothing is written)."""
     path = find_compare_file(path)
     spec = cfglib.parse_yaml(cfglib.read_text_file(path, "compare file"), str(path))
@@ -179,7 +181,8 @@ def load_grid(path: str | Path, out: str | Path, device: str | None = None,
         if m.get("init_from"):
             over["init"] = str(run_dir(ds, sname, m["init_from"], seed).resolve())
         try:
-            return cfglib.resolve(base, {"device": device, "data.dir": data_dir}, overrides=over)
+            return cfglib.resolve(base, {"device": device, "data.dir": data_dir, **(tracking or {})},
+                                  overrides=over)
         except ConfigError as e:
             raise ConfigError(f"{path}: run {ds}/{sname}/{m['name']}: {e}") from None
 

@@ -103,6 +103,15 @@ class LogConfig:
     tensorboard: bool = opt(False, "TensorBoard event files in RUN/tb: per-epoch scalars, per-class "
                                    "weights, a weight histogram, the final per-class accuracies "
                                    "(needs the tensorboard package: dorat[tensorboard])")
+    mlflow: bool = opt(False, "an MLflow run per dorat run: the config as parameters, every epoch's "
+                              "numbers (epoch = step), the final numbers, metrics.json and the "
+                              "report as artifacts; a resume continues it (needs dorat[mlflow])")
+    mlflow_uri: str = opt("", "the MLflow tracking store: a URL (sqlite:///FILE, http://HOST:5000, "
+                              "...) or a local directory (an SQLite store DIR/mlflow.db); empty: "
+                              "$MLFLOW_TRACKING_URI, else ./mlruns")
+    mlflow_experiment: str = opt("dorat", "the MLflow experiment of the run")
+    mlflow_tags: str = opt("", "more tags of the MLflow run: key=value,key=value (compare and tune "
+                               "add the grid's or the study's)")
     checkpoint_minutes: float = opt(30.0, "also checkpoint in the middle of an epoch when this many "
                                           "minutes passed since the last checkpoint (0: only at an "
                                           "epoch's end, and on SIGTERM/Ctrl-C, which always "

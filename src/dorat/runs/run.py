@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from dorat.attacks import EVAL_ATTACKS
 from dorat.config import Config
 from dorat.data import Dataset, check_dataset, load_dataset
 from dorat.data.loader import as_unit_images
-from dorat.errors import ConfigError, DataError
+from dorat.errors import ConfigError, DataError, Terminated
 from dorat.evaluation.checks import warning_lines
 from dorat.evaluation.evaluate import eps_text, evaluate, settings_from_config, stratified_subset
 from dorat.evaluation.probe import ValidationProbe
@@ -61,7 +62,7 @@ def prepare(cfg: Config, d: distributed.Dist | None = None, data: Dataset | None
     """Load the data (or take ``data``), build the model (or take ``model``) and the method.
     Writes nothing."""
     d = d or distributed.Dist()
-    tracking.check_available(cfg.log.tensorboard)
+    tracking.check_available(cfg.log.tensorboard, cfg.log.mlflow)
     device = distributed.device_for(d, resolve_device(cfg.device))
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data.dir, cfg.data.download)
@@ -231,6 +232,7 @@ def _train(cfg: Config, out: Path, d: distributed.Dist, resume: bool, overwrite:
     _check_parallel(p.cfg, d)
     run = prepare(p.cfg, d, data, model)
     advice.warn_at_start(run, log)
+    client = tracking.connect_mlflow(p.cfg.log.mlflow_uri) if p.cfg.log.mlflow and d.main else None
     state = load_state(p.dir / "checkpoint.safetensors")[0] if p.mode == "resume" else None
     init = None
     if state is None and p.cfg.init is not None:  # a first start from trained weights
@@ -243,14 +245,62 @@ def _train(cfg: Config, out: Path, d: distributed.Dist, resume: bool, overwrite:
                                                  int(state["epoch"]) if state else 0))
     if init is not None:
         distributed.on_main(d, lambda: write_json_atomic(p.dir / warmstart.INIT_FILE, init))
-    if trainer.fit(run, p.dir, state, stop_after_epoch, log, d, on_epoch) is None:
-        return None
+    ml = tracking.MLflow(client, p.dir, p.cfg, run.data.classes, out, log) if client else None
+    with _tracked(ml):
+        if ml is not None:
+            ml.sync()  # epochs a crash kept from MLflow
+        if trainer.fit(run, p.dir, state, stop_after_epoch, log, d, _after_epoch(ml, on_epoch)) is None:
+            if ml is not None:
+                ml.end("KILLED")
+            return None
 
-    def finish() -> dict[str, Any]:
-        metrics = final_evaluation(run, p.dir, trainer.show_progress(p.cfg), log)
-        if p.replaces:
-            rundir.promote(out)
-            log(f"the new run replaced the one in {out}")
-        return metrics
+        def finish() -> dict[str, Any]:
+            metrics = final_evaluation(run, p.dir, trainer.show_progress(p.cfg), log)
+            if ml is not None:
+                _mlflow_final(ml, p.dir, out, metrics, p.cfg.epochs)
+            if p.replaces:
+                rundir.promote(out)
+                log(f"the new run replaced the one in {out}")
+            return metrics
 
-    return distributed.broadcast(d, distributed.on_main(d, finish))
+        return distributed.broadcast(d, distributed.on_main(d, finish))
+
+
+def _after_epoch(ml: tracking.MLflow | None, on_epoch: Callable[[dict[str, Any]], None] | None
+                 ) -> Callable[[dict[str, Any]], None] | None:
+    """The hook after each epoch's checkpoint: MLflow's copy of the epoch, then the caller's."""
+    if ml is None:
+        return on_epoch
+
+    def hook(record: dict[str, Any]) -> None:
+        ml.sync()
+        if on_epoch is not None:
+            try:
+                on_epoch(record)
+            except BaseException:  # the caller stops the run here (a tuner's pruner)
+                ml.end("KILLED")
+                raise
+
+    return hook
+
+
+@contextlib.contextmanager
+def _tracked(ml: tracking.MLflow | None) -> Iterator[None]:
+    """The MLflow run ends KILLED on a stop (SIGTERM, Ctrl-C, the on_epoch hook's), FAILED on
+    an error; a resume sets it RUNNING again."""
+    try:
+        yield
+    except BaseException as e:
+        if ml is not None and not ml.ended:
+            ml.end("KILLED" if isinstance(e, (Terminated, KeyboardInterrupt)) else "FAILED")
+        raise
+
+
+def _mlflow_final(ml: tracking.MLflow, where: Path, out: Path, metrics: dict[str, Any], epochs: int) -> None:
+    """The final numbers and the run's files, with its report (Markdown and PNGs), to MLflow."""
+    from dorat.report import write_report
+
+    with tempfile.TemporaryDirectory(prefix="dorat-report-") as tmp:
+        report = write_report([where], Path(tmp) / "report", title=f"dorat run {out}")
+        files = [where / n for n in ("metrics.json", "config.yaml", "log.jsonl")]
+        ml.final(metrics, epochs, files + sorted(report.parent.iterdir()), out)

@@ -30,10 +30,10 @@ from dorat.config import Config
 from dorat.errors import ConfigError
 from dorat.files import locks
 from dorat.files.checkpoint import write_text_atomic
-from dorat.training.tracking import TB_DIR  # TensorBoard event files (log.tensorboard)
+from dorat.training.tracking import MLFLOW_FILE, TB_DIR  # log.mlflow's run id; log.tensorboard's events
 
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.safetensors", "model.safetensors",
-             "weights.safetensors", "metrics.json", "init.json")
+             "weights.safetensors", "metrics.json", "init.json", MLFLOW_FILE)
 # An evaluation's progress while it runs (RUN/.metrics.partial.safetensors,
 # RUN/.eval-NAME.partial.safetensors): resumed after an interruption, deleted when it is done.
 JOURNAL = ".{name}.partial.safetensors"

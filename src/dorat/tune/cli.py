@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from dorat.config.parts import load_plugins
 from dorat.errors import DoratError
+from dorat.training.tracking import add_log_option, log_flags
 from dorat.tune import tune
 
 
@@ -37,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction,
     p.add_argument("--constraint", action="append", default=[], metavar="EXPR",
                    help='e.g. "val.sa >= at.val.sa - 1" (at: a reference run of that method, '
                         "trained once in OUT/ref-at); repeatable")
+    add_log_option(p)
     p.add_argument("--trials", type=int, default=20, help="finished trials of the study, over all "
                                                           "processes (default 20)")
     p.add_argument("--storage", metavar="URL", help="Optuna storage (default sqlite:///OUT/tune.db; "
@@ -60,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction,
 def command(a: argparse.Namespace) -> int:
     load_plugins(a.plugin)
     flags = {"dataset": a.dataset, "epochs": a.epochs, "seed": a.seed, "device": a.device,
-             "data.dir": a.data_dir, "plugins": a.plugin or None}
+             "data.dir": a.data_dir, "plugins": a.plugin or None, **log_flags(a.log)}
     for name, v, low in (("--prune-startup", a.prune_startup, 0), ("--prune-warmup", a.prune_warmup, 0),
                          ("--heartbeat", a.heartbeat, 1)):
         if v < low:

@@ -16,6 +16,7 @@ from typing import Any
 
 from dorat import config as cfglib
 from dorat.errors import ConfigError, DoratError, Terminated
+from dorat.training.tracking import with_tags
 from dorat.tune.space import Constraint, Metric, Param
 
 EXTRA = "dorat[tune]"
@@ -95,7 +96,9 @@ class Tuner:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         tag = f"[trial {trial.number}]"
         try:
-            cfg = self.base.replace(values, f"trial {trial.number}")
+            cfg = self.base.replace({**values, "log.mlflow_tags": with_tags(
+                self.base.log.mlflow_tags, dorat_study=trial.study.study_name, dorat_trial=trial.number,
+                dorat_study_dir=self.out.resolve())}, f"trial {trial.number}")
         except ConfigError as e:
             trial.set_user_attr("error", str(e))
             self.log(f"{tag} {values}: not a valid config ({e})")
