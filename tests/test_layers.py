@@ -119,7 +119,8 @@ def test_every_subpackage_says_what_lives_there_and_what_it_may_import() -> None
     for init in SRC.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
         where = init.relative_to(SRC.parent)
-        assert len(doc) > 80 and "imports:" in doc.lower(), f"{where}: say what lives here and what it may import"
+        assert len(doc) > 80 and "imports:" in doc.lower(), \
+            f"{where}: say what lives here and what it may import (a line 'Imports: ...')"
 
 
 def test_only_the_run_layer_drives_the_trainer() -> None:
