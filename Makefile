@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dorat-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint data install clean results bench slurm docs wheel-check
+.PHONY: demo test notebook lint data install clean results bench slurm docs wheel-check
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -39,7 +39,11 @@ bench: data
 # training runs once); the 10 slowest tests at the end. The Slurm
 # tests skip with a reason unless a cluster answers (`make slurm`; CI starts one).
 test: data
-	$(PY) -m pytest -q -n auto --dist loadfile --durations=10
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=10 -m "not notebook"
+
+# examples/tutorial.ipynb executed in a real Jupyter kernel, its printed numbers checked (~3 min)
+notebook: data
+	$(PY) -m pytest -q -s -m notebook tests/test_notebook.py
 
 # The documentation site (MkDocs, Material theme, mkdocstrings API reference) into site/; strict:
 # a broken link, a link to a repository file that does not exist or a missing reference fails.
