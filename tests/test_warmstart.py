@@ -182,7 +182,6 @@ def test_fit_takes_init_like_the_cli(trained: tuple[Path, Path], tmp_path: Path)
 
 def test_faal_from_init_resumes_bitwise_after_a_stop_mid_epoch(
         trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
 
     from dorat.training import trainer
     from test_reliability import _same_run
@@ -196,7 +195,7 @@ def test_faal_from_init_resumes_bitwise_after_a_stop_mid_epoch(
         real(self, *a, **k)
         calls[0] += 1
         if calls[0] == 4:  # epoch 2 (of 3 batches each), batch 1
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
 
     _stopped(cfg, tmp_path / "b", step, monkeypatch)
     assert load_state(tmp_path / "b" / "checkpoint.safetensors")[0]["mid_epoch"]["step"] == 1
