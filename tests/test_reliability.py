@@ -380,12 +380,17 @@ MID_EPOCH = [  # the weightings that keep state within an epoch, and plain AT
 
 @pytest.fixture
 def sigterm_raises():  # noqa: ANN201
-    """SIGTERM handled as the CLI handles it (raise Terminated), inside this test only."""
+    """SIGTERM handled as the CLI handles it (raise Terminated), and SIGINT as Python handles it
+    in a foreground process (KeyboardInterrupt), inside this test only: a test runner started in
+    the background by a non-interactive shell inherits SIGINT ignored, and a stop that the
+    process ignores is rightly never held."""
     from dorat.errors import raise_terminated
 
     previous = signal.signal(signal.SIGTERM, raise_terminated)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGINT, previous_int)
 
 
 @pytest.mark.parametrize("method,sets", MID_EPOCH,
@@ -518,8 +523,6 @@ def test_held_stops_wait_for_the_step_a_second_ctrl_c_does_not(sigterm_raises: N
     from dorat.training.interrupts import HeldStops
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    # raise_signal, not os.kill(getpid()): a process-directed signal may land on another thread of
-    # the worker, and its Python handler then runs a few instructions later than the assertion
     with HeldStops() as held:
         signal.raise_signal(signal.SIGTERM)
         signal.raise_signal(signal.SIGTERM)  # the process group's copy: still held
