@@ -562,3 +562,46 @@ def test_bf16_verdict_applies_the_rule_written_before_the_runs() -> None:
     two = [row("at-bf16", [0.72, 0.73], [0.02, 0.04]), same[1]]
     assert bv.verdict(two, fp32)["decision"] == "incomplete"
     assert bv.verdict(same[:1], fp32)["decision"] == "incomplete"  # done-bf16 not run yet
+
+
+def test_the_verdict_pairs_each_method_with_tuned_pgd_at_by_seed(tmp_path: Path) -> None:
+    """benchmarks/results/verdict.py (issue 51): verdict.json's reference and methods are means
+    over seeds in %; the target is checked on the seeds a row shares with PGD-AT (worst class
+    ≥ 1.5×, RA-AA ≥ −0.5, SA ≥ −1 points) and fails when a FAAL/DAFA/WAT row dominates."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "verdict", Path(__file__).parent.parent / "benchmarks" / "results" / "verdict.py")
+    v = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(v)
+
+    def row(method: str, seeds: list[int], sa: list[float], ra: list[float], worst: list[float]) -> dict:
+        m = {k: {"values": vals} for k, vals in (("sa", sa), ("aa400:ra.aa", ra),
+                                                  ("aa400:worst_class.worst", worst))}
+        return {"method": method, "setting": "balanced", "seeds": seeds, "metrics": m}
+
+    results = {"rows": [
+        row("at", [0, 1, 2], [.80, .80, .80], [.40, .40, .40], [.10, .10, .10]),
+        row("done-val", [0, 1, 2], [.795, .79, .80], [.398, .40, .40], [.16, .15, .17]),  # meets it
+        row("trades", [0, 1, 2], [.81, .81, .81], [.42, .42, .42], [.12, .12, .12]),      # worst too low
+        row("wat-at", [1, 2], [.70, .70], [.39, .39], [.20, .20]),  # two seeds; lower RA-AA
+    ]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    out = v.main(["--grid", f"cifar10-jpeg={tmp_path}:aa400", "--json", str(tmp_path / "verdict.json")])
+    entry = json.loads((tmp_path / "verdict.json").read_text())["cifar10-jpeg"]
+    assert entry == out["cifar10-jpeg"]
+    assert entry["reference"] == {"name": "at", "seeds": [0, 1, 2], "sa": pytest.approx(80),
+                                  "ra_aa": pytest.approx(40), "worst_all": pytest.approx(10)}
+    by = {m["name"]: m for m in entry["methods"]}
+    assert by["done-val"]["worst_all"] == pytest.approx(16) and by["done-val"]["target"]
+    assert by["done-val"]["paired"]["sa"]["diff"] == pytest.approx(-0.5)
+    assert by["done-val"]["paired"]["sa"]["diff_std"] == pytest.approx(0.5)
+    assert not by["trades"]["target"] and not by["trades"]["paired"]["checks"]["worst_all"]
+    wat = by["wat-at"]
+    assert wat["paired"]["seeds"] == [1, 2] and wat["provisional"] and not wat["paired"]["checks"]["sa"]
+    results["rows"].append(row("dafa", [0, 1, 2], [.80, .80, .80], [.41, .41, .41], [.17, .17, .17]))
+    entry = v.verdict(results, "aa400")
+    assert [m["dominated_by"] for m in entry["methods"] if m["name"] == "done-val"] == [["dafa"]]
+    assert not next(m for m in entry["methods"] if m["name"] == "done-val")["target"]
+    table = "\n".join(v.target_lines(entry))
+    assert "| done-val | 3 | 16.00 | 1.60 | -0.07 ± 0.12 | -0.50 ± 0.50 | dafa | not met |" in table
