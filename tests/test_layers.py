@@ -156,3 +156,10 @@ def test_the_old_module_paths_give_the_same_modules_with_a_warning() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("dorat.nothing_here")
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """`dorat --help`, `--version` and the parsers load in a fraction of a second: nothing the
+    CLI imports at start (the --log option included) pulls torch in."""
+    code = "import sys, dorat.cli, dorat.tune.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

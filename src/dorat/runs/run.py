@@ -303,4 +303,4 @@ def _mlflow_final(ml: tracking.MLflow, where: Path, out: Path, metrics: dict[str
     with tempfile.TemporaryDirectory(prefix="dorat-report-") as tmp:
         report = write_report([where], Path(tmp) / "report", title=f"dorat run {out}")
         files = [where / n for n in ("metrics.json", "config.yaml", "log.jsonl")]
-        ml.final(metrics, epochs, files + sorted(report.parent.iterdir()), out)
+        ml.final(metrics, epochs, files + sorted(report.parent.iterdir()))

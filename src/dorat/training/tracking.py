@@ -27,12 +27,12 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from dorat.errors import ConfigError
-from dorat.files.checkpoint import write_json_atomic
+
+if TYPE_CHECKING:  # this module stays light: the CLI's parsers import it (--log) before torch
+    import torch
 
 EXTRA = "dorat[tensorboard]"
 TB_DIR = "tb"  # in the run directory: TensorBoard's event files
@@ -215,6 +215,16 @@ def with_tags(text: str, **tags: Any) -> str:
     return ",".join(f"{k}={v}" for k, v in merged.items())
 
 
+BATCH = 900  # metrics a log_batch call takes with room to spare (MLflow: 1000 entities)
+
+
+def _send(client: Any, run_id: str, metrics: list[Any], tags: list[Any]) -> None:
+    """``metrics`` in batches, ``tags`` with the last one (at least one call, so tags alone go)."""
+    for i in range(0, max(len(metrics), 1), BATCH):
+        last = i + BATCH >= len(metrics)
+        client.log_batch(run_id, metrics=metrics[i:i + BATCH], tags=tags if last else [])
+
+
 class MLflow:
     """One MLflow run per dorat run, its id kept in RUN/mlflow.json: created on the first start
     (the resolved config as parameters, tags naming the run), reopened on every resume. The
@@ -225,9 +235,10 @@ class MLflow:
                  log: Any) -> None:
         from mlflow.entities import Param
 
+        from dorat.files.checkpoint import write_json_atomic
+
         self.client, self.dir, self.classes = client, run_dir, [_safe(c) for c in classes]
         self.ended = False
-        uri, artifacts = mlflow_store(cfg.log.mlflow_uri)
         saved = json.loads((run_dir / MLFLOW_FILE).read_text()) if (run_dir / MLFLOW_FILE).is_file() else None
         if saved is not None and saved.get("uri") == client.tracking_uri:
             self.run_id = saved["run_id"]
@@ -238,7 +249,7 @@ class MLflow:
         exp = client.get_experiment_by_name(name)
         if exp is None:
             try:
-                exp_id = client.create_experiment(name, artifact_location=artifacts)
+                exp_id = client.create_experiment(name, artifact_location=mlflow_store(cfg.log.mlflow_uri)[1])
             except Exception:  # noqa: BLE001  another process created it first
                 exp_id = client.get_experiment_by_name(name).experiment_id
         else:
@@ -268,22 +279,17 @@ class MLflow:
             if step <= done:
                 continue
             metrics = [Metric(tag, v, now, step) for tag, v in epoch_scalars(record, self.classes)]
-            for i in range(0, max(len(metrics), 1), 900):  # at most 1000 entities a batch
-                last = i + 900 >= len(metrics)
-                self.client.log_batch(self.run_id, metrics=metrics[i:i + 900],
-                                      tags=[RunTag(SYNCED, str(step))] if last else [])
+            _send(self.client, self.run_id, metrics, [RunTag(SYNCED, str(step))])
 
-    def final(self, metrics: dict[str, Any], step: int, files: Sequence[Path], shown_dir: Path) -> None:
+    def final(self, metrics: dict[str, Any], step: int, files: Sequence[Path]) -> None:
         """The final evaluation's numbers at the last epoch's step, the run's files as artifacts
         (files under a directory keep their directory's name), and the run FINISHED."""
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self.sync()
         scalars = [Metric(tag, v, now, step) for tag, v in final_scalars(metrics, self.classes)]
-        for i in range(0, len(scalars), 900):
-            self.client.log_batch(self.run_id, metrics=scalars[i:i + 900])
-        self.client.log_batch(self.run_id, tags=[RunTag("dorat.run_dir", str(shown_dir.resolve()))])
+        _send(self.client, self.run_id, scalars, [])
         for f in files:
             self.client.log_artifact(self.run_id, str(f), artifact_path=f.parent.name if f.parent != self.dir
                                      else None)
